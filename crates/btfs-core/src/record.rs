@@ -1,0 +1,203 @@
+//! The per-path metadata record that every node stores and (later) gossips.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ContentId, NodeId, VersionVector};
+
+/// What a path holds. btfs stores regular files, directories and symbolic links
+/// only: hard links, device nodes, FIFOs and sockets are refused at the mount
+/// (see the fs crate) because they cannot mean the same thing on every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// Wall-clock time with nanoseconds, signed so that pre-1970 times survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Self {
+        SystemTime::now().into()
+    }
+
+    pub fn to_system_time(self) -> SystemTime {
+        let nanos = Duration::from_nanos(u64::from(self.nanos));
+        if self.secs >= 0 {
+            UNIX_EPOCH + Duration::from_secs(self.secs.unsigned_abs()) + nanos
+        } else {
+            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs()) + nanos
+        }
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Self {
+                secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nanos: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut secs = -i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+                let mut nanos = d.subsec_nanos();
+                if nanos > 0 {
+                    secs -= 1;
+                    nanos = 1_000_000_000 - nanos;
+                }
+                Self { secs, nanos }
+            }
+        }
+    }
+}
+
+/// Metadata of one path: the unit of storage and replication.
+///
+/// A deleted path keeps its record as a *tombstone* (`deleted == true`) so that
+/// the delete itself has a version and can win or lose against concurrent edits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub kind: FileKind,
+    /// Size in bytes (content length for files, target length for symlinks).
+    pub size: u64,
+    /// Permission bits, `0o7777` at most (the kind carries the file type).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Timestamp,
+    pub atime: Timestamp,
+    pub ctime: Timestamp,
+    /// blake3 of the bytes, for files.
+    pub content: Option<ContentId>,
+    /// Link target, for symlinks.
+    pub target: Option<String>,
+    pub version: VersionVector,
+    /// The node that made this version.
+    pub author: NodeId,
+    pub deleted: bool,
+}
+
+/// Owner and permissions given to a new record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FileRecord {
+    fn new(kind: FileKind, owner: Owner, author: NodeId, now: Timestamp) -> Self {
+        Self {
+            kind,
+            size: 0,
+            mode: owner.mode & 0o7777,
+            uid: owner.uid,
+            gid: owner.gid,
+            mtime: now,
+            atime: now,
+            ctime: now,
+            content: None,
+            target: None,
+            version: VersionVector::new().incremented(author),
+            author,
+            deleted: false,
+        }
+    }
+
+    /// A new, empty regular file.
+    pub fn new_file(owner: Owner, author: NodeId, now: Timestamp) -> Self {
+        let mut r = Self::new(FileKind::File, owner, author, now);
+        r.content = Some(ContentId::empty());
+        r
+    }
+
+    pub fn new_dir(owner: Owner, author: NodeId, now: Timestamp) -> Self {
+        Self::new(FileKind::Dir, owner, author, now)
+    }
+
+    pub fn new_symlink(target: String, owner: Owner, author: NodeId, now: Timestamp) -> Self {
+        let mut r = Self::new(FileKind::Symlink, owner, author, now);
+        r.size = target.len() as u64;
+        r.target = Some(target);
+        r
+    }
+
+    pub fn is_live(&self) -> bool {
+        !self.deleted
+    }
+
+    /// The next local version of this record: `author` bumps its counter and
+    /// becomes the author, and ctime moves to `now`. Field changes follow.
+    pub fn next_version(&self, author: NodeId, now: Timestamp) -> Self {
+        let mut r = self.clone();
+        r.version.increment(author);
+        r.author = author;
+        r.ctime = now;
+        r
+    }
+
+    /// Turns a record into the tombstone that succeeds it.
+    pub fn tombstone(&self, author: NodeId, now: Timestamp) -> Self {
+        let mut r = self.next_version(author, now);
+        r.deleted = true;
+        r.content = None;
+        r.target = None;
+        r.size = 0;
+        r
+    }
+
+    /// A record that replaces `previous` (typically a tombstone) at the same
+    /// path: it descends from it so that it wins everywhere the old one is known.
+    pub fn succeeding(mut self, previous: &FileRecord) -> Self {
+        self.version.merge(&previous.version);
+        self.version.increment(self.author);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: NodeId = NodeId([1; 32]);
+    const B: NodeId = NodeId([2; 32]);
+    const OWNER: Owner = Owner { mode: 0o100644, uid: 1, gid: 2 };
+
+    #[test]
+    fn timestamps_round_trip_before_and_after_epoch() {
+        for t in [
+            UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+            UNIX_EPOCH - Duration::new(100, 250),
+            UNIX_EPOCH,
+        ] {
+            assert_eq!(Timestamp::from(t).to_system_time(), t);
+        }
+        assert_eq!(
+            Timestamp::from(UNIX_EPOCH - Duration::new(1, 1)),
+            Timestamp { secs: -2, nanos: 999_999_999 }
+        );
+    }
+
+    #[test]
+    fn versions_descend_and_tombstones_supersede() {
+        let now = Timestamp::now();
+        let f = FileRecord::new_file(OWNER, A, now);
+        assert_eq!(f.mode, 0o644, "file type bits are stripped");
+        assert_eq!(f.content, Some(ContentId::empty()));
+        let g = f.next_version(B, now);
+        assert!(g.version > f.version);
+        assert_eq!(g.author, B);
+        let t = g.tombstone(A, now);
+        assert!(t.deleted && t.version > g.version && t.content.is_none());
+        let reborn = FileRecord::new_dir(OWNER, B, now).succeeding(&t);
+        assert!(reborn.version > t.version && reborn.is_live());
+    }
+}

@@ -1,0 +1,1269 @@
+//! The `fuser::Filesystem` implementation.
+//!
+//! # Data path
+//! Opening a file for writing gives its inode a *staging* file: a private copy of
+//! the committed object (or an empty file for `O_TRUNC` and new files). Every
+//! handle of that inode, readers included, then sees the staging file, so POSIX
+//! read-after-write holds across handles. When the last writable handle is
+//! released the staging file is hashed (blake3), moved into the object store
+//! and the path's record is committed with one atomic store write. Objects are
+//! immutable; a later version is a new object, and objects that no record
+//! references any more are deleted.
+//!
+//! Reads and writes use FUSE passthrough when the kernel grants it: the kernel
+//! then talks to the object or staging file directly. The kernel requires every
+//! passthrough handle of an inode to use the same backing file, so a handle
+//! whose file differs from the inode's current backing file is opened with
+//! `FOPEN_DIRECT_IO` and served here instead.
+//!
+//! # Locks (taken in this order, never the other way round)
+//! 1. an inode's state (`InodeCell::state`): staging file, backing file, writers;
+//!    held across local file IO of that inode only (copy, hash);
+//! 2. `ns`: serialises changes to the metadata store; held only around store
+//!    reads and writes and object install/delete, never across hashing or copies;
+//! 3. the maps of open inodes, handles and directory listings (short);
+//! 4. an inode's `unlinked` snapshot (leaf).
+//!
+//! Reads of metadata (lookup, getattr, readdir) take no lock but the short map
+//! locks, so a slow operation on one file never stalls the others; the session
+//! also runs several dispatch threads.
+
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::OsStr,
+    fs::{File, Metadata},
+    io,
+    os::unix::fs::{FileExt, MetadataExt},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, MutexGuard, RwLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use btfs_core::{ContentId, FileKind, FileRecord, NodeId, Owner, RelPath, Timestamp};
+use btfs_store::{Backend, Change, Entry, NO_INO, ROOT_INO, Stats, Store};
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use serde::Serialize;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    error::{FsError, Result, errno},
+    objects::{ObjectStore, Staging, hash_file},
+};
+
+/// Settings of one mounted filesystem.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// This node's identity, the author of local changes.
+    pub node: NodeId,
+    /// Ask the kernel for FUSE passthrough (needs root and Linux 6.9+).
+    pub passthrough: bool,
+    /// How long the kernel may cache entries and attributes.
+    pub ttl: Duration,
+    /// The state directory (for `statfs`).
+    pub state_dir: PathBuf,
+}
+
+/// What `btfs status` reports about the filesystem layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct FsStatus {
+    pub open_handles: usize,
+    pub open_files: usize,
+    pub passthrough: bool,
+    pub commits: u64,
+    pub commit_failures: u64,
+    #[serde(flatten)]
+    pub tree: Stats,
+}
+
+/// Per-inode state while the inode has open handles.
+///
+/// Invariant: `backing` is set only while `staging` is: passthrough only ever
+/// targets the inode's private staging file, never a (shared, immutable) object.
+#[derive(Debug, Default)]
+struct OpenInode {
+    writers: u32,
+    /// Handles served in the kernel's cached mode (not passthrough).
+    cached: u32,
+    staging: Option<Staging>,
+    backing: Option<Arc<BackingId>>,
+}
+
+#[derive(Debug, Default)]
+struct InodeCell {
+    /// Open handles plus opens in progress; the cell leaves the map at zero.
+    pins: AtomicUsize,
+    state: Mutex<OpenInode>,
+    /// The file holding the inode's newest bytes once a writer has opened it
+    /// (the staging file, which stays valid after it is installed as the
+    /// object). Cached-mode reads use it, so they see the writers' data.
+    current: RwLock<Option<Arc<File>>>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    ino: u64,
+    /// For reads: the object opened; for writers: the staging file.
+    file: Arc<File>,
+    writable: bool,
+    cached: bool,
+}
+
+#[derive(Debug)]
+struct DirItem {
+    ino: u64,
+    kind: FileType,
+    name: String,
+}
+
+/// State shared by the dispatch threads and the daemon (for status).
+#[derive(Debug)]
+struct Shared<B> {
+    store: Arc<Store<B>>,
+    objects: ObjectStore,
+    cfg: FsConfig,
+    ns: Mutex<()>,
+    open: Mutex<HashMap<u64, Arc<InodeCell>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    /// Entries of inodes that were unlinked or replaced while the kernel still
+    /// knew them, until it forgets them; their content is kept meanwhile.
+    orphans: Mutex<HashMap<u64, Entry>>,
+    /// Inodes whose content changed outside the kernel's page cache
+    /// (passthrough writes): their next cached open must not keep the cache.
+    stale_cache: Mutex<HashSet<u64>>,
+    next_fh: AtomicU64,
+    passthrough: AtomicBool,
+    commits: AtomicU64,
+    commit_failures: AtomicU64,
+}
+
+/// The filesystem handed to fuser.
+#[derive(Debug)]
+pub struct BtfsFs<B> {
+    shared: Arc<Shared<B>>,
+}
+
+/// A handle on a live filesystem, for status queries from the daemon.
+#[derive(Debug)]
+pub struct FsHandle<B> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B> Clone for FsHandle<B> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone() }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another dispatch thread must not take the whole mount down:
+    // the protected data is kept consistent by each critical section itself.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<&str> {
+    name.to_str().ok_or(FsError::BadName(btfs_core::PathError::NotUtf8))
+}
+
+fn resolve_time(t: TimeOrNow, now: SystemTime) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => now,
+    }
+}
+
+impl<B: Backend> BtfsFs<B> {
+    /// Builds the filesystem over an opened store and object store, creating
+    /// the root directory on first use and deleting unreferenced objects.
+    pub fn new(store: Arc<Store<B>>, objects: ObjectStore, cfg: FsConfig) -> Result<Self> {
+        if store.get(&RelPath::root())?.is_none() {
+            let owner = Owner { mode: 0o755, uid: 0, gid: 0 };
+            let record = FileRecord::new_dir(owner, cfg.node, Timestamp::now());
+            store.write(vec![Change::Put(RelPath::root(), Entry { ino: ROOT_INO, record })])?;
+        }
+        let swept = objects.sweep(|c| store.refcount(c).map(|n| n > 0).unwrap_or(true))?;
+        if swept > 0 {
+            info!(swept, "deleted unreferenced objects");
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                objects,
+                cfg,
+                ns: Mutex::new(()),
+                open: Mutex::new(HashMap::new()),
+                handles: Mutex::new(HashMap::new()),
+                dirs: Mutex::new(HashMap::new()),
+                orphans: Mutex::new(HashMap::new()),
+                stale_cache: Mutex::new(HashSet::new()),
+                next_fh: AtomicU64::new(1),
+                passthrough: AtomicBool::new(false),
+                commits: AtomicU64::new(0),
+                commit_failures: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn handle(&self) -> FsHandle<B> {
+        FsHandle { shared: self.shared.clone() }
+    }
+}
+
+impl<B: Backend> FsHandle<B> {
+    pub fn status(&self) -> Result<FsStatus> {
+        let s = &self.shared;
+        Ok(FsStatus {
+            open_handles: lock(&s.handles).len(),
+            open_files: lock(&s.open).len(),
+            passthrough: s.passthrough.load(Ordering::Relaxed),
+            commits: s.commits.load(Ordering::Relaxed),
+            commit_failures: s.commit_failures.load(Ordering::Relaxed),
+            tree: s.store.stats()?,
+        })
+    }
+
+    /// Makes committed metadata durable (called on shutdown).
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.shared.store.flush()?)
+    }
+}
+
+impl<B: Backend> Shared<B> {
+    fn node(&self) -> NodeId {
+        self.cfg.node
+    }
+
+    // ----- inode cells -------------------------------------------------------
+
+    fn pin(&self, ino: u64) -> Arc<InodeCell> {
+        let mut open = lock(&self.open);
+        let cell = open.entry(ino).or_default().clone();
+        cell.pins.fetch_add(1, Ordering::SeqCst);
+        cell
+    }
+
+    fn unpin(&self, ino: u64) {
+        let mut open = lock(&self.open);
+        let Some(cell) = open.get(&ino) else { return };
+        if cell.pins.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let cell = open.remove(&ino);
+        drop(open);
+        // The last handle is gone; a staging file left behind is either a
+        // clean private copy (already committed) or an unlinked file's data.
+        if let Some(staging) = cell.and_then(|c| lock(&c.state).staging.take()) {
+            if let Err(e) = std::fs::remove_file(&staging.path) {
+                warn!(ino, "could not delete staging file {}: {e}", staging.path.display());
+            }
+        }
+    }
+
+    fn cell(&self, ino: u64) -> Option<Arc<InodeCell>> {
+        lock(&self.open).get(&ino).cloned()
+    }
+
+    /// Runs `f` on the state of `ino`, pinning it meanwhile.
+    fn with_state<T>(&self, ino: u64, f: impl FnOnce(&mut OpenInode) -> Result<T>) -> Result<T> {
+        let cell = self.pin(ino);
+        let r = f(&mut lock(&cell.state));
+        self.unpin(ino);
+        r
+    }
+
+    /// Keeps an unlinked entry reachable by inode number until the kernel
+    /// forgets it (it may still open it, as with any unlinked-but-open file).
+    fn mark_unlinked(&self, entry: &Entry) {
+        lock(&self.orphans).insert(entry.ino, entry.clone());
+    }
+
+    /// The kernel dropped inode `ino`: an orphan's content may now be deleted.
+    fn forget(&self, ino: u64) {
+        let _ns = lock(&self.ns);
+        let Some(orphan) = lock(&self.orphans).remove(&ino) else { return };
+        if let Some(c) = orphan.record.content {
+            if self.store.refcount(&c).is_ok_and(|n| n == 0) {
+                self.gc(vec![c]);
+            }
+        }
+    }
+
+    // ----- lookups -----------------------------------------------------------
+
+    fn dir_path(&self, ino: u64) -> Result<(RelPath, Entry)> {
+        let (path, entry) = self.store.get_ino(ino)?.ok_or(FsError::NotFound)?;
+        if entry.record.kind != FileKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok((path, entry))
+    }
+
+    fn child_path(&self, parent: u64, name: &OsStr) -> Result<(RelPath, Entry, RelPath)> {
+        let (dir, dir_entry) = self.dir_path(parent)?;
+        let path = dir.join(name_str(name)?)?;
+        Ok((dir, dir_entry, path))
+    }
+
+    /// The entry of `ino`, also for a file that was unlinked while open.
+    fn entry_of(&self, ino: u64) -> Result<(Option<RelPath>, Entry)> {
+        if let Some((p, e)) = self.store.get_ino(ino)? {
+            return Ok((Some(p), e));
+        }
+        match lock(&self.orphans).get(&ino) {
+            Some(e) => Ok((None, e.clone())),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    /// Attributes of `ino`. The store entry is read while the inode's state is
+    /// locked, so that a commit in progress is seen either whole or not at all.
+    fn getattr(&self, ino: u64) -> Result<FileAttr> {
+        let Some(cell) = self.cell(ino) else {
+            let (path, entry) = self.entry_of(ino)?;
+            return build_attr(&entry, path.is_none(), None);
+        };
+        let st = lock(&cell.state);
+        let (path, entry) = self.entry_of(ino)?;
+        let staging = st.staging.as_ref().map(|s| s.file.metadata()).transpose()?;
+        build_attr(&entry, path.is_none(), staging.as_ref())
+    }
+
+    fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
+        let (_, _, path) = self.child_path(parent, name)?;
+        let entry = self.store.get_live(&path)?.ok_or(FsError::NotFound)?;
+        self.getattr(entry.ino)
+    }
+
+    // ----- namespace changes -------------------------------------------------
+
+    /// Owner of a new entry in `dir`: setgid directories pass their group on.
+    fn owner_in(req: &Request, dir: &Entry, mode: u32, umask: u32, is_dir: bool) -> Owner {
+        let mut mode = mode & !umask & 0o7777;
+        let sgid_dir = dir.record.mode & libc::S_ISGID != 0;
+        if sgid_dir && is_dir {
+            mode |= libc::S_ISGID;
+        }
+        Owner {
+            mode,
+            uid: req.uid(),
+            gid: if sgid_dir { dir.record.gid } else { req.gid() },
+        }
+    }
+
+    /// The parent's change for a new or removed child: mtime and ctime move, the
+    /// version does not (directory times are derived, not edited).
+    fn touch_dir(dir: &RelPath, entry: &Entry, now: Timestamp) -> Change {
+        let mut e = entry.clone();
+        e.record.mtime = now;
+        e.record.ctime = now;
+        Change::Put(dir.clone(), e)
+    }
+
+    /// Deletes objects that no entry references, unless an orphan still does.
+    /// Called with `ns` held.
+    fn gc(&self, released: Vec<ContentId>) {
+        let orphans = lock(&self.orphans);
+        for c in released {
+            if orphans.values().any(|o| o.record.content == Some(c)) {
+                continue;
+            }
+            if let Err(e) = self.objects.remove(&c) {
+                warn!(content = %c.short(), "could not delete unreferenced object: {e}");
+            }
+        }
+    }
+
+    /// Creates `record` at `parent/name`; returns the new entry.
+    fn create_entry(&self, parent: u64, name: &OsStr, make: impl FnOnce(&Entry) -> FileRecord) -> Result<Entry> {
+        let _ns = lock(&self.ns);
+        let (dir, dir_entry, path) = self.child_path(parent, name)?;
+        let previous = self.store.get(&path)?;
+        if previous.as_ref().is_some_and(Entry::is_live) {
+            return Err(FsError::Exists);
+        }
+        let mut record = make(&dir_entry);
+        if let Some(prev) = previous {
+            record = record.succeeding(&prev.record);
+        }
+        let entry = Entry { ino: self.store.alloc_ino()?, record };
+        let now = entry.record.ctime;
+        self.store.write(vec![
+            Change::Put(path, entry.clone()),
+            Self::touch_dir(&dir, &dir_entry, now),
+        ])?;
+        Ok(entry)
+    }
+
+    fn remove_entry(&self, parent: u64, name: &OsStr, want_dir: bool) -> Result<()> {
+        let released;
+        let entry;
+        {
+            let _ns = lock(&self.ns);
+            let (dir, dir_entry, path) = self.child_path(parent, name)?;
+            entry = self.store.get_live(&path)?.ok_or(FsError::NotFound)?;
+            match (want_dir, entry.record.kind == FileKind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if self.store.has_live_children(&path)? => {
+                    return Err(FsError::NotEmpty);
+                }
+                _ => {}
+            }
+            let now = Timestamp::now();
+            let tomb = Entry { ino: NO_INO, record: entry.record.tombstone(self.node(), now) };
+            released = self.store.write(vec![
+                Change::Put(path, tomb),
+                Self::touch_dir(&dir, &dir_entry, now),
+            ])?;
+            self.mark_unlinked(&entry);
+            self.gc(released);
+        }
+        Ok(())
+    }
+
+    fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: RenameFlags) -> Result<()> {
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            return Err(FsError::Invalid("RENAME_EXCHANGE and RENAME_WHITEOUT are not supported"));
+        }
+        let _ns = lock(&self.ns);
+        let (src_dir, src_dir_entry, src) = self.child_path(parent, name)?;
+        let (dst_dir, dst_dir_entry, dst) = self.child_path(newparent, newname)?;
+        let moving = self.store.get_live(&src)?.ok_or(FsError::NotFound)?;
+        if src == dst {
+            return Ok(());
+        }
+        let is_dir = moving.record.kind == FileKind::Dir;
+        if is_dir && dst.is_within(&src) {
+            return Err(FsError::IntoItself);
+        }
+        let replaced = self.store.get(&dst)?;
+        if let Some(old) = replaced.as_ref().filter(|e| e.is_live()) {
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                return Err(FsError::Exists);
+            }
+            match (is_dir, old.record.kind == FileKind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if self.store.has_live_children(&dst)? => return Err(FsError::NotEmpty),
+                _ => {}
+            }
+        }
+
+        let now = Timestamp::now();
+        let node = self.node();
+        let mut changes = Vec::new();
+        // Every live path below the source moves: a tombstone where it was and a
+        // record (same inode, same content) where it goes.
+        let moved: Vec<(RelPath, Entry)> = if is_dir {
+            self.store.subtree(&src)?.into_iter().filter(|(_, e)| e.is_live()).collect()
+        } else {
+            vec![(src.clone(), moving.clone())]
+        };
+        for (old_path, entry) in moved {
+            let new_path = old_path
+                .rebase(&src, &dst)
+                .ok_or(FsError::BadName(btfs_core::PathError::PathTooLong))?;
+            let previous = if new_path == dst { replaced.clone() } else { self.store.get(&new_path)? };
+            let mut record = entry.record.next_version(node, now);
+            if let Some(prev) = &previous {
+                record = record.succeeding(&prev.record);
+            }
+            changes.push(Change::Put(
+                old_path,
+                Entry { ino: NO_INO, record: entry.record.tombstone(node, now) },
+            ));
+            changes.push(Change::Put(new_path, Entry { ino: entry.ino, record }));
+        }
+        if let Some(old) = replaced.as_ref().filter(|e| e.is_live()) {
+            self.mark_unlinked(old);
+        }
+        // Neither parent lies in the moved set (a directory cannot move into
+        // itself), so their entries read above are current.
+        changes.push(Self::touch_dir(&src_dir, &src_dir_entry, now));
+        if dst_dir != src_dir {
+            changes.push(Self::touch_dir(&dst_dir, &dst_dir_entry, now));
+        }
+        let released = self.store.write(changes)?;
+        self.gc(released);
+        Ok(())
+    }
+
+    // ----- content -----------------------------------------------------------
+
+    /// Opens a handle on `ino`. `open_backing` registers a passthrough backing
+    /// file with the kernel (it comes from the reply being answered).
+    ///
+    /// The kernel fixes one I/O mode per inode while it has open files: every
+    /// open of an inode in passthrough mode must use the same backing file, and
+    /// passthrough and cached opens cannot mix. So the first open decides:
+    /// a writer gets passthrough to its private staging file; a reader gets the
+    /// cached mode, with the page cache kept across opens while the content has
+    /// not changed behind it. Later opens follow the mode in force.
+    fn open_handle(
+        &self,
+        ino: u64,
+        flags: i32,
+        open_backing: &dyn Fn(&File) -> io::Result<BackingId>,
+    ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>)> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncate = writable && flags & libc::O_TRUNC != 0;
+        let cell = self.pin(ino);
+        let opened = (|| {
+            let mut st = lock(&cell.state);
+            // Read under the state lock: a commit in progress finishes first.
+            let (_, entry) = self.entry_of(ino)?;
+            match entry.record.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(FsError::IsDir),
+                FileKind::Symlink => return Err(FsError::Invalid("not a regular file")),
+            }
+            let first = st.backing.is_none() && st.cached == 0;
+            let passthrough = st.backing.is_some()
+                || (first && writable && self.passthrough.load(Ordering::Relaxed));
+            if writable || passthrough {
+                match &st.staging {
+                    Some(s) if truncate => s.file.set_len(0)?,
+                    Some(_) => {}
+                    None => {
+                        let from = if truncate { None } else { entry.record.content };
+                        let staging = self.objects.new_staging(from.as_ref())?;
+                        *cell.current.write().unwrap_or_else(|p| p.into_inner()) = Some(staging.file.clone());
+                        st.staging = Some(staging);
+                    }
+                }
+            }
+            let mut backing = None;
+            if passthrough {
+                if let (None, Some(s)) = (&st.backing, &st.staging) {
+                    match open_backing(&s.file) {
+                        Ok(id) => st.backing = Some(Arc::new(id)),
+                        Err(e) => debug!(ino, "passthrough refused, serving data here: {e}"),
+                    }
+                }
+                backing = st.backing.clone();
+                if backing.is_some() {
+                    lock(&self.stale_cache).insert(ino);
+                }
+            }
+            let mut fopen = FopenFlags::empty();
+            let file = match (&st.staging, writable) {
+                (Some(s), true) => s.file.clone(),
+                _ => {
+                    let c = entry.record.content.unwrap_or_else(ContentId::empty);
+                    Arc::new(self.objects.open_object(&c)?)
+                }
+            };
+            let cached = backing.is_none();
+            if cached {
+                st.cached += 1;
+                let changed = lock(&self.stale_cache).remove(&ino);
+                if !changed && st.staging.is_none() {
+                    fopen |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+            }
+            if writable {
+                st.writers += 1;
+            }
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            lock(&self.handles).insert(fh, Arc::new(Handle { ino, file, writable, cached }));
+            Ok((fh, fopen, backing))
+        })();
+        if opened.is_err() {
+            self.unpin(ino);
+        }
+        opened
+    }
+
+    fn release(&self, fh: u64) -> Result<()> {
+        let handle = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
+        let ino = handle.ino;
+        if let Some(cell) = self.cell(ino) {
+            let mut st = lock(&cell.state);
+            if handle.cached {
+                st.cached -= 1;
+            }
+            if handle.writable {
+                st.writers -= 1;
+                if st.writers == 0 {
+                    if let Err(e) = self.commit(ino, &mut st) {
+                        self.commit_failures.fetch_add(1, Ordering::Relaxed);
+                        error!(ino, "could not commit the new version of a file: {e}");
+                    }
+                }
+            }
+        }
+        drop(handle);
+        self.unpin(ino);
+        Ok(())
+    }
+
+    /// Turns the inode's staging file into the committed version of its path.
+    /// Called with the inode's state locked and no writer left.
+    ///
+    /// The staging file normally becomes the object by a rename. While
+    /// passthrough readers still use it as their backing file it is copied
+    /// instead: it must stay private to this inode, since objects are shared
+    /// by every path with the same content.
+    fn commit(&self, ino: u64, st: &mut OpenInode) -> Result<()> {
+        let Some(staging) = st.staging.take() else {
+            return Ok(());
+        };
+        if lock(&self.orphans).contains_key(&ino) {
+            // Unlinked while open: the data goes with the last handle.
+            st.staging = Some(staging);
+            return Ok(());
+        }
+        let keep_private = st.backing.is_some();
+        let meta = staging.file.metadata()?;
+        let content = match hash_file(&staging.path) {
+            Ok(c) => c,
+            Err(e) => {
+                st.staging = Some(staging);
+                return Err(e.into());
+            }
+        };
+        let _ns = lock(&self.ns);
+        let installed = if keep_private {
+            self.objects.install_copy(&staging.path, &content)
+        } else {
+            self.objects.install(&staging.path, &content)
+        };
+        if keep_private {
+            st.staging = Some(staging);
+        }
+        installed?;
+        let Some((path, entry)) = self.store.get_ino(ino)? else {
+            // Removed while we hashed: nothing references the object.
+            if self.store.refcount(&content)? == 0 {
+                self.gc(vec![content]);
+            }
+            return Ok(());
+        };
+        let mtime = Timestamp::from(meta.modified()?);
+        let r = &entry.record;
+        if r.content == Some(content) && r.size == meta.len() && r.mtime == mtime {
+            return Ok(());
+        }
+        let mut record = r.next_version(self.node(), Timestamp::now());
+        record.content = Some(content);
+        record.size = meta.len();
+        record.mtime = mtime;
+        let released = self.store.write(vec![Change::Put(path, Entry { ino, record })])?;
+        self.gc(released);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        lock(&self.handles).get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        // A reader opened before a writer reads the writer's file from then on.
+        let current = self
+            .cell(h.ino)
+            .and_then(|c| c.current.read().unwrap_or_else(|p| p.into_inner()).clone());
+        let file = current.as_ref().unwrap_or(&h.file);
+        let mut buf = vec![0u8; size as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    }
+
+    fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(FsError::BadHandle);
+        }
+        h.file.write_all_at(data, offset)?;
+        Ok(data.len() as u32)
+    }
+
+    fn setattr(&self, ino: u64, changes: AttrChanges) -> Result<FileAttr> {
+        let now = SystemTime::now();
+        // Content-side changes first, on the staging file, outside `ns`.
+        if let Some(size) = changes.size {
+            self.truncate(ino, size)?;
+        }
+        let mtime = changes.mtime.map(|t| resolve_time(t, now));
+        let atime = changes.atime.map(|t| resolve_time(t, now));
+        if mtime.is_some() || atime.is_some() {
+            if let Some(cell) = self.cell(ino) {
+                if let Some(s) = &lock(&cell.state).staging {
+                    let mut times = std::fs::FileTimes::new();
+                    if let Some(m) = mtime {
+                        times = times.set_modified(m);
+                    }
+                    if let Some(a) = atime {
+                        times = times.set_accessed(a);
+                    }
+                    s.file.set_times(times)?;
+                }
+            }
+        }
+        if changes.is_metadata_only_noop() {
+            return self.getattr(ino);
+        }
+        {
+            let _ns = lock(&self.ns);
+            let (path, entry) = self.entry_of(ino)?;
+            let mut record = entry.record.next_version(self.node(), Timestamp::from(now));
+            if let Some(mode) = changes.mode {
+                record.mode = mode & 0o7777;
+            }
+            if let Some(uid) = changes.uid {
+                record.uid = uid;
+            }
+            if let Some(gid) = changes.gid {
+                record.gid = gid;
+            }
+            if let Some(m) = mtime {
+                record.mtime = m.into();
+            }
+            if let Some(a) = atime {
+                record.atime = a.into();
+            }
+            let entry = Entry { ino, record };
+            match path {
+                Some(path) => {
+                    self.store.write(vec![Change::Put(path, entry)])?;
+                }
+                None => self.mark_unlinked(&entry),
+            }
+        }
+        self.getattr(ino)
+    }
+
+    /// Sets the length of `ino`: on the staging file if it is open for writing,
+    /// else as a new committed version.
+    fn truncate(&self, ino: u64, size: u64) -> Result<()> {
+        let (_, entry) = self.entry_of(ino)?;
+        match entry.record.kind {
+            FileKind::File => {}
+            FileKind::Dir => return Err(FsError::IsDir),
+            FileKind::Symlink => return Err(FsError::Invalid("not a regular file")),
+        }
+        self.with_state(ino, |st| {
+            if let Some(s) = &st.staging {
+                s.file.set_len(size)?;
+                return Ok(());
+            }
+            let from = if size == 0 { None } else { entry.record.content };
+            let staging = self.objects.new_staging(from.as_ref())?;
+            staging.file.set_len(size)?;
+            st.staging = Some(staging);
+            self.commit(ino, st)?;
+            // Any page cache of the old content is stale now.
+            lock(&self.stale_cache).insert(ino);
+            Ok(())
+        })
+    }
+
+    fn opendir(&self, ino: u64) -> Result<u64> {
+        let (path, entry) = self.dir_path(ino)?;
+        let parent_ino = match path.parent() {
+            Some(p) => self.store.get_live(&p)?.map_or(ROOT_INO, |e| e.ino),
+            None => ROOT_INO,
+        };
+        let mut items = vec![
+            DirItem { ino: entry.ino, kind: FileType::Directory, name: ".".into() },
+            DirItem { ino: parent_ino, kind: FileType::Directory, name: "..".into() },
+        ];
+        items.extend(self.store.live_children(&path)?.into_iter().map(|(name, e)| DirItem {
+            ino: e.ino,
+            kind: file_type(e.record.kind),
+            name,
+        }));
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, Arc::new(items));
+        Ok(fh)
+    }
+
+    fn dir_items(&self, fh: u64) -> Result<Arc<Vec<DirItem>>> {
+        lock(&self.dirs).get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    fn statfs(&self) -> Result<nix::sys::statvfs::Statvfs> {
+        nix::sys::statvfs::statvfs(&self.cfg.state_dir).map_err(|e| FsError::Io(e.into()))
+    }
+
+    fn fsync(&self, fh: Option<u64>, datasync: bool) -> Result<()> {
+        if let Some(fh) = fh {
+            let h = self.handle(fh)?;
+            if h.writable {
+                if datasync { h.file.sync_data()? } else { h.file.sync_all()? }
+            }
+        }
+        self.store.flush()?;
+        Ok(())
+    }
+}
+
+/// Kernel attributes of an entry; `staging` is the open staging file, whose
+/// size and times are newer than the record's.
+fn build_attr(entry: &Entry, unlinked: bool, staging: Option<&Metadata>) -> Result<FileAttr> {
+    let r = &entry.record;
+    let mut size = r.size;
+    let mut blocks = size.div_ceil(512);
+    let mut mtime = r.mtime.to_system_time();
+    let mut ctime = r.ctime.to_system_time();
+    if let (FileKind::File, Some(meta)) = (r.kind, staging) {
+        size = meta.len();
+        blocks = meta.blocks();
+        mtime = meta.modified()?;
+        let staged_ctime = Timestamp { secs: meta.ctime(), nanos: meta.ctime_nsec() as u32 };
+        ctime = ctime.max(staged_ctime.to_system_time());
+    }
+    Ok(FileAttr {
+        ino: INodeNo(entry.ino),
+        size,
+        blocks,
+        atime: r.atime.to_system_time(),
+        mtime,
+        ctime,
+        crtime: r.ctime.to_system_time(),
+        kind: file_type(r.kind),
+        perm: (r.mode & 0o7777) as u16,
+        nlink: match (unlinked, r.kind) {
+            (true, _) => 0,
+            (false, FileKind::Dir) => 2,
+            (false, _) => 1,
+        },
+        uid: r.uid,
+        gid: r.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    })
+}
+
+/// The attribute changes of one `setattr` call.
+#[derive(Debug, Default)]
+struct AttrChanges {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+    ctime: Option<SystemTime>,
+}
+
+impl AttrChanges {
+    fn is_metadata_only_noop(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+            && self.ctime.is_none()
+    }
+}
+
+/// Logs a failed operation at a level that fits its errno.
+fn fail(op: &str, e: &FsError) -> Errno {
+    let code = errno(e);
+    match e {
+        FsError::Io(_) | FsError::Store(_) | FsError::Stale => error!("{op}: {e}"),
+        FsError::Unsupported(_) | FsError::NotSupported(_) => info!("{op}: {e}"),
+        _ => debug!("{op}: {e}"),
+    }
+    code
+}
+
+impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_AUTO_INVAL_DATA
+            | InitFlags::FUSE_EXPORT_SUPPORT;
+        if let Err(missing) = config.add_capabilities(wanted) {
+            debug!(?missing, "kernel lacks some optional capabilities");
+        }
+        let s = &self.shared;
+        if s.cfg.passthrough {
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            s.passthrough.store(granted, Ordering::Relaxed);
+            if !granted {
+                warn!("kernel refused FUSE passthrough; file data will be served by the daemon");
+            }
+        }
+        info!(passthrough = s.passthrough.load(Ordering::Relaxed), "filesystem initialised");
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.shared.store.flush() {
+            error!("could not flush the metadata store: {e}");
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        self.shared.forget(ino.0);
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.shared.lookup(parent.0, name) {
+            Ok(attr) => reply.entry(&self.shared.cfg.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(fail("lookup", &e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.shared.getattr(ino.0) {
+            Ok(attr) => reply.attr(&self.shared.cfg.ttl, &attr),
+            Err(e) => reply.error(fail("getattr", &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let changes = AttrChanges { mode, uid, gid, size, atime, mtime, ctime };
+        match self.shared.setattr(ino.0, changes) {
+            Ok(attr) => reply.attr(&self.shared.cfg.ttl, &attr),
+            Err(e) => reply.error(fail("setattr", &e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.shared.entry_of(ino.0) {
+            Ok((_, e)) => match &e.record.target {
+                Some(t) => reply.data(t.as_bytes()),
+                None => reply.error(Errno::EINVAL),
+            },
+            Err(e) => reply.error(fail("readlink", &e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let s = &self.shared;
+        let result = if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            Err(FsError::Unsupported("device nodes, FIFOs and sockets"))
+        } else {
+            s.create_entry(parent.0, name, |dir| {
+                FileRecord::new_file(Shared::<B>::owner_in(req, dir, mode, umask, false), s.node(), Timestamp::now())
+            })
+            .and_then(|e| build_attr(&e, false, None))
+        };
+        match result {
+            Ok(attr) => reply.entry(&s.cfg.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(fail("mknod", &e)),
+        }
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let s = &self.shared;
+        let result = s
+            .create_entry(parent.0, name, |dir| {
+                FileRecord::new_dir(Shared::<B>::owner_in(req, dir, mode, umask, true), s.node(), Timestamp::now())
+            })
+            .and_then(|e| build_attr(&e, false, None));
+        match result {
+            Ok(attr) => reply.entry(&s.cfg.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(fail("mkdir", &e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.shared.remove_entry(parent.0, name, false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("unlink", &e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.shared.remove_entry(parent.0, name, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("rmdir", &e)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let s = &self.shared;
+        let result = match target.to_str() {
+            None => Err(FsError::BadName(btfs_core::PathError::NotUtf8)),
+            Some(t) if t.len() > btfs_core::MAX_PATH_LEN => {
+                Err(FsError::BadName(btfs_core::PathError::PathTooLong))
+            }
+            Some(t) => s
+                .create_entry(parent.0, link_name, |dir| {
+                    let mut owner = Shared::<B>::owner_in(req, dir, 0o777, 0, false);
+                    owner.mode = 0o777;
+                    FileRecord::new_symlink(t.to_owned(), owner, s.node(), Timestamp::now())
+                })
+                .and_then(|e| build_attr(&e, false, None)),
+        };
+        match result {
+            Ok(attr) => reply.entry(&s.cfg.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(fail("symlink", &e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.shared.rename(parent.0, name, newparent.0, newname, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("rename", &e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        reply.error(fail("link", &FsError::Unsupported("hard links")));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let s = &self.shared;
+        let result = s
+            .open_handle(ino.0, flags.0, &|f| reply.open_backing(f));
+        match result {
+            Ok((fh, fopen, Some(backing))) => reply.opened_passthrough(FileHandle(fh), fopen, &backing),
+            Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
+            Err(e) => reply.error(fail("open", &e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let s = &self.shared;
+        let result = s
+            .create_entry(parent.0, name, |dir| {
+                FileRecord::new_file(Shared::<B>::owner_in(req, dir, mode, umask, false), s.node(), Timestamp::now())
+            })
+            .and_then(|entry| {
+                // A new file is empty: truncating skips copying the empty object.
+                let opened = s.open_handle(entry.ino, flags | libc::O_TRUNC, &|f| reply.open_backing(f))?;
+                Ok((build_attr(&entry, false, None)?, opened))
+            });
+        let ttl = s.cfg.ttl;
+        match result {
+            Ok((attr, (fh, fopen, Some(b)))) => {
+                reply.created_passthrough(&ttl, &attr, Generation(0), FileHandle(fh), fopen, &b)
+            }
+            Ok((attr, (fh, fopen, None))) => reply.created(&ttl, &attr, Generation(0), FileHandle(fh), fopen),
+            Err(e) => reply.error(fail("create", &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.shared.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(fail("read", &e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.shared.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(fail("write", &e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.shared.release(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("release", &e)),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        match self.shared.fsync(Some(fh.0), datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("fsync", &e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.shared.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(fail("opendir", &e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.shared.dir_items(fh.0) {
+            Ok(items) => {
+                for (i, item) in items.iter().enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(item.ino), (i + 1) as u64, item.kind, &item.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(fail("readdir", &e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let s = &self.shared;
+        let items = match s.dir_items(fh.0) {
+            Ok(items) => items,
+            Err(e) => return reply.error(fail("readdirplus", &e)),
+        };
+        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+            // Entries that vanished since opendir are skipped, not failed.
+            let Ok(attr) = s.getattr(item.ino) else { continue };
+            if reply.add(INodeNo(item.ino), (i + 1) as u64, &item.name, &s.cfg.ttl, &attr, Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        lock(&self.shared.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        match self.shared.fsync(None, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("fsyncdir", &e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.shared.statfs() {
+            Ok(st) => reply.statfs(
+                st.blocks(),
+                st.blocks_free(),
+                st.blocks_available(),
+                st.files(),
+                st.files_free(),
+                st.block_size() as u32,
+                btfs_core::MAX_NAME_LEN as u32,
+                st.fragment_size() as u32,
+            ),
+            Err(e) => reply.error(fail("statfs", &e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.shared.handle(fh.0).and_then(|h| {
+            if !h.writable {
+                return Err(FsError::BadHandle);
+            }
+            let flags = nix::fcntl::FallocateFlags::from_bits_truncate(mode);
+            let (off, len) = (
+                i64::try_from(offset).map_err(|_| FsError::Invalid("offset too large"))?,
+                i64::try_from(length).map_err(|_| FsError::Invalid("length too large"))?,
+            );
+            nix::fcntl::fallocate(&*h.file, flags, off, len).map_err(|e| FsError::Io(e.into()))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("fallocate", &e)),
+        }
+    }
+}

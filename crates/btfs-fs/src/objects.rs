@@ -1,0 +1,203 @@
+//! The content-addressed object store and the staging area for open writers.
+//!
+//! `objects/<2 hex>/<64 hex>` holds committed content, named by its blake3 hash;
+//! an object is never modified after it is installed. `staging/` holds the
+//! private copies that open writers modify; it is emptied on start, so a crash
+//! before a commit leaves only the previous version behind.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use btfs_core::ContentId;
+
+/// A staging file being written by open handles.
+#[derive(Debug)]
+pub(crate) struct Staging {
+    pub(crate) path: PathBuf,
+    pub(crate) file: std::sync::Arc<File>,
+}
+
+#[derive(Debug)]
+pub struct ObjectStore {
+    objects: PathBuf,
+    staging: PathBuf,
+    counter: AtomicU64,
+}
+
+impl ObjectStore {
+    /// Opens the store under `state_dir`, discarding leftover staging files.
+    pub fn open(state_dir: &Path) -> io::Result<Self> {
+        let objects = state_dir.join("objects");
+        let staging = state_dir.join("staging");
+        fs::create_dir_all(&objects)?;
+        if staging.exists() {
+            fs::remove_dir_all(&staging)?;
+        }
+        fs::create_dir_all(&staging)?;
+        Ok(Self {
+            objects,
+            staging,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn object_path(&self, c: &ContentId) -> PathBuf {
+        let hex = c.to_hex();
+        self.objects.join(&hex[..2]).join(hex)
+    }
+
+    /// Opens committed content for reading. The empty object is created on
+    /// demand, since empty files never pass through a staging file.
+    pub fn open_object(&self, c: &ContentId) -> io::Result<File> {
+        let path = self.object_path(c);
+        match File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && *c == ContentId::empty() => {
+                fs::create_dir_all(path.parent().unwrap_or(&self.objects))?;
+                File::create(&path)?;
+                File::open(&path)
+            }
+            other => other,
+        }
+    }
+
+    /// A new staging file, empty or holding a copy of `from`.
+    pub(crate) fn new_staging(&self, from: Option<&ContentId>) -> io::Result<Staging> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.staging.join(format!("{n:016x}"));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        if let Some(c) = from {
+            let mut src = self.open_object(c)?;
+            // std::io::copy uses copy_file_range, which reflinks where the
+            // filesystem can.
+            if let Err(e) = io::copy(&mut src, &mut file) {
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+        }
+        Ok(Staging {
+            path,
+            file: std::sync::Arc::new(file),
+        })
+    }
+
+    /// Moves a finished staging file into place as object `c` (or drops it if
+    /// that content is already stored).
+    pub(crate) fn install(&self, staging: &Path, c: &ContentId) -> io::Result<()> {
+        let dest = self.object_path(c);
+        if dest.exists() {
+            return fs::remove_file(staging);
+        }
+        match fs::rename(staging, &dest) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(dest.parent().unwrap_or(&self.objects))?;
+                fs::rename(staging, &dest)
+            }
+            other => other,
+        }
+    }
+
+    /// Installs a copy of a staging file as object `c`; the staging file stays.
+    pub(crate) fn install_copy(&self, staging: &Path, c: &ContentId) -> io::Result<()> {
+        let dest = self.object_path(c);
+        if dest.exists() {
+            return Ok(());
+        }
+        fs::create_dir_all(dest.parent().unwrap_or(&self.objects))?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.staging.join(format!("{n:016x}.copy"));
+        let copied = fs::copy(staging, &tmp).and_then(|_| fs::rename(&tmp, &dest));
+        if copied.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        copied
+    }
+
+    /// Deletes object `c` (open descriptors keep working).
+    pub fn remove(&self, c: &ContentId) -> io::Result<()> {
+        match fs::remove_file(self.object_path(c)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Deletes every object that `referenced` rejects; returns how many.
+    pub fn sweep(&self, referenced: impl Fn(&ContentId) -> bool) -> io::Result<usize> {
+        let mut removed = 0;
+        for fan in fs::read_dir(&self.objects)? {
+            let fan = fan?;
+            if !fan.file_type()?.is_dir() {
+                continue;
+            }
+            for obj in fs::read_dir(fan.path())? {
+                let obj = obj?;
+                let keep = obj
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| ContentId::from_hex(n).ok())
+                    .is_some_and(|c| referenced(&c));
+                if !keep {
+                    fs::remove_file(obj.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// blake3 of a file's bytes (memory-mapped and multi-threaded for large files).
+pub(crate) fn hash_file(path: &Path) -> io::Result<ContentId> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap_rayon(path)?;
+    Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn staging_commits_into_an_immutable_deduplicated_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(dir.path()).unwrap();
+        let s = store.new_staging(None).unwrap();
+        (&*s.file).write_all(b"hello").unwrap();
+        let c = hash_file(&s.path).unwrap();
+        assert_eq!(c, ContentId::of(b"hello"));
+        store.install(&s.path, &c).unwrap();
+        assert_eq!(fs::read(store.object_path(&c)).unwrap(), b"hello");
+
+        // Copy-on-write staging from the object, then the same content again.
+        let copy = store.new_staging(Some(&c)).unwrap();
+        assert_eq!(fs::read(&copy.path).unwrap(), b"hello");
+        store.install(&copy.path, &c).unwrap();
+        assert!(!copy.path.exists(), "duplicate staging is dropped");
+
+        assert_eq!(store.sweep(|_| true).unwrap(), 0);
+        assert_eq!(store.sweep(|_| false).unwrap(), 1);
+        assert!(!store.object_path(&c).exists());
+        assert_eq!(store.open_object(&ContentId::empty()).unwrap().metadata().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn reopening_discards_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(dir.path()).unwrap();
+        let s = store.new_staging(None).unwrap();
+        drop(store);
+        ObjectStore::open(dir.path()).unwrap();
+        assert!(!s.path.exists());
+    }
+}

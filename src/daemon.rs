@@ -1,0 +1,280 @@
+//! `btfs mount`: check everything that can be checked, fork, mount, serve.
+//!
+//! The foreground process validates the options, the key and the paths, then
+//! forks before any thread exists or sled is opened (both break across fork).
+//! It exits 0 only when the child reports that the mount is live, and with the
+//! child's one-line reason otherwise.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, Result, bail};
+use btfs_core::NodeId;
+use btfs_fs::{BtfsFs, FsConfig, MountOptions, ObjectStore};
+use btfs_store::Store;
+use nix::unistd::ForkResult;
+use tracing::{error, info};
+
+use crate::{control, keys, options::{MountOpts, default_state_dir, validate_cluster_name}};
+
+/// Everything `btfs mount` decided before forking.
+#[derive(Debug)]
+pub(crate) struct MountPlan {
+    pub name: String,
+    pub mountpoint: PathBuf,
+    pub state_dir: PathBuf,
+    pub key_path: PathBuf,
+    pub key_fingerprint: String,
+    pub opts: MountOpts,
+}
+
+/// Validates the request and prepares the state directory and key.
+pub(crate) fn prepare(name: &str, mountpoint: &Path, opts: MountOpts) -> Result<MountPlan> {
+    validate_cluster_name(name)?;
+    let mountpoint = btfs_fs::check_mountpoint(mountpoint)?;
+
+    let state_dir = match &opts.state {
+        Some(dir) => {
+            if !dir.exists() {
+                let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                if !parent.is_dir() {
+                    bail!("state dir {} cannot be created: its parent {} does not exist", dir.display(), parent.display());
+                }
+            }
+            dir.clone()
+        }
+        None => default_state_dir(name),
+    };
+    if state_dir.exists() && !state_dir.is_dir() {
+        bail!("state dir {} is not a directory", state_dir.display());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .with_context(|| format!("state dir {} cannot be created", state_dir.display()))?;
+    let state_dir = fs::canonicalize(&state_dir)?;
+    if state_dir.starts_with(&mountpoint) {
+        bail!("state dir {} must not lie inside the mountpoint {}", state_dir.display(), mountpoint.display());
+    }
+
+    let (key_path, key) = match &opts.key {
+        Some(k) => (k.clone(), keys::read_swarm_key(k)?),
+        None => {
+            let k = state_dir.join("swarm.key");
+            let key = if k.exists() {
+                keys::read_swarm_key(&k)?
+            } else {
+                keys::write_new_swarm_key(&k, false)?
+            };
+            (k, key)
+        }
+    };
+    Ok(MountPlan {
+        name: name.to_owned(),
+        mountpoint,
+        state_dir,
+        key_path,
+        key_fingerprint: key.fingerprint().to_string(),
+        opts,
+    })
+}
+
+/// Reports the start-up outcome to the waiting foreground process.
+struct Ready(Option<fs::File>);
+
+impl Ready {
+    fn send(&mut self, outcome: &Result<()>) {
+        if let Some(mut pipe) = self.0.take() {
+            let msg = match outcome {
+                Ok(()) => "OK\n".to_owned(),
+                Err(e) => format!("ERR {e:#}\n"),
+            };
+            let _ = pipe.write_all(msg.as_bytes());
+        }
+    }
+}
+
+fn init_logging(log: Option<fs::File>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log {
+        Some(_) => builder.with_ansi(false).with_writer(std::io::stderr).init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+}
+
+/// Mounts and serves until unmounted. Without `foreground`, returns in the
+/// parent (exit status decided by the child's report) and serves in the child.
+pub(crate) fn run(plan: MountPlan, foreground: bool) -> Result<()> {
+    if foreground {
+        init_logging(None);
+        return serve(&plan, Ready(None));
+    }
+    let log_path = plan.state_dir.join("btfs.log");
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+    let (read_end, write_end) = nix::unistd::pipe()?;
+    // SAFETY: no thread has been started yet (checked by the callers' design:
+    // only argument parsing and file reads happen before this point).
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { .. } => {
+            drop(write_end);
+            let mut reply = String::new();
+            let _ = fs::File::from(read_end).read_to_string(&mut reply);
+            match reply.lines().next() {
+                Some("OK") => Ok(()),
+                Some(err) => bail!("{}", err.trim_start_matches("ERR ")),
+                None => bail!("the btfs daemon exited during start-up; see {}", log_path.display()),
+            }
+        }
+        ForkResult::Child => {
+            drop(read_end);
+            nix::unistd::setsid()?;
+            let devnull = fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+            nix::unistd::dup2_stdin(&devnull)?;
+            nix::unistd::dup2_stdout(&devnull)?;
+            nix::unistd::dup2_stderr(&log)?;
+            init_logging(Some(log));
+            let result = serve(&plan, Ready(Some(fs::File::from(write_end))));
+            if let Err(e) = &result {
+                error!("{e:#}");
+            }
+            std::process::exit(i32::from(result.is_err()));
+        }
+    }
+}
+
+fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
+    let started = start(plan);
+    let (session, fs, listener_path, rt, node) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let r = Err(e);
+            ready.send(&r);
+            return r;
+        }
+    };
+    info!(name = %plan.name, mountpoint = %plan.mountpoint.display(), node = %node.short(), key = %plan.key_fingerprint, "mounted");
+    ready.send(&Ok(()));
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let fuse = std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
+        let r = session.run();
+        let _ = done_tx.send(());
+        r
+    })?;
+    let mountpoint = plan.mountpoint.clone();
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let stop = |why: &str| {
+            info!("{why}: unmounting {}", mountpoint.display());
+            if let Err(e) = btfs_fs::unmount(&mountpoint) {
+                error!("unmount failed: {e}");
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => stop("SIGTERM"),
+            _ = int.recv() => stop("SIGINT"),
+            _ = done_rx => info!("unmounted"),
+        }
+        anyhow::Ok(())
+    })?;
+    // The session ends once the kernel has let go of the mount (after the
+    // last open file of a lazily unmounted filesystem is closed).
+    let fuse_result = fuse.join().map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    let _ = fs::remove_file(&listener_path);
+    fs.flush().context("flushing the metadata store")?;
+    fuse_result.context("FUSE session")?;
+    info!("stopped");
+    Ok(())
+}
+
+type Started = (
+    fuser::Session<BtfsFs<btfs_store::SledBackend>>,
+    btfs_fs::FsHandle<btfs_store::SledBackend>,
+    PathBuf,
+    tokio::runtime::Runtime,
+    NodeId,
+);
+
+fn start(plan: &MountPlan) -> Result<Started> {
+    let state = &plan.state_dir;
+    let (_keypair, node) = keys::load_or_create_identity(&state.join("identity.key"))?;
+    let store = Arc::new(Store::open_sled(&state.join("db"))?);
+    let objects = ObjectStore::open(state).with_context(|| format!("object store in {}", state.display()))?;
+    let cfg = FsConfig {
+        node,
+        passthrough: plan.opts.passthrough,
+        ttl: plan.opts.ttl,
+        state_dir: state.clone(),
+    };
+    let fs = BtfsFs::new(store, objects, cfg)?;
+    let handle = fs.handle();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("btfs-rt")
+        .enable_all()
+        .build()?;
+    let sock = control::socket_path(&plan.mountpoint);
+    if let Some(dir) = sock.parent() {
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    }
+    let _ = fs::remove_file(&sock);
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(&sock).with_context(|| format!("control socket {}", sock.display()))?
+    };
+
+    let session = btfs_fs::mount(
+        fs,
+        &MountOptions {
+            fsname: plan.name.clone(),
+            mountpoint: plan.mountpoint.clone(),
+            threads: plan.opts.threads,
+            flags: plan.opts.flags,
+            allow_other: plan.opts.allow_other,
+        },
+    )?;
+
+    let status_handle = handle.clone();
+    let info = serde_json::json!({
+        "name": plan.name,
+        "mountpoint": plan.mountpoint,
+        "state_dir": plan.state_dir,
+        "node_id": node.to_hex(),
+        "key_file": plan.key_path,
+        "key_fingerprint": plan.key_fingerprint,
+        "listen": plan.opts.listen.map(|a| a.to_string()),
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let status = move || {
+        let mut v = info.clone();
+        match status_handle.status() {
+            Ok(s) => {
+                if let (Some(obj), Ok(serde_json::Value::Object(fs))) = (v.as_object_mut(), serde_json::to_value(s)) {
+                    obj.extend(fs);
+                    obj.insert("peers".into(), serde_json::json!([]));
+                }
+            }
+            Err(e) => v = serde_json::json!({ "error": e.to_string() }),
+        }
+        v
+    };
+    rt.spawn(control::serve(listener, Arc::new(status)));
+    Ok((session, handle, sock, rt, node))
+}

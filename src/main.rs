@@ -1,0 +1,137 @@
+//! `btfs`: the command-line front end and daemon of the btfs filesystem.
+
+mod control;
+mod daemon;
+mod keys;
+mod options;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  btfs keygen /etc/btfs/swarm.key
+  btfs mount shared /mnt/shared -o key=/etc/btfs/swarm.key,state=/var/lib/btfs/shared
+  mount -t btfs shared /mnt/shared -o key=/etc/btfs/swarm.key     (with mount.btfs installed)
+  btfs status /mnt/shared --json
+  umount /mnt/shared
+
+fstab:
+  shared  /mnt/shared  btfs  key=/etc/btfs/swarm.key,state=/var/lib/btfs/shared,_netdev,nofail  0 0";
+
+const MOUNT_HELP: &str = "\
+Mount options (-o, comma-separated):
+  key=FILE          cluster pre-shared key (swarm.key format); default STATE/swarm.key, created if absent
+  state=DIR         node state (metadata, objects, identity, log); default /var/lib/btfs/NAME
+  listen=IP:PORT    mesh listen address (used by the mesh layer)
+  threads=N         FUSE dispatch threads (default 4)
+  passthrough=on|off  kernel passthrough for file data (default on; needs root, Linux 6.9+)
+  ttl=SECONDS       kernel attribute/entry cache lifetime (default 1)
+  allow_other | noallow_other   let every user use the mount (default allow_other)
+  ro, nosuid, nodev, noexec, sync, dirsync   as for any filesystem
+  _netdev, nofail, defaults, noauto, x-*, comment=...   accepted and ignored (for mount(8)/systemd)";
+
+/// A FUSE filesystem replicated across a private swarm.
+#[derive(Debug, Parser)]
+#[command(version, about, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a new random 256-bit pre-shared key (IPFS/libp2p swarm.key format).
+    Keygen {
+        /// Where to write the key (mode 0600).
+        file: PathBuf,
+        /// Replace an existing file.
+        #[arg(long, env = "BTFS_FORCE")]
+        force: bool,
+    },
+    /// Mount cluster NAME at MOUNTPOINT; returns once the mount is live.
+    #[command(after_help = MOUNT_HELP)]
+    Mount {
+        /// Cluster name (also the source shown in /proc/mounts and fstab).
+        name: String,
+        /// An existing, empty-of-mounts directory.
+        mountpoint: PathBuf,
+        /// Mount options, see below. May be repeated.
+        #[arg(short = 'o', long = "options", env = "BTFS_OPTIONS", value_delimiter = None)]
+        options: Vec<String>,
+        /// Stay in the foreground and log to stderr.
+        #[arg(short, long, env = "BTFS_FOREGROUND")]
+        foreground: bool,
+    },
+    /// Show what the daemon serving MOUNTPOINT is doing.
+    Status {
+        mountpoint: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long, env = "BTFS_JSON")]
+        json: bool,
+    },
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+fn print_status(v: &serde_json::Value) {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    println!("btfs {} on {}", s("name"), s("mountpoint"));
+    println!("  node         {}", s("node_id"));
+    println!("  state        {}", s("state_dir"));
+    println!("  key          {} (fingerprint {})", s("key_file"), s("key_fingerprint"));
+    println!("  files        {} ({}), {} directories, {} symlinks, {} tombstones", n("files"), human_bytes(n("bytes")), n("dirs"), n("symlinks"), n("tombstones"));
+    println!("  open         {} handles on {} files", n("open_handles"), n("open_files"));
+    println!("  commits      {} ({} failed)", n("commits"), n("commit_failures"));
+    println!("  passthrough  {}", if v.get("passthrough").and_then(|x| x.as_bool()).unwrap_or(false) { "on" } else { "off" });
+    let peers = v.get("peers").and_then(|p| p.as_array()).map_or(0, Vec::len);
+    println!("  peers        {peers}");
+    println!("  daemon       pid {}, version {}", n("pid"), s("version"));
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { file, force } => {
+            let key = keys::write_new_swarm_key(&file, force)?;
+            eprintln!("wrote {} (fingerprint {})", file.display(), key.fingerprint());
+            Ok(())
+        }
+        Command::Mount { name, mountpoint, options, foreground } => {
+            let opts = options::MountOpts::parse(&options.join(","))?;
+            let plan = daemon::prepare(&name, &mountpoint, opts)?;
+            daemon::run(plan, foreground)
+        }
+        Command::Status { mountpoint, json } => {
+            let v = control::query_status(&mountpoint)?;
+            if json {
+                println!("{v}");
+            } else {
+                print_status(&v);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("btfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

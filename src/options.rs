@@ -1,0 +1,171 @@
+//! The `-o` mount options, as given on the command line, by mount(8) or in fstab.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Result, bail};
+use nix::mount::MsFlags;
+
+/// Options that only mount(8), systemd or the kernel care about.
+const IGNORED: &[&str] = &[
+    "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw", "async",
+    "atime", "noatime", "relatime", "norelatime", "strictatime", "nodiratime", "diratime", "suid",
+    "dev", "exec", "loud", "silent",
+];
+
+/// Parsed mount options. Every field documents what `None` means.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MountOpts {
+    /// `key=FILE`: the cluster's swarm key. `None`: `<state>/swarm.key`, created
+    /// on first use.
+    pub key: Option<PathBuf>,
+    /// `state=DIR`: where the node keeps its store. `None`: the default for the
+    /// cluster name (see [`default_state_dir`]).
+    pub state: Option<PathBuf>,
+    /// `listen=IP:PORT`: mesh listen address (used by the mesh). `None`: any.
+    pub listen: Option<SocketAddr>,
+    /// `threads=N`: FUSE dispatch threads.
+    pub threads: usize,
+    /// `passthrough=on|off`: kernel passthrough for file data.
+    pub passthrough: bool,
+    /// `ttl=SECONDS`: kernel cache lifetime of entries and attributes.
+    pub ttl: Duration,
+    /// `allow_other` (default) / `noallow_other`.
+    pub allow_other: bool,
+    /// `ro`, `nosuid`, `nodev`, `noexec`, `sync`, `dirsync`.
+    pub flags: MsFlags,
+}
+
+impl Default for MountOpts {
+    fn default() -> Self {
+        Self {
+            key: None,
+            state: None,
+            listen: None,
+            threads: 4,
+            passthrough: true,
+            ttl: Duration::from_secs(1),
+            allow_other: true,
+            flags: MsFlags::empty(),
+        }
+    }
+}
+
+fn on_off(name: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "yes" | "true" | "1" => Ok(true),
+        "off" | "no" | "false" | "0" => Ok(false),
+        _ => bail!("mount option {name}={v}: expected on or off"),
+    }
+}
+
+impl MountOpts {
+    /// Parses a comma-separated option string (several `-o` are joined).
+    pub(crate) fn parse(s: &str) -> Result<Self> {
+        let mut o = Self::default();
+        for opt in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            let (name, value) = match opt.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (opt, None),
+            };
+            match (name, value) {
+                ("key", Some(v)) => o.key = Some(PathBuf::from(v)),
+                ("state", Some(v)) => o.state = Some(PathBuf::from(v)),
+                ("listen", Some(v)) => {
+                    o.listen = Some(v.parse().map_err(|_| {
+                        anyhow::anyhow!("mount option listen={v}: expected IP:PORT, e.g. 0.0.0.0:4001")
+                    })?)
+                }
+                ("threads", Some(v)) => {
+                    o.threads = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| anyhow::anyhow!("mount option threads={v}: expected 1 to 64"))?
+                }
+                ("passthrough", Some(v)) => o.passthrough = on_off(name, v)?,
+                ("ttl", Some(v)) => {
+                    let secs: f64 = v
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| s.is_finite() && (0.0..=3600.0).contains(s))
+                        .ok_or_else(|| anyhow::anyhow!("mount option ttl={v}: expected seconds, 0 to 3600"))?;
+                    o.ttl = Duration::from_secs_f64(secs);
+                }
+                ("allow_other", None) => o.allow_other = true,
+                ("noallow_other", None) => o.allow_other = false,
+                ("ro", None) => o.flags |= MsFlags::MS_RDONLY,
+                ("nosuid", None) => o.flags |= MsFlags::MS_NOSUID,
+                ("nodev", None) => o.flags |= MsFlags::MS_NODEV,
+                ("noexec", None) => o.flags |= MsFlags::MS_NOEXEC,
+                ("sync", None) => o.flags |= MsFlags::MS_SYNCHRONOUS,
+                ("dirsync", None) => o.flags |= MsFlags::MS_DIRSYNC,
+                (n, _) if IGNORED.contains(&n) || n.starts_with("x-") || n == "comment" => {}
+                (n, Some(_)) if ["key", "state", "listen", "threads", "passthrough", "ttl"].contains(&n) => {}
+                (n, None) if ["key", "state", "listen", "threads", "passthrough", "ttl"].contains(&n) => {
+                    bail!("mount option {n} needs a value ({n}=...)")
+                }
+                _ => bail!("unknown mount option {opt:?} (see `btfs mount --help`)"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// `/var/lib/btfs/NAME` for root, `~/.local/share/btfs/NAME` otherwise.
+pub(crate) fn default_state_dir(name: &str) -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/btfs").join(name);
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("btfs").join(name)
+}
+
+/// Checks a cluster name: it names the fstab source, the gossip topic and the
+/// protocol, so it is kept to a portable alphabet.
+pub(crate) fn validate_cluster_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with(['.', '-']);
+    if !ok {
+        bail!("cluster name {name:?} is not valid: use 1 to 64 letters, digits, '.', '_' or '-'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fstab_style_options() {
+        let o = MountOpts::parse("rw,key=/etc/btfs/swarm.key,state=/var/lib/btfs,_netdev,nofail,x-systemd.automount,threads=2,ro,noatime").unwrap();
+        assert_eq!(o.key, Some(PathBuf::from("/etc/btfs/swarm.key")));
+        assert_eq!(o.state, Some(PathBuf::from("/var/lib/btfs")));
+        assert_eq!(o.threads, 2);
+        assert!(o.flags.contains(MsFlags::MS_RDONLY));
+        let l = MountOpts::parse("listen=10.0.0.1:4001,passthrough=off").unwrap();
+        assert_eq!(l.listen, Some("10.0.0.1:4001".parse().unwrap()));
+        assert!(!l.passthrough);
+    }
+
+    #[test]
+    fn rejects_bad_options_with_a_reason() {
+        for (opt, why) in [
+            ("frobnicate", "unknown mount option"),
+            ("listen=nowhere", "expected IP:PORT"),
+            ("threads=0", "expected 1 to 64"),
+            ("passthrough=maybe", "expected on or off"),
+            ("key", "needs a value"),
+        ] {
+            let err = MountOpts::parse(opt).unwrap_err().to_string();
+            assert!(err.contains(why), "{opt}: {err}");
+        }
+        assert!(validate_cluster_name("shared").is_ok());
+        assert!(validate_cluster_name("a/b").is_err());
+        assert!(validate_cluster_name("").is_err());
+    }
+}

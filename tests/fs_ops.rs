@@ -1,0 +1,475 @@
+//! Filesystem behaviour through a real FUSE mount, with std::fs and syscalls.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::{Read, Seek, SeekFrom, Write},
+    os::unix::fs::{FileExt, MetadataExt, PermissionsExt},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, UNIX_EPOCH},
+};
+
+use common::{Node, pattern};
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+fn files_round_trip(node: &Node) {
+    let p = node.path("hello.txt");
+    fs::write(&p, b"hello world").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"hello world");
+    assert_eq!(fs::metadata(&p).unwrap().len(), 11);
+
+    // Append, then overwrite in place, then truncate by O_TRUNC.
+    OpenOptions::new().append(true).open(&p).unwrap().write_all(b"!!").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"hello world!!");
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(b"J", 0).unwrap();
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), b"Jello world!!");
+    fs::write(&p, b"short").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"short");
+
+    // Read-after-write across two handles of one file.
+    let mut a = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let b = File::open(&p).unwrap();
+    a.seek(SeekFrom::End(0)).unwrap();
+    a.write_all(b" and more").unwrap();
+    let mut buf = vec![0; 14];
+    b.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"short and more");
+    drop((a, b));
+
+    // Sparse write far into the file.
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(b"tail", 1 << 20).unwrap();
+    drop(f);
+    let data = fs::read(&p).unwrap();
+    assert_eq!(data.len(), (1 << 20) + 4);
+    assert!(data[14..1 << 20].iter().all(|b| *b == 0));
+    assert_eq!(&data[1 << 20..], b"tail");
+
+    // An empty file.
+    File::create(node.path("empty")).unwrap();
+    assert_eq!(fs::read(node.path("empty")).unwrap(), b"");
+}
+
+#[test]
+fn files_write_read_append_and_truncate() {
+    files_round_trip(&Node::start());
+}
+
+#[test]
+fn files_without_passthrough_use_the_daemon_data_path() {
+    let node = Node::start_with("passthrough=off");
+    assert_eq!(node.status()["passthrough"], false);
+    files_round_trip(&node);
+}
+
+#[test]
+fn attributes_chmod_chown_truncate_and_times() {
+    let node = Node::start();
+    let p = node.path("f");
+    fs::write(&p, b"0123456789").unwrap();
+    let ino = fs::metadata(&p).unwrap().ino();
+
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o640);
+    std::os::unix::fs::chown(&p, Some(1234), Some(5678)).unwrap();
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1234, 5678));
+
+    // truncate(2) without an open handle, then ftruncate on one.
+    File::options().write(true).open(&p).unwrap().set_len(4).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"0123");
+    nix::unistd::truncate(&p, 2).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"01");
+    nix::unistd::truncate(&p, 6).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"01\0\0\0\0");
+
+    // utimens, also while the file is open for writing (cp -p style).
+    let t = UNIX_EPOCH + Duration::new(1_000_000_000, 123_456_789);
+    File::options().write(true).open(&p).unwrap().set_modified(t).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().modified().unwrap(), t);
+    let f = File::options().write(true).open(&p).unwrap();
+    f.write_all_at(b"x", 0).unwrap();
+    let t2 = UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    f.set_times(fs::FileTimes::new().set_modified(t2).set_accessed(t2)).unwrap();
+    drop(f);
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!(m.modified().unwrap(), t2);
+    assert_eq!(m.accessed().unwrap(), t2);
+    assert_eq!(fs::read(&p).unwrap(), b"x1\0\0\0\0");
+    assert_eq!(m.ino(), ino, "inode numbers do not change with new versions");
+
+    // Writes move mtime forward.
+    let before = fs::metadata(&p).unwrap().modified().unwrap();
+    fs::write(&p, b"new").unwrap();
+    assert!(fs::metadata(&p).unwrap().modified().unwrap() > before);
+}
+
+#[test]
+fn directories_mkdir_rmdir_and_listing() {
+    let node = Node::start();
+    fs::create_dir_all(node.path("a/b/c")).unwrap();
+    for name in ["z", "y", "x"] {
+        fs::write(node.path(&format!("a/{name}")), name).unwrap();
+    }
+    let names: Vec<String> = fs::read_dir(node.path("a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["b", "x", "y", "z"]);
+    let e = fs::read_dir(node.path("a")).unwrap().next().unwrap().unwrap();
+    assert!(e.file_type().is_ok());
+
+    assert_eq!(errno_of(&fs::remove_dir(node.path("a/b")).unwrap_err()), libc::ENOTEMPTY);
+    assert_eq!(errno_of(&fs::create_dir(node.path("a/b")).unwrap_err()), libc::EEXIST);
+    assert_eq!(errno_of(&fs::read_dir(node.path("a/x")).unwrap_err()), libc::ENOTDIR);
+    assert_eq!(errno_of(&fs::remove_file(node.path("a/b")).unwrap_err()), libc::EISDIR);
+    fs::remove_dir(node.path("a/b/c")).unwrap();
+    fs::remove_dir(node.path("a/b")).unwrap();
+    assert!(!node.path("a/b").exists());
+    assert_eq!(errno_of(&fs::metadata(node.path("nope")).unwrap_err()), libc::ENOENT);
+    let long = "n".repeat(256);
+    assert_eq!(errno_of(&fs::write(node.path(&long), b"").unwrap_err()), libc::ENAMETOOLONG);
+
+    // A removed name can be created again, as another kind.
+    fs::remove_file(node.path("a/x")).unwrap();
+    fs::create_dir(node.path("a/x")).unwrap();
+    assert!(fs::metadata(node.path("a/x")).unwrap().is_dir());
+}
+
+#[test]
+fn rename_replaces_atomically_and_moves_directories() {
+    let node = Node::start();
+    fs::write(node.path("src"), b"new").unwrap();
+    fs::write(node.path("dst"), b"old").unwrap();
+    let ino = fs::metadata(node.path("src")).unwrap().ino();
+    fs::rename(node.path("src"), node.path("dst")).unwrap();
+    assert_eq!(fs::read(node.path("dst")).unwrap(), b"new");
+    assert_eq!(fs::metadata(node.path("dst")).unwrap().ino(), ino, "rename keeps the inode");
+    assert!(!node.path("src").exists());
+
+    // RENAME_NOREPLACE refuses to replace; RENAME_EXCHANGE is refused.
+    fs::write(node.path("other"), b"o").unwrap();
+    let noreplace = nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &node.path("other"),
+        nix::fcntl::AT_FDCWD,
+        &node.path("dst"),
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    );
+    assert_eq!(noreplace, Err(nix::errno::Errno::EEXIST));
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &node.path("other"),
+        nix::fcntl::AT_FDCWD,
+        &node.path("fresh"),
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .unwrap();
+
+    // Directory with contents, into another directory.
+    fs::create_dir_all(node.path("d1/sub")).unwrap();
+    fs::write(node.path("d1/sub/f"), b"deep").unwrap();
+    fs::write(node.path("d1/g"), b"g").unwrap();
+    fs::create_dir(node.path("d2")).unwrap();
+    let sub_ino = fs::metadata(node.path("d1/sub/f")).unwrap().ino();
+    fs::rename(node.path("d1"), node.path("d2/moved")).unwrap();
+    assert_eq!(fs::read(node.path("d2/moved/sub/f")).unwrap(), b"deep");
+    assert_eq!(fs::read(node.path("d2/moved/g")).unwrap(), b"g");
+    assert_eq!(fs::metadata(node.path("d2/moved/sub/f")).unwrap().ino(), sub_ino);
+    assert!(!node.path("d1").exists());
+    assert_eq!(
+        errno_of(&fs::rename(node.path("d2"), node.path("d2/moved/inside")).unwrap_err()),
+        libc::EINVAL
+    );
+    // Directory over an empty directory; not over a non-empty one.
+    fs::create_dir(node.path("empty")).unwrap();
+    fs::rename(node.path("d2/moved/sub"), node.path("empty")).unwrap();
+    assert_eq!(fs::read(node.path("empty/f")).unwrap(), b"deep");
+    fs::create_dir(node.path("d3")).unwrap();
+    assert_eq!(errno_of(&fs::rename(node.path("d3"), node.path("d2")).unwrap_err()), libc::ENOTEMPTY);
+}
+
+#[test]
+fn symlinks_store_their_target() {
+    let node = Node::start();
+    fs::write(node.path("target"), b"t").unwrap();
+    std::os::unix::fs::symlink("target", node.path("link")).unwrap();
+    std::os::unix::fs::symlink("/absolute/elsewhere", node.path("abs")).unwrap();
+    assert_eq!(fs::read_link(node.path("link")).unwrap(), Path::new("target"));
+    assert_eq!(fs::read(node.path("link")).unwrap(), b"t");
+    assert!(fs::symlink_metadata(node.path("abs")).unwrap().file_type().is_symlink());
+    assert_eq!(fs::read_link(node.path("abs")).unwrap(), Path::new("/absolute/elsewhere"));
+}
+
+#[test]
+fn unsupported_kinds_fail_with_clear_errnos() {
+    let node = Node::start();
+    fs::write(node.path("f"), b"x").unwrap();
+    let link = fs::hard_link(node.path("f"), node.path("hard")).unwrap_err();
+    assert_eq!(errno_of(&link), libc::EPERM, "hard links are refused");
+    let fifo = nix::unistd::mkfifo(&node.path("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644));
+    assert_eq!(fifo, Err(nix::errno::Errno::EPERM), "FIFOs are refused");
+    let dev = nix::sys::stat::mknod(
+        &node.path("dev"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+        nix::sys::stat::makedev(1, 3),
+    );
+    assert_eq!(dev, Err(nix::errno::Errno::EPERM), "device nodes are refused");
+    let c = std::ffi::CString::new(node.path("f").to_str().unwrap()).unwrap();
+    let rc = unsafe { libc::setxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    assert_eq!(rc, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EOPNOTSUPP));
+    // Nothing was left behind by the refused operations.
+    let names: Vec<_> = fs::read_dir(&node.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["f"]);
+}
+
+#[test]
+fn statfs_reports_the_state_filesystem() {
+    let node = Node::start();
+    let mounted = nix::sys::statvfs::statvfs(&node.mnt).unwrap();
+    let state = nix::sys::statvfs::statvfs(&node.state).unwrap();
+    assert_eq!(mounted.blocks(), state.blocks());
+    assert!(mounted.blocks_available() > 0);
+    assert_eq!(mounted.name_max(), 255);
+}
+
+#[test]
+fn tree_contents_and_inodes_survive_remount() {
+    let mut node = Node::start();
+    fs::create_dir_all(node.path("etc/conf.d")).unwrap();
+    let mut expected = BTreeMap::new();
+    for i in 0..50u64 {
+        let rel = format!("etc/conf.d/file{i}");
+        let data = pattern(i, (i as usize) * 997);
+        fs::write(node.path(&rel), &data).unwrap();
+        expected.insert(rel, data);
+    }
+    std::os::unix::fs::symlink("conf.d/file1", node.path("etc/link")).unwrap();
+    fs::set_permissions(node.path("etc"), fs::Permissions::from_mode(0o750)).unwrap();
+    let inodes: BTreeMap<_, _> = expected.keys().map(|k| (k.clone(), fs::metadata(node.path(k)).unwrap().ino())).collect();
+    let mtime = fs::metadata(node.path("etc/conf.d/file7")).unwrap().modified().unwrap();
+
+    node.remount();
+
+    for (rel, data) in &expected {
+        assert_eq!(&fs::read(node.path(rel)).unwrap(), data, "{rel}");
+        assert_eq!(fs::metadata(node.path(rel)).unwrap().ino(), inodes[rel], "inode of {rel}");
+    }
+    assert_eq!(fs::read_link(node.path("etc/link")).unwrap(), Path::new("conf.d/file1"));
+    assert_eq!(fs::metadata(node.path("etc")).unwrap().mode() & 0o7777, 0o750);
+    assert_eq!(fs::metadata(node.path("etc/conf.d/file7")).unwrap().modified().unwrap(), mtime);
+    // New files after a remount get fresh inode numbers.
+    fs::write(node.path("new"), b"n").unwrap();
+    let new_ino = fs::metadata(node.path("new")).unwrap().ino();
+    assert!(!inodes.values().any(|i| *i == new_ino));
+}
+
+#[test]
+fn atomic_save_is_seen_whole_by_readers() {
+    let node = Node::start();
+    let target = node.path("doc.txt");
+    let version = |v: u32| format!("version {v:05}\n").repeat(200 + (v as usize % 7) * 100);
+    fs::write(&target, version(0)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, target) = (stop.clone(), target.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let data = fs::read_to_string(&target).expect("target always exists");
+                let first = data.lines().next().expect("never empty").to_owned();
+                let v: u32 = first.trim_start_matches("version ").parse().unwrap();
+                assert_eq!(data, version(v), "torn read of version {v}");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for v in 1..=60 {
+        let tmp = node.path(".doc.txt.swp");
+        let mut f = File::create(&tmp).unwrap();
+        f.write_all(version(v).as_bytes()).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        fs::rename(&tmp, &target).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    assert_eq!(fs::read_to_string(&target).unwrap(), version(60));
+    assert!(!node.path(".doc.txt.swp").exists());
+}
+
+#[test]
+fn two_thousand_small_files() {
+    let mut node = Node::start();
+    fs::create_dir(node.path("many")).unwrap();
+    for i in 0..2000u64 {
+        fs::write(node.path(&format!("many/f{i:04}")), pattern(i, 64 + (i as usize % 4096))).unwrap();
+    }
+    let count = fs::read_dir(node.path("many")).unwrap().count();
+    assert_eq!(count, 2000);
+    node.remount();
+    for i in (0..2000u64).step_by(7) {
+        assert_eq!(fs::read(node.path(&format!("many/f{i:04}"))).unwrap(), pattern(i, 64 + (i as usize % 4096)));
+    }
+    assert_eq!(node.status()["files"], 2000);
+    fs::remove_dir_all(node.path("many")).unwrap();
+    assert!(!node.path("many").exists());
+    assert_eq!(node.status()["files"], 0);
+}
+
+fn random_reads_of_large_file(node: &Node) {
+    const SIZE: usize = 64 << 20;
+    let data = pattern(42, SIZE);
+    let p = node.path("big.bin");
+    let mut f = File::create(&p).unwrap();
+    for chunk in data.chunks(1 << 20) {
+        f.write_all(chunk).unwrap();
+    }
+    drop(f);
+    assert_eq!(fs::metadata(&p).unwrap().len(), SIZE as u64);
+    let f = File::open(&p).unwrap();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for _ in 0..500 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % SIZE as u64) as usize;
+        let len = ((x >> 40) as usize % 300_000).min(SIZE - off);
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(buf == data[off..off + len], "mismatch at {off}+{len}");
+    }
+    let mut all = Vec::new();
+    File::open(&p).unwrap().read_to_end(&mut all).unwrap();
+    assert!(all == data);
+}
+
+#[test]
+fn large_file_read_back_at_random_offsets() {
+    random_reads_of_large_file(&Node::start());
+}
+
+#[test]
+fn large_file_read_back_at_random_offsets_without_passthrough() {
+    random_reads_of_large_file(&Node::start_with("passthrough=off"));
+}
+
+#[test]
+fn open_unlinked_files_keep_working_until_closed() {
+    let node = Node::start();
+    let p = node.path("ghost");
+    fs::write(&p, b"still here").unwrap();
+    let reader = File::open(&p).unwrap();
+    let writer = OpenOptions::new().read(true).write(true).open(node.path("ghost")).unwrap();
+    fs::remove_file(&p).unwrap();
+    assert!(!p.exists());
+    let mut buf = vec![0; 10];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"still here");
+    writer.write_all_at(b"STILL", 0).unwrap();
+    writer.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"STILL here");
+    assert_eq!(writer.metadata().unwrap().nlink(), 0);
+    drop((reader, writer));
+    // Nothing reappears and the name is free again.
+    assert!(!p.exists());
+    fs::write(&p, b"new").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"new");
+}
+
+#[test]
+fn replaced_and_deleted_content_is_collected() {
+    let node = Node::start();
+    let objects = |node: &Node| -> usize {
+        walk(&node.state.join("objects")).into_iter().filter(|p| p.is_file()).count()
+    };
+    for v in 0..5u64 {
+        fs::write(node.path("f"), pattern(v, 10_000)).unwrap();
+    }
+    fs::write(node.path("g"), pattern(4, 10_000)).unwrap(); // same content as f: one object
+    assert_eq!(objects(&node), 1);
+    fs::remove_file(node.path("f")).unwrap();
+    assert_eq!(objects(&node), 1);
+    fs::remove_file(node.path("g")).unwrap();
+    // The last object goes once the kernel has forgotten the unlinked inode.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while objects(&node) != 0 {
+        assert!(std::time::Instant::now() < deadline, "unreferenced object was never collected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read_dir(node.state.join("staging")).unwrap().count(), 0);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn mmap_and_concurrent_writers() {
+    let node = Node::start();
+    let p = node.path("m");
+    fs::write(&p, vec![b'a'; 8192]).unwrap();
+    // Shared writable mapping: changes land in the file.
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    unsafe {
+        let len = std::num::NonZeroUsize::new(8192).unwrap();
+        let ptr = nix::sys::mman::mmap(
+            None,
+            len,
+            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            &f,
+            0,
+        )
+        .unwrap();
+        std::ptr::write_bytes(ptr.as_ptr().cast::<u8>(), b'z', 10);
+        nix::sys::mman::msync(ptr, 8192, nix::sys::mman::MsFlags::MS_SYNC).unwrap();
+        nix::sys::mman::munmap(ptr, 8192).unwrap();
+    }
+    drop(f);
+    let data = fs::read(&p).unwrap();
+    assert_eq!(&data[..11], b"zzzzzzzzzza");
+
+    // Several threads writing their own files at once.
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let dir = node.mnt.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    let p = dir.join(format!("t{t}-{i}"));
+                    fs::write(&p, pattern(t * 100 + i, 5000)).unwrap();
+                    assert_eq!(fs::read(&p).unwrap(), pattern(t * 100 + i, 5000));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(fs::read_dir(&node.mnt).unwrap().count(), 201);
+}
