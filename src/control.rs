@@ -53,7 +53,9 @@ pub(crate) async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -93,14 +95,21 @@ pub(crate) fn query_status(mountpoint: &Path) -> Result<serde_json::Value> {
         .with_context(|| format!("{} is not accessible", mountpoint.display()))?;
     let sock = socket_path(&canonical);
     let mut stream = UnixStream::connect(&sock).map_err(|e| {
-        anyhow::anyhow!("no btfs daemon answers for {} ({}: {e}); is it mounted?", canonical.display(), sock.display())
+        anyhow::anyhow!(
+            "no btfs daemon answers for {} ({}: {e}); is it mounted?",
+            canonical.display(),
+            sock.display()
+        )
     })?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     stream.write_all(b"status\n")?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).context("reading the daemon's reply")?;
-    let v: serde_json::Value = serde_json::from_str(&line).context("the daemon sent malformed status")?;
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .context("reading the daemon's reply")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).context("the daemon sent malformed status")?;
     if let Some(err) = v.get("error") {
         bail!("daemon error: {err}");
     }

@@ -20,7 +20,13 @@ use btfs_store::Store;
 use nix::unistd::ForkResult;
 use tracing::{error, info};
 
-use crate::{control, keys, options::{MountOpts, default_state_dir, validate_cluster_name}};
+use crate::{
+    control, keys,
+    options::{MountOpts, default_state_dir, validate_cluster_name},
+};
+
+/// How often released objects are deleted (after the store is flushed).
+const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything `btfs mount` decided before forking.
 #[derive(Debug)]
@@ -41,9 +47,16 @@ pub(crate) fn prepare(name: &str, mountpoint: &Path, opts: MountOpts) -> Result<
     let state_dir = match &opts.state {
         Some(dir) => {
             if !dir.exists() {
-                let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let parent = dir
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
                 if !parent.is_dir() {
-                    bail!("state dir {} cannot be created: its parent {} does not exist", dir.display(), parent.display());
+                    bail!(
+                        "state dir {} cannot be created: its parent {} does not exist",
+                        dir.display(),
+                        parent.display()
+                    );
                 }
             }
             dir.clone()
@@ -60,7 +73,11 @@ pub(crate) fn prepare(name: &str, mountpoint: &Path, opts: MountOpts) -> Result<
         .with_context(|| format!("state dir {} cannot be created", state_dir.display()))?;
     let state_dir = fs::canonicalize(&state_dir)?;
     if state_dir.starts_with(&mountpoint) {
-        bail!("state dir {} must not lie inside the mountpoint {}", state_dir.display(), mountpoint.display());
+        bail!(
+            "state dir {} must not lie inside the mountpoint {}",
+            state_dir.display(),
+            mountpoint.display()
+        );
     }
 
     let (key_path, key) = match &opts.key {
@@ -134,13 +151,19 @@ pub(crate) fn run(plan: MountPlan, foreground: bool) -> Result<()> {
             match reply.lines().next() {
                 Some("OK") => Ok(()),
                 Some(err) => bail!("{}", err.trim_start_matches("ERR ")),
-                None => bail!("the btfs daemon exited during start-up; see {}", log_path.display()),
+                None => bail!(
+                    "the btfs daemon exited during start-up; see {}",
+                    log_path.display()
+                ),
             }
         }
         ForkResult::Child => {
             drop(read_end);
             nix::unistd::setsid()?;
-            let devnull = fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+            let devnull = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?;
             nix::unistd::dup2_stdin(&devnull)?;
             nix::unistd::dup2_stdout(&devnull)?;
             nix::unistd::dup2_stderr(&log)?;
@@ -168,11 +191,13 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     ready.send(&Ok(()));
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let fuse = std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
-        let r = session.run();
-        let _ = done_tx.send(());
-        r
-    })?;
+    let fuse = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(());
+            r
+        })?;
     let mountpoint = plan.mountpoint.clone();
     rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -193,9 +218,13 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     })?;
     // The session ends once the kernel has let go of the mount (after the
     // last open file of a lazily unmounted filesystem is closed).
-    let fuse_result = fuse.join().map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
+    let fuse_result = fuse
+        .join()
+        .map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = fs::remove_file(&listener_path);
+    fs.collect_garbage()
+        .context("flushing the metadata store")?;
     fs.flush().context("flushing the metadata store")?;
     fuse_result.context("FUSE session")?;
     info!("stopped");
@@ -214,7 +243,8 @@ fn start(plan: &MountPlan) -> Result<Started> {
     let state = &plan.state_dir;
     let (_keypair, node) = keys::load_or_create_identity(&state.join("identity.key"))?;
     let store = Arc::new(Store::open_sled(&state.join("db"))?);
-    let objects = ObjectStore::open(state).with_context(|| format!("object store in {}", state.display()))?;
+    let objects =
+        ObjectStore::open(state).with_context(|| format!("object store in {}", state.display()))?;
     let cfg = FsConfig {
         node,
         passthrough: plan.opts.passthrough,
@@ -231,12 +261,16 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .build()?;
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
-        fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
     }
     let _ = fs::remove_file(&sock);
     let listener = {
         let _guard = rt.enter();
-        tokio::net::UnixListener::bind(&sock).with_context(|| format!("control socket {}", sock.display()))?
+        tokio::net::UnixListener::bind(&sock)
+            .with_context(|| format!("control socket {}", sock.display()))?
     };
 
     let session = btfs_fs::mount(
@@ -266,7 +300,9 @@ fn start(plan: &MountPlan) -> Result<Started> {
         let mut v = info.clone();
         match status_handle.status() {
             Ok(s) => {
-                if let (Some(obj), Ok(serde_json::Value::Object(fs))) = (v.as_object_mut(), serde_json::to_value(s)) {
+                if let (Some(obj), Ok(serde_json::Value::Object(fs))) =
+                    (v.as_object_mut(), serde_json::to_value(s))
+                {
                     obj.extend(fs);
                     obj.insert("peers".into(), serde_json::json!([]));
                 }
@@ -276,5 +312,21 @@ fn start(plan: &MountPlan) -> Result<Started> {
         v
     };
     rt.spawn(control::serve(listener, Arc::new(status)));
+    let gc_handle = handle.clone();
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(GC_INTERVAL);
+        loop {
+            tick.tick().await;
+            let h = gc_handle.clone();
+            match tokio::task::spawn_blocking(move || h.collect_garbage()).await {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::debug!(deleted = n, "collected unreferenced objects")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("garbage collection failed: {e}"),
+                Err(e) => tracing::warn!("garbage collection task failed: {e}"),
+            }
+        }
+    });
     Ok((session, handle, sock, rt, node))
 }

@@ -1,11 +1,6 @@
 //! The cluster's pre-shared key (swarm.key) and the node's identity.
 
-use std::{
-    fs,
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
-    path::Path,
-};
+use std::{fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
 
 use anyhow::{Context, Result, bail};
 use btfs_core::NodeId;
@@ -26,7 +21,10 @@ pub(crate) fn write_new_swarm_key(path: &Path, force: bool) -> Result<PreSharedK
     }
     let mut f = opts.open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => {
-            anyhow::anyhow!("{} already exists (use --force to replace it)", path.display())
+            anyhow::anyhow!(
+                "{} already exists (use --force to replace it)",
+                path.display()
+            )
         }
         _ => anyhow::anyhow!("cannot create key file {}: {e}", path.display()),
     })?;
@@ -40,7 +38,11 @@ pub(crate) fn read_swarm_key(path: &Path) -> Result<PreSharedKey> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("key file {} does not exist (create one with `btfs keygen {}`)", path.display(), path.display())
+            bail!(
+                "key file {} does not exist (create one with `btfs keygen {}`)",
+                path.display(),
+                path.display()
+            )
         }
         Err(e) => bail!("key file {} cannot be read: {e}", path.display()),
     };
@@ -56,7 +58,9 @@ pub(crate) fn load_or_create_identity(path: &Path) -> Result<(Keypair, NodeId)> 
             .with_context(|| format!("identity file {} is corrupt", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let kp = Keypair::generate_ed25519();
-            let bytes = kp.to_protobuf_encoding().context("encoding a new identity")?;
+            let bytes = kp
+                .to_protobuf_encoding()
+                .context("encoding a new identity")?;
             let mut f = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -92,7 +96,9 @@ mod tests {
         fs::write(&p, "not a key\n").unwrap();
         let err = read_swarm_key(&p).unwrap_err().to_string();
         assert!(err.contains("is not a valid swarm key"), "{err}");
-        let missing = read_swarm_key(&dir.path().join("nope")).unwrap_err().to_string();
+        let missing = read_swarm_key(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("does not exist"), "{missing}");
     }
 

@@ -82,7 +82,11 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 fn print_status(v: &serde_json::Value) {
@@ -91,12 +95,44 @@ fn print_status(v: &serde_json::Value) {
     println!("btfs {} on {}", s("name"), s("mountpoint"));
     println!("  node         {}", s("node_id"));
     println!("  state        {}", s("state_dir"));
-    println!("  key          {} (fingerprint {})", s("key_file"), s("key_fingerprint"));
-    println!("  files        {} ({}), {} directories, {} symlinks, {} tombstones", n("files"), human_bytes(n("bytes")), n("dirs"), n("symlinks"), n("tombstones"));
-    println!("  open         {} handles on {} files", n("open_handles"), n("open_files"));
-    println!("  commits      {} ({} failed)", n("commits"), n("commit_failures"));
-    println!("  passthrough  {}", if v.get("passthrough").and_then(|x| x.as_bool()).unwrap_or(false) { "on" } else { "off" });
-    let peers = v.get("peers").and_then(|p| p.as_array()).map_or(0, Vec::len);
+    println!(
+        "  key          {} (fingerprint {})",
+        s("key_file"),
+        s("key_fingerprint")
+    );
+    println!(
+        "  files        {} ({}), {} directories, {} symlinks, {} tombstones",
+        n("files"),
+        human_bytes(n("bytes")),
+        n("dirs"),
+        n("symlinks"),
+        n("tombstones")
+    );
+    println!(
+        "  open         {} handles on {} files",
+        n("open_handles"),
+        n("open_files")
+    );
+    println!(
+        "  commits      {} ({} failed)",
+        n("commits"),
+        n("commit_failures")
+    );
+    println!(
+        "  passthrough  {}",
+        if v.get("passthrough")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false)
+        {
+            "on"
+        } else {
+            "off"
+        }
+    );
+    let peers = v
+        .get("peers")
+        .and_then(|p| p.as_array())
+        .map_or(0, Vec::len);
     println!("  peers        {peers}");
     println!("  daemon       pid {}, version {}", n("pid"), s("version"));
 }
@@ -105,10 +141,19 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { file, force } => {
             let key = keys::write_new_swarm_key(&file, force)?;
-            eprintln!("wrote {} (fingerprint {})", file.display(), key.fingerprint());
+            eprintln!(
+                "wrote {} (fingerprint {})",
+                file.display(),
+                key.fingerprint()
+            );
             Ok(())
         }
-        Command::Mount { name, mountpoint, options, foreground } => {
+        Command::Mount {
+            name,
+            mountpoint,
+            options,
+            foreground,
+        } => {
             let opts = options::MountOpts::parse(&options.join(","))?;
             let plan = daemon::prepare(&name, &mountpoint, opts)?;
             daemon::run(plan, foreground)

@@ -7,9 +7,28 @@ use nix::mount::MsFlags;
 
 /// Options that only mount(8), systemd or the kernel care about.
 const IGNORED: &[&str] = &[
-    "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw", "async",
-    "atime", "noatime", "relatime", "norelatime", "strictatime", "nodiratime", "diratime", "suid",
-    "dev", "exec", "loud", "silent",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "_netdev",
+    "nofail",
+    "rw",
+    "async",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nodiratime",
+    "diratime",
+    "suid",
+    "dev",
+    "exec",
+    "loud",
+    "silent",
 ];
 
 /// Parsed mount options. Every field documents what `None` means.
@@ -72,15 +91,19 @@ impl MountOpts {
                 ("state", Some(v)) => o.state = Some(PathBuf::from(v)),
                 ("listen", Some(v)) => {
                     o.listen = Some(v.parse().map_err(|_| {
-                        anyhow::anyhow!("mount option listen={v}: expected IP:PORT, e.g. 0.0.0.0:4001")
+                        anyhow::anyhow!(
+                            "mount option listen={v}: expected IP:PORT, e.g. 0.0.0.0:4001"
+                        )
                     })?)
                 }
                 ("threads", Some(v)) => {
-                    o.threads = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=64).contains(n))
-                        .ok_or_else(|| anyhow::anyhow!("mount option threads={v}: expected 1 to 64"))?
+                    o.threads =
+                        v.parse()
+                            .ok()
+                            .filter(|n| (1..=64).contains(n))
+                            .ok_or_else(|| {
+                                anyhow::anyhow!("mount option threads={v}: expected 1 to 64")
+                            })?
                 }
                 ("passthrough", Some(v)) => o.passthrough = on_off(name, v)?,
                 ("ttl", Some(v)) => {
@@ -88,7 +111,9 @@ impl MountOpts {
                         .parse()
                         .ok()
                         .filter(|s: &f64| s.is_finite() && (0.0..=3600.0).contains(s))
-                        .ok_or_else(|| anyhow::anyhow!("mount option ttl={v}: expected seconds, 0 to 3600"))?;
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("mount option ttl={v}: expected seconds, 0 to 3600")
+                        })?;
                     o.ttl = Duration::from_secs_f64(secs);
                 }
                 ("allow_other", None) => o.allow_other = true,
@@ -100,8 +125,12 @@ impl MountOpts {
                 ("sync", None) => o.flags |= MsFlags::MS_SYNCHRONOUS,
                 ("dirsync", None) => o.flags |= MsFlags::MS_DIRSYNC,
                 (n, _) if IGNORED.contains(&n) || n.starts_with("x-") || n == "comment" => {}
-                (n, Some(_)) if ["key", "state", "listen", "threads", "passthrough", "ttl"].contains(&n) => {}
-                (n, None) if ["key", "state", "listen", "threads", "passthrough", "ttl"].contains(&n) => {
+                (n, Some(_))
+                    if ["key", "state", "listen", "threads", "passthrough", "ttl"].contains(&n) => {
+                }
+                (n, None)
+                    if ["key", "state", "listen", "threads", "passthrough", "ttl"].contains(&n) =>
+                {
                     bail!("mount option {n} needs a value ({n}=...)")
                 }
                 _ => bail!("unknown mount option {opt:?} (see `btfs mount --help`)"),
@@ -128,7 +157,9 @@ pub(crate) fn default_state_dir(name: &str) -> PathBuf {
 pub(crate) fn validate_cluster_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && !name.starts_with(['.', '-']);
     if !ok {
         bail!("cluster name {name:?} is not valid: use 1 to 64 letters, digits, '.', '_' or '-'");

@@ -28,7 +28,12 @@ fn files_round_trip(node: &Node) {
     assert_eq!(fs::metadata(&p).unwrap().len(), 11);
 
     // Append, then overwrite in place, then truncate by O_TRUNC.
-    OpenOptions::new().append(true).open(&p).unwrap().write_all(b"!!").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(b"!!")
+        .unwrap();
     assert_eq!(fs::read(&p).unwrap(), b"hello world!!");
     let f = OpenOptions::new().write(true).open(&p).unwrap();
     f.write_all_at(b"J", 0).unwrap();
@@ -87,7 +92,12 @@ fn attributes_chmod_chown_truncate_and_times() {
     assert_eq!((m.uid(), m.gid()), (1234, 5678));
 
     // truncate(2) without an open handle, then ftruncate on one.
-    File::options().write(true).open(&p).unwrap().set_len(4).unwrap();
+    File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(4)
+        .unwrap();
     assert_eq!(fs::read(&p).unwrap(), b"0123");
     nix::unistd::truncate(&p, 2).unwrap();
     assert_eq!(fs::read(&p).unwrap(), b"01");
@@ -96,18 +106,28 @@ fn attributes_chmod_chown_truncate_and_times() {
 
     // utimens, also while the file is open for writing (cp -p style).
     let t = UNIX_EPOCH + Duration::new(1_000_000_000, 123_456_789);
-    File::options().write(true).open(&p).unwrap().set_modified(t).unwrap();
+    File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
     assert_eq!(fs::metadata(&p).unwrap().modified().unwrap(), t);
     let f = File::options().write(true).open(&p).unwrap();
     f.write_all_at(b"x", 0).unwrap();
     let t2 = UNIX_EPOCH + Duration::from_secs(1_500_000_000);
-    f.set_times(fs::FileTimes::new().set_modified(t2).set_accessed(t2)).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(t2).set_accessed(t2))
+        .unwrap();
     drop(f);
     let m = fs::metadata(&p).unwrap();
     assert_eq!(m.modified().unwrap(), t2);
     assert_eq!(m.accessed().unwrap(), t2);
     assert_eq!(fs::read(&p).unwrap(), b"x1\0\0\0\0");
-    assert_eq!(m.ino(), ino, "inode numbers do not change with new versions");
+    assert_eq!(
+        m.ino(),
+        ino,
+        "inode numbers do not change with new versions"
+    );
 
     // Writes move mtime forward.
     let before = fs::metadata(&p).unwrap().modified().unwrap();
@@ -129,19 +149,41 @@ fn directories_mkdir_rmdir_and_listing() {
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(sorted, ["b", "x", "y", "z"]);
-    let e = fs::read_dir(node.path("a")).unwrap().next().unwrap().unwrap();
+    let e = fs::read_dir(node.path("a"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     assert!(e.file_type().is_ok());
 
-    assert_eq!(errno_of(&fs::remove_dir(node.path("a/b")).unwrap_err()), libc::ENOTEMPTY);
-    assert_eq!(errno_of(&fs::create_dir(node.path("a/b")).unwrap_err()), libc::EEXIST);
-    assert_eq!(errno_of(&fs::read_dir(node.path("a/x")).unwrap_err()), libc::ENOTDIR);
-    assert_eq!(errno_of(&fs::remove_file(node.path("a/b")).unwrap_err()), libc::EISDIR);
+    assert_eq!(
+        errno_of(&fs::remove_dir(node.path("a/b")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno_of(&fs::create_dir(node.path("a/b")).unwrap_err()),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno_of(&fs::read_dir(node.path("a/x")).unwrap_err()),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        errno_of(&fs::remove_file(node.path("a/b")).unwrap_err()),
+        libc::EISDIR
+    );
     fs::remove_dir(node.path("a/b/c")).unwrap();
     fs::remove_dir(node.path("a/b")).unwrap();
     assert!(!node.path("a/b").exists());
-    assert_eq!(errno_of(&fs::metadata(node.path("nope")).unwrap_err()), libc::ENOENT);
+    assert_eq!(
+        errno_of(&fs::metadata(node.path("nope")).unwrap_err()),
+        libc::ENOENT
+    );
     let long = "n".repeat(256);
-    assert_eq!(errno_of(&fs::write(node.path(&long), b"").unwrap_err()), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno_of(&fs::write(node.path(&long), b"").unwrap_err()),
+        libc::ENAMETOOLONG
+    );
 
     // A removed name can be created again, as another kind.
     fs::remove_file(node.path("a/x")).unwrap();
@@ -157,7 +199,11 @@ fn rename_replaces_atomically_and_moves_directories() {
     let ino = fs::metadata(node.path("src")).unwrap().ino();
     fs::rename(node.path("src"), node.path("dst")).unwrap();
     assert_eq!(fs::read(node.path("dst")).unwrap(), b"new");
-    assert_eq!(fs::metadata(node.path("dst")).unwrap().ino(), ino, "rename keeps the inode");
+    assert_eq!(
+        fs::metadata(node.path("dst")).unwrap().ino(),
+        ino,
+        "rename keeps the inode"
+    );
     assert!(!node.path("src").exists());
 
     // RENAME_NOREPLACE refuses to replace; RENAME_EXCHANGE is refused.
@@ -188,7 +234,10 @@ fn rename_replaces_atomically_and_moves_directories() {
     fs::rename(node.path("d1"), node.path("d2/moved")).unwrap();
     assert_eq!(fs::read(node.path("d2/moved/sub/f")).unwrap(), b"deep");
     assert_eq!(fs::read(node.path("d2/moved/g")).unwrap(), b"g");
-    assert_eq!(fs::metadata(node.path("d2/moved/sub/f")).unwrap().ino(), sub_ino);
+    assert_eq!(
+        fs::metadata(node.path("d2/moved/sub/f")).unwrap().ino(),
+        sub_ino
+    );
     assert!(!node.path("d1").exists());
     assert_eq!(
         errno_of(&fs::rename(node.path("d2"), node.path("d2/moved/inside")).unwrap_err()),
@@ -199,7 +248,10 @@ fn rename_replaces_atomically_and_moves_directories() {
     fs::rename(node.path("d2/moved/sub"), node.path("empty")).unwrap();
     assert_eq!(fs::read(node.path("empty/f")).unwrap(), b"deep");
     fs::create_dir(node.path("d3")).unwrap();
-    assert_eq!(errno_of(&fs::rename(node.path("d3"), node.path("d2")).unwrap_err()), libc::ENOTEMPTY);
+    assert_eq!(
+        errno_of(&fs::rename(node.path("d3"), node.path("d2")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
 }
 
 #[test]
@@ -208,10 +260,21 @@ fn symlinks_store_their_target() {
     fs::write(node.path("target"), b"t").unwrap();
     std::os::unix::fs::symlink("target", node.path("link")).unwrap();
     std::os::unix::fs::symlink("/absolute/elsewhere", node.path("abs")).unwrap();
-    assert_eq!(fs::read_link(node.path("link")).unwrap(), Path::new("target"));
+    assert_eq!(
+        fs::read_link(node.path("link")).unwrap(),
+        Path::new("target")
+    );
     assert_eq!(fs::read(node.path("link")).unwrap(), b"t");
-    assert!(fs::symlink_metadata(node.path("abs")).unwrap().file_type().is_symlink());
-    assert_eq!(fs::read_link(node.path("abs")).unwrap(), Path::new("/absolute/elsewhere"));
+    assert!(
+        fs::symlink_metadata(node.path("abs"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        fs::read_link(node.path("abs")).unwrap(),
+        Path::new("/absolute/elsewhere")
+    );
 }
 
 #[test]
@@ -220,7 +283,10 @@ fn unsupported_kinds_fail_with_clear_errnos() {
     fs::write(node.path("f"), b"x").unwrap();
     let link = fs::hard_link(node.path("f"), node.path("hard")).unwrap_err();
     assert_eq!(errno_of(&link), libc::EPERM, "hard links are refused");
-    let fifo = nix::unistd::mkfifo(&node.path("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644));
+    let fifo = nix::unistd::mkfifo(
+        &node.path("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    );
     assert_eq!(fifo, Err(nix::errno::Errno::EPERM), "FIFOs are refused");
     let dev = nix::sys::stat::mknod(
         &node.path("dev"),
@@ -228,13 +294,23 @@ fn unsupported_kinds_fail_with_clear_errnos() {
         nix::sys::stat::Mode::from_bits_truncate(0o644),
         nix::sys::stat::makedev(1, 3),
     );
-    assert_eq!(dev, Err(nix::errno::Errno::EPERM), "device nodes are refused");
+    assert_eq!(
+        dev,
+        Err(nix::errno::Errno::EPERM),
+        "device nodes are refused"
+    );
     let c = std::ffi::CString::new(node.path("f").to_str().unwrap()).unwrap();
     let rc = unsafe { libc::setxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
     assert_eq!(rc, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EOPNOTSUPP));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
     // Nothing was left behind by the refused operations.
-    let names: Vec<_> = fs::read_dir(&node.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = fs::read_dir(&node.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, ["f"]);
 }
 
@@ -261,18 +337,40 @@ fn tree_contents_and_inodes_survive_remount() {
     }
     std::os::unix::fs::symlink("conf.d/file1", node.path("etc/link")).unwrap();
     fs::set_permissions(node.path("etc"), fs::Permissions::from_mode(0o750)).unwrap();
-    let inodes: BTreeMap<_, _> = expected.keys().map(|k| (k.clone(), fs::metadata(node.path(k)).unwrap().ino())).collect();
-    let mtime = fs::metadata(node.path("etc/conf.d/file7")).unwrap().modified().unwrap();
+    let inodes: BTreeMap<_, _> = expected
+        .keys()
+        .map(|k| (k.clone(), fs::metadata(node.path(k)).unwrap().ino()))
+        .collect();
+    let mtime = fs::metadata(node.path("etc/conf.d/file7"))
+        .unwrap()
+        .modified()
+        .unwrap();
 
     node.remount();
 
     for (rel, data) in &expected {
         assert_eq!(&fs::read(node.path(rel)).unwrap(), data, "{rel}");
-        assert_eq!(fs::metadata(node.path(rel)).unwrap().ino(), inodes[rel], "inode of {rel}");
+        assert_eq!(
+            fs::metadata(node.path(rel)).unwrap().ino(),
+            inodes[rel],
+            "inode of {rel}"
+        );
     }
-    assert_eq!(fs::read_link(node.path("etc/link")).unwrap(), Path::new("conf.d/file1"));
-    assert_eq!(fs::metadata(node.path("etc")).unwrap().mode() & 0o7777, 0o750);
-    assert_eq!(fs::metadata(node.path("etc/conf.d/file7")).unwrap().modified().unwrap(), mtime);
+    assert_eq!(
+        fs::read_link(node.path("etc/link")).unwrap(),
+        Path::new("conf.d/file1")
+    );
+    assert_eq!(
+        fs::metadata(node.path("etc")).unwrap().mode() & 0o7777,
+        0o750
+    );
+    assert_eq!(
+        fs::metadata(node.path("etc/conf.d/file7"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
     // New files after a remount get fresh inode numbers.
     fs::write(node.path("new"), b"n").unwrap();
     let new_ino = fs::metadata(node.path("new")).unwrap().ino();
@@ -294,7 +392,13 @@ fn atomic_save_is_seen_whole_by_readers() {
                 let data = fs::read_to_string(&target).expect("target always exists");
                 let first = data.lines().next().expect("never empty").to_owned();
                 let v: u32 = first.trim_start_matches("version ").parse().unwrap();
-                assert_eq!(data, version(v), "torn read of version {v}");
+                let want = version(v);
+                assert!(
+                    data == want,
+                    "torn read of version {v}: {} bytes, expected {}",
+                    data.len(),
+                    want.len()
+                );
                 reads += 1;
             }
             reads
@@ -319,13 +423,20 @@ fn two_thousand_small_files() {
     let mut node = Node::start();
     fs::create_dir(node.path("many")).unwrap();
     for i in 0..2000u64 {
-        fs::write(node.path(&format!("many/f{i:04}")), pattern(i, 64 + (i as usize % 4096))).unwrap();
+        fs::write(
+            node.path(&format!("many/f{i:04}")),
+            pattern(i, 64 + (i as usize % 4096)),
+        )
+        .unwrap();
     }
     let count = fs::read_dir(node.path("many")).unwrap().count();
     assert_eq!(count, 2000);
     node.remount();
     for i in (0..2000u64).step_by(7) {
-        assert_eq!(fs::read(node.path(&format!("many/f{i:04}"))).unwrap(), pattern(i, 64 + (i as usize % 4096)));
+        assert_eq!(
+            fs::read(node.path(&format!("many/f{i:04}"))).unwrap(),
+            pattern(i, 64 + (i as usize % 4096))
+        );
     }
     assert_eq!(node.status()["files"], 2000);
     fs::remove_dir_all(node.path("many")).unwrap();
@@ -376,7 +487,11 @@ fn open_unlinked_files_keep_working_until_closed() {
     let p = node.path("ghost");
     fs::write(&p, b"still here").unwrap();
     let reader = File::open(&p).unwrap();
-    let writer = OpenOptions::new().read(true).write(true).open(node.path("ghost")).unwrap();
+    let writer = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(node.path("ghost"))
+        .unwrap();
     fs::remove_file(&p).unwrap();
     assert!(!p.exists());
     let mut buf = vec![0; 10];
@@ -397,7 +512,10 @@ fn open_unlinked_files_keep_working_until_closed() {
 fn replaced_and_deleted_content_is_collected() {
     let node = Node::start();
     let objects = |node: &Node| -> usize {
-        walk(&node.state.join("objects")).into_iter().filter(|p| p.is_file()).count()
+        walk(&node.state.join("objects"))
+            .into_iter()
+            .filter(|p| p.is_file())
+            .count()
     };
     for v in 0..5u64 {
         fs::write(node.path("f"), pattern(v, 10_000)).unwrap();
@@ -410,7 +528,10 @@ fn replaced_and_deleted_content_is_collected() {
     // The last object goes once the kernel has forgotten the unlinked inode.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while objects(&node) != 0 {
-        assert!(std::time::Instant::now() < deadline, "unreferenced object was never collected");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unreferenced object was never collected"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(fs::read_dir(node.state.join("staging")).unwrap().count(), 0);

@@ -28,7 +28,10 @@ pub fn btfs_bin() -> &'static str {
 }
 
 pub fn btfs(args: &[&str]) -> Output {
-    Command::new(btfs_bin()).args(args).output().expect("run btfs")
+    Command::new(btfs_bin())
+        .args(args)
+        .output()
+        .expect("run btfs")
 }
 
 /// One node: a state directory and a mountpoint, mounted while alive.
@@ -49,7 +52,10 @@ impl Node {
 
     pub fn start_with(extra_opts: &str) -> Self {
         require_fuse();
-        let dir = tempfile::Builder::new().prefix("btfs-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("btfs-test-")
+            .tempdir()
+            .expect("tempdir");
         let mnt = dir.path().join("mnt");
         let state = dir.path().join("state");
         std::fs::create_dir(&mnt).expect("mkdir mnt");
@@ -87,14 +93,21 @@ impl Node {
 
     pub fn status(&self) -> serde_json::Value {
         let out = btfs(&["status", self.mnt.to_str().unwrap(), "--json"]);
-        assert!(out.status.success(), "btfs status: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "btfs status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status is JSON")
     }
 
     /// Unmounts and waits until the daemon has exited.
     pub fn umount(&mut self) {
         let Some(pid) = self.pid.take() else { return };
-        let out = Command::new("umount").arg(&self.mnt).output().expect("umount");
+        let out = Command::new("umount")
+            .arg(&self.mnt)
+            .output()
+            .expect("umount");
         if !out.status.success() {
             // Busy or already gone: detach so the test can clean up.
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
@@ -110,10 +123,21 @@ impl Node {
     /// SIGKILLs the daemon and detaches its dead mount.
     pub fn kill9(&mut self) {
         let Some(pid) = self.pid.take() else { return };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         wait_exit(pid, Duration::from_secs(10));
-        let out = Command::new("umount").arg("-l").arg(&self.mnt).output().expect("umount");
-        assert!(out.status.success(), "umount of a dead mount: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .output()
+            .expect("umount");
+        assert!(
+            out.status.success(),
+            "umount of a dead mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -136,11 +160,17 @@ pub fn wait_exit(pid: u32, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next());
         if matches!(state, None | Some("Z") | Some("X")) {
             return;
         }
-        assert!(Instant::now() < deadline, "daemon {pid} did not exit within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "daemon {pid} did not exit within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -198,11 +198,17 @@ mod tests {
             RelPath::parse("../etc/passwd"),
             Err(PathError::Reserved("..".into()))
         );
-        assert_eq!(RelPath::parse("a/./b"), Err(PathError::Reserved(".".into())));
+        assert_eq!(
+            RelPath::parse("a/./b"),
+            Err(PathError::Reserved(".".into()))
+        );
         assert_eq!(RelPath::parse("a//b"), Err(PathError::Empty));
         assert_eq!(RelPath::parse("a/"), Err(PathError::Empty));
         assert_eq!(RelPath::parse("a\0b"), Err(PathError::BadByte));
-        assert_eq!(RelPath::parse(&"x".repeat(256)), Err(PathError::NameTooLong));
+        assert_eq!(
+            RelPath::parse(&"x".repeat(256)),
+            Err(PathError::NameTooLong)
+        );
         assert_eq!(RelPath::parse_bytes(b"\xff"), Err(PathError::NotUtf8));
         let long = vec!["d".repeat(200); 21].join("/");
         assert_eq!(RelPath::parse(&long), Err(PathError::PathTooLong));
@@ -217,9 +223,16 @@ mod tests {
         assert_eq!(parent.join(name).unwrap(), p);
         assert_eq!(RelPath::parse("c").unwrap().parent(), Some(RelPath::root()));
         assert!(p.is_within(&RelPath::parse("a").unwrap()));
-        assert!(!RelPath::parse("ab").unwrap().is_within(&RelPath::parse("a").unwrap()));
+        assert!(
+            !RelPath::parse("ab")
+                .unwrap()
+                .is_within(&RelPath::parse("a").unwrap())
+        );
         let moved = p
-            .rebase(&RelPath::parse("a").unwrap(), &RelPath::parse("z/y").unwrap())
+            .rebase(
+                &RelPath::parse("a").unwrap(),
+                &RelPath::parse("z/y").unwrap(),
+            )
             .unwrap();
         assert_eq!(moved.as_str(), "z/y/b/c");
         let to_root = p.rebase(&RelPath::parse("a").unwrap(), &RelPath::root());

@@ -17,7 +17,9 @@ pub enum FileKind {
 }
 
 /// Wall-clock time with nanoseconds, signed so that pre-1970 times survive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct Timestamp {
     pub secs: i64,
     pub nanos: u32,
@@ -169,7 +171,11 @@ mod tests {
 
     const A: NodeId = NodeId([1; 32]);
     const B: NodeId = NodeId([2; 32]);
-    const OWNER: Owner = Owner { mode: 0o100644, uid: 1, gid: 2 };
+    const OWNER: Owner = Owner {
+        mode: 0o100644,
+        uid: 1,
+        gid: 2,
+    };
 
     #[test]
     fn timestamps_round_trip_before_and_after_epoch() {
@@ -182,7 +188,10 @@ mod tests {
         }
         assert_eq!(
             Timestamp::from(UNIX_EPOCH - Duration::new(1, 1)),
-            Timestamp { secs: -2, nanos: 999_999_999 }
+            Timestamp {
+                secs: -2,
+                nanos: 999_999_999
+            }
         );
     }
 

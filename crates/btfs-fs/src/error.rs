@@ -87,7 +87,10 @@ mod tests {
     #[test]
     fn errors_map_to_the_errno_applications_expect() {
         assert_eq!(errno(&FsError::NotFound), Errno::ENOENT);
-        assert_eq!(errno(&FsError::BadName(PathError::NameTooLong)), Errno::ENAMETOOLONG);
+        assert_eq!(
+            errno(&FsError::BadName(PathError::NameTooLong)),
+            Errno::ENAMETOOLONG
+        );
         assert_eq!(errno(&FsError::Unsupported("hard links")), Errno::EPERM);
         let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
         assert_eq!(errno(&FsError::Io(full)), Errno::ENOSPC);

@@ -45,10 +45,10 @@ use std::{
 use btfs_core::{ContentId, FileKind, FileRecord, NodeId, Owner, RelPath, Timestamp};
 use btfs_store::{Backend, Change, Entry, NO_INO, ROOT_INO, Stats, Store};
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
@@ -136,6 +136,8 @@ struct Shared<B> {
     /// Entries of inodes that were unlinked or replaced while the kernel still
     /// knew them, until it forgets them; their content is kept meanwhile.
     orphans: Mutex<HashMap<u64, Entry>>,
+    /// Objects released by store writes, deleted once those writes are durable.
+    pending_gc: Mutex<Vec<ContentId>>,
     /// Inodes whose content changed outside the kernel's page cache
     /// (passthrough writes): their next cached open must not keep the cache.
     stale_cache: Mutex<HashSet<u64>>,
@@ -159,7 +161,9 @@ pub struct FsHandle<B> {
 
 impl<B> Clone for FsHandle<B> {
     fn clone(&self) -> Self {
-        Self { shared: self.shared.clone() }
+        Self {
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -178,7 +182,8 @@ fn file_type(kind: FileKind) -> FileType {
 }
 
 fn name_str(name: &OsStr) -> Result<&str> {
-    name.to_str().ok_or(FsError::BadName(btfs_core::PathError::NotUtf8))
+    name.to_str()
+        .ok_or(FsError::BadName(btfs_core::PathError::NotUtf8))
 }
 
 fn resolve_time(t: TimeOrNow, now: SystemTime) -> SystemTime {
@@ -193,9 +198,19 @@ impl<B: Backend> BtfsFs<B> {
     /// the root directory on first use and deleting unreferenced objects.
     pub fn new(store: Arc<Store<B>>, objects: ObjectStore, cfg: FsConfig) -> Result<Self> {
         if store.get(&RelPath::root())?.is_none() {
-            let owner = Owner { mode: 0o755, uid: 0, gid: 0 };
+            let owner = Owner {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            };
             let record = FileRecord::new_dir(owner, cfg.node, Timestamp::now());
-            store.write(vec![Change::Put(RelPath::root(), Entry { ino: ROOT_INO, record })])?;
+            store.write(vec![Change::Put(
+                RelPath::root(),
+                Entry {
+                    ino: ROOT_INO,
+                    record,
+                },
+            )])?;
         }
         let swept = objects.sweep(|c| store.refcount(c).map(|n| n > 0).unwrap_or(true))?;
         if swept > 0 {
@@ -211,6 +226,7 @@ impl<B: Backend> BtfsFs<B> {
                 handles: Mutex::new(HashMap::new()),
                 dirs: Mutex::new(HashMap::new()),
                 orphans: Mutex::new(HashMap::new()),
+                pending_gc: Mutex::new(Vec::new()),
                 stale_cache: Mutex::new(HashSet::new()),
                 next_fh: AtomicU64::new(1),
                 passthrough: AtomicBool::new(false),
@@ -221,7 +237,9 @@ impl<B: Backend> BtfsFs<B> {
     }
 
     pub fn handle(&self) -> FsHandle<B> {
-        FsHandle { shared: self.shared.clone() }
+        FsHandle {
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -241,6 +259,13 @@ impl<B: Backend> FsHandle<B> {
     /// Makes committed metadata durable (called on shutdown).
     pub fn flush(&self) -> Result<()> {
         Ok(self.shared.store.flush()?)
+    }
+
+    /// Makes the store durable, then deletes the objects that it no longer
+    /// references. The daemon calls this periodically; returns how many
+    /// objects were deleted.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        self.shared.collect_garbage()
     }
 }
 
@@ -270,7 +295,11 @@ impl<B: Backend> Shared<B> {
         // clean private copy (already committed) or an unlinked file's data.
         if let Some(staging) = cell.and_then(|c| lock(&c.state).staging.take()) {
             if let Err(e) = std::fs::remove_file(&staging.path) {
-                warn!(ino, "could not delete staging file {}: {e}", staging.path.display());
+                warn!(
+                    ino,
+                    "could not delete staging file {}: {e}",
+                    staging.path.display()
+                );
             }
         }
     }
@@ -296,11 +325,11 @@ impl<B: Backend> Shared<B> {
     /// The kernel dropped inode `ino`: an orphan's content may now be deleted.
     fn forget(&self, ino: u64) {
         let _ns = lock(&self.ns);
-        let Some(orphan) = lock(&self.orphans).remove(&ino) else { return };
+        let Some(orphan) = lock(&self.orphans).remove(&ino) else {
+            return;
+        };
         if let Some(c) = orphan.record.content {
-            if self.store.refcount(&c).is_ok_and(|n| n == 0) {
-                self.gc(vec![c]);
-            }
+            self.gc(vec![c]);
         }
     }
 
@@ -375,22 +404,44 @@ impl<B: Backend> Shared<B> {
         Change::Put(dir.clone(), e)
     }
 
-    /// Deletes objects that no entry references, unless an orphan still does.
-    /// Called with `ns` held.
+    /// Queues objects that no entry references any more. They are deleted by
+    /// [`FsHandle::collect_garbage`] only after the store change that released
+    /// them is durable: a crash may roll the store back to a version that
+    /// still needs them.
     fn gc(&self, released: Vec<ContentId>) {
+        lock(&self.pending_gc).extend(released);
+    }
+
+    fn collect_garbage(&self) -> Result<usize> {
+        let pending = std::mem::take(&mut *lock(&self.pending_gc));
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        self.store.flush()?;
+        let _ns = lock(&self.ns);
         let orphans = lock(&self.orphans);
-        for c in released {
-            if orphans.values().any(|o| o.record.content == Some(c)) {
+        let mut deleted = 0;
+        for c in pending {
+            let in_use = self.store.refcount(&c)? > 0
+                || orphans.values().any(|o| o.record.content == Some(c));
+            if in_use {
                 continue;
             }
-            if let Err(e) = self.objects.remove(&c) {
-                warn!(content = %c.short(), "could not delete unreferenced object: {e}");
+            match self.objects.remove(&c) {
+                Ok(()) => deleted += 1,
+                Err(e) => warn!(content = %c.short(), "could not delete unreferenced object: {e}"),
             }
         }
+        Ok(deleted)
     }
 
     /// Creates `record` at `parent/name`; returns the new entry.
-    fn create_entry(&self, parent: u64, name: &OsStr, make: impl FnOnce(&Entry) -> FileRecord) -> Result<Entry> {
+    fn create_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        make: impl FnOnce(&Entry) -> FileRecord,
+    ) -> Result<Entry> {
         let _ns = lock(&self.ns);
         let (dir, dir_entry, path) = self.child_path(parent, name)?;
         let previous = self.store.get(&path)?;
@@ -401,7 +452,10 @@ impl<B: Backend> Shared<B> {
         if let Some(prev) = previous {
             record = record.succeeding(&prev.record);
         }
-        let entry = Entry { ino: self.store.alloc_ino()?, record };
+        let entry = Entry {
+            ino: self.store.alloc_ino()?,
+            record,
+        };
         let now = entry.record.ctime;
         self.store.write(vec![
             Change::Put(path, entry.clone()),
@@ -426,7 +480,10 @@ impl<B: Backend> Shared<B> {
                 _ => {}
             }
             let now = Timestamp::now();
-            let tomb = Entry { ino: NO_INO, record: entry.record.tombstone(self.node(), now) };
+            let tomb = Entry {
+                ino: NO_INO,
+                record: entry.record.tombstone(self.node(), now),
+            };
             released = self.store.write(vec![
                 Change::Put(path, tomb),
                 Self::touch_dir(&dir, &dir_entry, now),
@@ -437,9 +494,18 @@ impl<B: Backend> Shared<B> {
         Ok(())
     }
 
-    fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: RenameFlags) -> Result<()> {
+    fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<()> {
         if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
-            return Err(FsError::Invalid("RENAME_EXCHANGE and RENAME_WHITEOUT are not supported"));
+            return Err(FsError::Invalid(
+                "RENAME_EXCHANGE and RENAME_WHITEOUT are not supported",
+            ));
         }
         let _ns = lock(&self.ns);
         let (src_dir, src_dir_entry, src) = self.child_path(parent, name)?;
@@ -460,7 +526,9 @@ impl<B: Backend> Shared<B> {
             match (is_dir, old.record.kind == FileKind::Dir) {
                 (true, false) => return Err(FsError::NotDir),
                 (false, true) => return Err(FsError::IsDir),
-                (true, true) if self.store.has_live_children(&dst)? => return Err(FsError::NotEmpty),
+                (true, true) if self.store.has_live_children(&dst)? => {
+                    return Err(FsError::NotEmpty);
+                }
                 _ => {}
             }
         }
@@ -471,7 +539,11 @@ impl<B: Backend> Shared<B> {
         // Every live path below the source moves: a tombstone where it was and a
         // record (same inode, same content) where it goes.
         let moved: Vec<(RelPath, Entry)> = if is_dir {
-            self.store.subtree(&src)?.into_iter().filter(|(_, e)| e.is_live()).collect()
+            self.store
+                .subtree(&src)?
+                .into_iter()
+                .filter(|(_, e)| e.is_live())
+                .collect()
         } else {
             vec![(src.clone(), moving.clone())]
         };
@@ -479,16 +551,29 @@ impl<B: Backend> Shared<B> {
             let new_path = old_path
                 .rebase(&src, &dst)
                 .ok_or(FsError::BadName(btfs_core::PathError::PathTooLong))?;
-            let previous = if new_path == dst { replaced.clone() } else { self.store.get(&new_path)? };
+            let previous = if new_path == dst {
+                replaced.clone()
+            } else {
+                self.store.get(&new_path)?
+            };
             let mut record = entry.record.next_version(node, now);
             if let Some(prev) = &previous {
                 record = record.succeeding(&prev.record);
             }
             changes.push(Change::Put(
                 old_path,
-                Entry { ino: NO_INO, record: entry.record.tombstone(node, now) },
+                Entry {
+                    ino: NO_INO,
+                    record: entry.record.tombstone(node, now),
+                },
             ));
-            changes.push(Change::Put(new_path, Entry { ino: entry.ino, record }));
+            changes.push(Change::Put(
+                new_path,
+                Entry {
+                    ino: entry.ino,
+                    record,
+                },
+            ));
         }
         if let Some(old) = replaced.as_ref().filter(|e| e.is_live()) {
             self.mark_unlinked(old);
@@ -543,7 +628,8 @@ impl<B: Backend> Shared<B> {
                     None => {
                         let from = if truncate { None } else { entry.record.content };
                         let staging = self.objects.new_staging(from.as_ref())?;
-                        *cell.current.write().unwrap_or_else(|p| p.into_inner()) = Some(staging.file.clone());
+                        *cell.current.write().unwrap_or_else(|p| p.into_inner()) =
+                            Some(staging.file.clone());
                         st.staging = Some(staging);
                     }
                 }
@@ -581,7 +667,15 @@ impl<B: Backend> Shared<B> {
                 st.writers += 1;
             }
             let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-            lock(&self.handles).insert(fh, Arc::new(Handle { ino, file, writable, cached }));
+            lock(&self.handles).insert(
+                fh,
+                Arc::new(Handle {
+                    ino,
+                    file,
+                    writable,
+                    cached,
+                }),
+            );
             Ok((fh, fopen, backing))
         })();
         if opened.is_err() {
@@ -601,7 +695,9 @@ impl<B: Backend> Shared<B> {
             if handle.writable {
                 st.writers -= 1;
                 if st.writers == 0 {
-                    if let Err(e) = self.commit(ino, &mut st) {
+                    // Other handles (readers) still open besides this one?
+                    let shared = cell.pins.load(Ordering::SeqCst) > 1;
+                    if let Err(e) = self.commit(ino, &mut st, shared) {
                         self.commit_failures.fetch_add(1, Ordering::Relaxed);
                         error!(ino, "could not commit the new version of a file: {e}");
                     }
@@ -620,7 +716,7 @@ impl<B: Backend> Shared<B> {
     /// passthrough readers still use it as their backing file it is copied
     /// instead: it must stay private to this inode, since objects are shared
     /// by every path with the same content.
-    fn commit(&self, ino: u64, st: &mut OpenInode) -> Result<()> {
+    fn commit(&self, ino: u64, st: &mut OpenInode, shared: bool) -> Result<()> {
         let Some(staging) = st.staging.take() else {
             return Ok(());
         };
@@ -629,7 +725,7 @@ impl<B: Backend> Shared<B> {
             st.staging = Some(staging);
             return Ok(());
         }
-        let keep_private = st.backing.is_some();
+        let keep_private = shared && st.backing.is_some();
         let meta = staging.file.metadata()?;
         let content = match hash_file(&staging.path) {
             Ok(c) => c,
@@ -649,10 +745,8 @@ impl<B: Backend> Shared<B> {
         }
         installed?;
         let Some((path, entry)) = self.store.get_ino(ino)? else {
-            // Removed while we hashed: nothing references the object.
-            if self.store.refcount(&content)? == 0 {
-                self.gc(vec![content]);
-            }
+            // Removed while we hashed: nothing may reference the object.
+            self.gc(vec![content]);
             return Ok(());
         };
         let mtime = Timestamp::from(meta.modified()?);
@@ -664,14 +758,19 @@ impl<B: Backend> Shared<B> {
         record.content = Some(content);
         record.size = meta.len();
         record.mtime = mtime;
-        let released = self.store.write(vec![Change::Put(path, Entry { ino, record })])?;
+        let released = self
+            .store
+            .write(vec![Change::Put(path, Entry { ino, record })])?;
         self.gc(released);
         self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
-        lock(&self.handles).get(&fh).cloned().ok_or(FsError::BadHandle)
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
     }
 
     fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -773,11 +872,15 @@ impl<B: Backend> Shared<B> {
                 s.file.set_len(size)?;
                 return Ok(());
             }
-            let from = if size == 0 { None } else { entry.record.content };
+            let from = if size == 0 {
+                None
+            } else {
+                entry.record.content
+            };
             let staging = self.objects.new_staging(from.as_ref())?;
             staging.file.set_len(size)?;
             st.staging = Some(staging);
-            self.commit(ino, st)?;
+            self.commit(ino, st, true)?;
             // Any page cache of the old content is stale now.
             lock(&self.stale_cache).insert(ino);
             Ok(())
@@ -791,14 +894,27 @@ impl<B: Backend> Shared<B> {
             None => ROOT_INO,
         };
         let mut items = vec![
-            DirItem { ino: entry.ino, kind: FileType::Directory, name: ".".into() },
-            DirItem { ino: parent_ino, kind: FileType::Directory, name: "..".into() },
+            DirItem {
+                ino: entry.ino,
+                kind: FileType::Directory,
+                name: ".".into(),
+            },
+            DirItem {
+                ino: parent_ino,
+                kind: FileType::Directory,
+                name: "..".into(),
+            },
         ];
-        items.extend(self.store.live_children(&path)?.into_iter().map(|(name, e)| DirItem {
-            ino: e.ino,
-            kind: file_type(e.record.kind),
-            name,
-        }));
+        items.extend(
+            self.store
+                .live_children(&path)?
+                .into_iter()
+                .map(|(name, e)| DirItem {
+                    ino: e.ino,
+                    kind: file_type(e.record.kind),
+                    name,
+                }),
+        );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.dirs).insert(fh, Arc::new(items));
         Ok(fh)
@@ -816,7 +932,11 @@ impl<B: Backend> Shared<B> {
         if let Some(fh) = fh {
             let h = self.handle(fh)?;
             if h.writable {
-                if datasync { h.file.sync_data()? } else { h.file.sync_all()? }
+                if datasync {
+                    h.file.sync_data()?
+                } else {
+                    h.file.sync_all()?
+                }
             }
         }
         self.store.flush()?;
@@ -836,7 +956,10 @@ fn build_attr(entry: &Entry, unlinked: bool, staging: Option<&Metadata>) -> Resu
         size = meta.len();
         blocks = meta.blocks();
         mtime = meta.modified()?;
-        let staged_ctime = Timestamp { secs: meta.ctime(), nanos: meta.ctime_nsec() as u32 };
+        let staged_ctime = Timestamp {
+            secs: meta.ctime(),
+            nanos: meta.ctime_nsec() as u32,
+        };
         ctime = ctime.max(staged_ctime.to_system_time());
     }
     Ok(FileAttr {
@@ -916,12 +1039,19 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
                 warn!("kernel refused FUSE passthrough; file data will be served by the daemon");
             }
         }
-        info!(passthrough = s.passthrough.load(Ordering::Relaxed), "filesystem initialised");
+        info!(
+            passthrough = s.passthrough.load(Ordering::Relaxed),
+            "filesystem initialised"
+        );
         Ok(())
     }
 
     fn destroy(&mut self) {
-        if let Err(e) = self.shared.store.flush() {
+        if let Err(e) = self
+            .shared
+            .collect_garbage()
+            .and_then(|_| Ok(self.shared.store.flush()?))
+        {
             error!("could not flush the metadata store: {e}");
         }
     }
@@ -962,7 +1092,15 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let changes = AttrChanges { mode, uid, gid, size, atime, mtime, ctime };
+        let changes = AttrChanges {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            ctime,
+        };
         match self.shared.setattr(ino.0, changes) {
             Ok(attr) => reply.attr(&self.shared.cfg.ttl, &attr),
             Err(e) => reply.error(fail("setattr", &e)),
@@ -994,7 +1132,11 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
             Err(FsError::Unsupported("device nodes, FIFOs and sockets"))
         } else {
             s.create_entry(parent.0, name, |dir| {
-                FileRecord::new_file(Shared::<B>::owner_in(req, dir, mode, umask, false), s.node(), Timestamp::now())
+                FileRecord::new_file(
+                    Shared::<B>::owner_in(req, dir, mode, umask, false),
+                    s.node(),
+                    Timestamp::now(),
+                )
             })
             .and_then(|e| build_attr(&e, false, None))
         };
@@ -1004,11 +1146,23 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         }
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let s = &self.shared;
         let result = s
             .create_entry(parent.0, name, |dir| {
-                FileRecord::new_dir(Shared::<B>::owner_in(req, dir, mode, umask, true), s.node(), Timestamp::now())
+                FileRecord::new_dir(
+                    Shared::<B>::owner_in(req, dir, mode, umask, true),
+                    s.node(),
+                    Timestamp::now(),
+                )
             })
             .and_then(|e| build_attr(&e, false, None));
         match result {
@@ -1031,7 +1185,14 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         }
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let s = &self.shared;
         let result = match target.to_str() {
             None => Err(FsError::BadName(btfs_core::PathError::NotUtf8)),
@@ -1062,22 +1223,33 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.shared.rename(parent.0, name, newparent.0, newname, flags) {
+        match self
+            .shared
+            .rename(parent.0, name, newparent.0, newname, flags)
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rename", &e)),
         }
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         reply.error(fail("link", &FsError::Unsupported("hard links")));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let s = &self.shared;
-        let result = s
-            .open_handle(ino.0, flags.0, &|f| reply.open_backing(f));
+        let result = s.open_handle(ino.0, flags.0, &|f| reply.open_backing(f));
         match result {
-            Ok((fh, fopen, Some(backing))) => reply.opened_passthrough(FileHandle(fh), fopen, &backing),
+            Ok((fh, fopen, Some(backing))) => {
+                reply.opened_passthrough(FileHandle(fh), fopen, &backing)
+            }
             Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
             Err(e) => reply.error(fail("open", &e)),
         }
@@ -1096,11 +1268,16 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         let s = &self.shared;
         let result = s
             .create_entry(parent.0, name, |dir| {
-                FileRecord::new_file(Shared::<B>::owner_in(req, dir, mode, umask, false), s.node(), Timestamp::now())
+                FileRecord::new_file(
+                    Shared::<B>::owner_in(req, dir, mode, umask, false),
+                    s.node(),
+                    Timestamp::now(),
+                )
             })
             .and_then(|entry| {
                 // A new file is empty: truncating skips copying the empty object.
-                let opened = s.open_handle(entry.ino, flags | libc::O_TRUNC, &|f| reply.open_backing(f))?;
+                let opened =
+                    s.open_handle(entry.ino, flags | libc::O_TRUNC, &|f| reply.open_backing(f))?;
                 Ok((build_attr(&entry, false, None)?, opened))
             });
         let ttl = s.cfg.ttl;
@@ -1108,7 +1285,9 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
             Ok((attr, (fh, fopen, Some(b)))) => {
                 reply.created_passthrough(&ttl, &attr, Generation(0), FileHandle(fh), fopen, &b)
             }
-            Ok((attr, (fh, fopen, None))) => reply.created(&ttl, &attr, Generation(0), FileHandle(fh), fopen),
+            Ok((attr, (fh, fopen, None))) => {
+                reply.created(&ttl, &attr, Generation(0), FileHandle(fh), fopen)
+            }
             Err(e) => reply.error(fail("create", &e)),
         }
     }
@@ -1148,7 +1327,14 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -1168,7 +1354,14 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.shared.fsync(Some(fh.0), datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsync", &e)),
@@ -1182,7 +1375,14 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.shared.dir_items(fh.0) {
             Ok(items) => {
                 for (i, item) in items.iter().enumerate().skip(offset as usize) {
@@ -1196,7 +1396,14 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let s = &self.shared;
         let items = match s.dir_items(fh.0) {
             Ok(items) => items,
@@ -1204,20 +1411,43 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         };
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             // Entries that vanished since opendir are skipped, not failed.
-            let Ok(attr) = s.getattr(item.ino) else { continue };
-            if reply.add(INodeNo(item.ino), (i + 1) as u64, &item.name, &s.cfg.ttl, &attr, Generation(0)) {
+            let Ok(attr) = s.getattr(item.ino) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(item.ino),
+                (i + 1) as u64,
+                &item.name,
+                &s.cfg.ttl,
+                &attr,
+                Generation(0),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         lock(&self.shared.dirs).remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.shared.fsync(None, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsyncdir", &e)),

@@ -77,15 +77,21 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             // A dead FUSE daemon left its mount behind.
-            return Err(MountError::Busy(mountpoint.to_path_buf(), "a disconnected FUSE filesystem".into()));
+            return Err(MountError::Busy(
+                mountpoint.to_path_buf(),
+                "a disconnected FUSE filesystem".into(),
+            ));
         }
         Err(e) => return Err(MountError::Inspect(mountpoint.to_path_buf(), e)),
     };
-    let meta = std::fs::metadata(&canonical).map_err(|e| MountError::Inspect(canonical.clone(), e))?;
+    let meta =
+        std::fs::metadata(&canonical).map_err(|e| MountError::Inspect(canonical.clone(), e))?;
     if !meta.is_dir() {
         return Err(MountError::NotADirectory(canonical));
     }
-    if let Some(what) = mounted_at(&canonical).map_err(|e| MountError::Inspect(canonical.clone(), e))? {
+    if let Some(what) =
+        mounted_at(&canonical).map_err(|e| MountError::Inspect(canonical.clone(), e))?
+    {
         return Err(MountError::Busy(canonical, what));
     }
     Ok(canonical)
@@ -127,7 +133,11 @@ pub fn mount<FS: Filesystem>(fs: FS, opts: &MountOptions) -> Result<Session<FS>,
 
     let mut config = Config::default();
     config.n_threads = Some(opts.threads.max(1));
-    let acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+    let acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     Session::from_fd(fs, fd, acl, config).map_err(|e| {
         let _ = unmount(&mountpoint);
         MountError::Handshake(e)

@@ -188,7 +188,15 @@ mod tests {
         assert_eq!(store.sweep(|_| true).unwrap(), 0);
         assert_eq!(store.sweep(|_| false).unwrap(), 1);
         assert!(!store.object_path(&c).exists());
-        assert_eq!(store.open_object(&ContentId::empty()).unwrap().metadata().unwrap().len(), 0);
+        assert_eq!(
+            store
+                .open_object(&ContentId::empty())
+                .unwrap()
+                .metadata()
+                .unwrap()
+                .len(),
+            0
+        );
     }
 
     #[test]

@@ -303,8 +303,10 @@ impl<B: Backend> Store<B> {
         let (next, reserved_end) = &mut *guard;
         if *next >= *reserved_end {
             let end = *next + INO_BLOCK;
-            self.backend
-                .apply(vec![(meta_key(META_NEXT_INO), Some(end.to_be_bytes().to_vec()))])?;
+            self.backend.apply(vec![(
+                meta_key(META_NEXT_INO),
+                Some(end.to_be_bytes().to_vec()),
+            )])?;
             *reserved_end = end;
         }
         let ino = *next;
@@ -326,12 +328,11 @@ impl<B: Backend> Store<B> {
     pub fn write(&self, changes: Vec<Change>) -> Result<Vec<ContentId>> {
         let mut writes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         let mut ref_delta: HashMap<ContentId, i64> = HashMap::new();
-        let current = |writes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, key: &[u8]| match writes
-            .get(key)
-        {
-            Some(v) => Ok(v.clone()),
-            None => self.backend.get(key),
-        };
+        let current =
+            |writes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, key: &[u8]| match writes.get(key) {
+                Some(v) => Ok(v.clone()),
+                None => self.backend.get(key),
+            };
 
         for change in changes {
             let (path, new) = match change {

@@ -9,16 +9,35 @@ use proptest::prelude::*;
 use super::*;
 
 const NODE: NodeId = NodeId([7; 32]);
-const OWNER: Owner = Owner { mode: 0o644, uid: 0, gid: 0 };
+const OWNER: Owner = Owner {
+    mode: 0o644,
+    uid: 0,
+    gid: 0,
+};
 const PATHS: &[&str] = &["a", "b", "d", "d/x", "d/y", "d/e", "d/e/z"];
 
 #[derive(Debug, Clone)]
 enum Op {
-    Create { path: usize, dir: bool, content: u8 },
-    Delete { path: usize },
-    Rename { from: usize, to: usize, index_first: bool },
-    SetContent { path: usize, content: u8 },
-    Forget { path: usize },
+    Create {
+        path: usize,
+        dir: bool,
+        content: u8,
+    },
+    Delete {
+        path: usize,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+        index_first: bool,
+    },
+    SetContent {
+        path: usize,
+        content: u8,
+    },
+    Forget {
+        path: usize,
+    },
     Reopen,
 }
 
@@ -44,21 +63,46 @@ fn content(i: u8) -> ContentId {
 
 fn check(store: &Store<SledBackend>, model: &BTreeMap<RelPath, Entry>) {
     for p in PATHS.iter().map(|p| RelPath::parse(p).unwrap()) {
-        assert_eq!(store.get(&p).unwrap().as_ref(), model.get(&p), "entry at {p}");
+        assert_eq!(
+            store.get(&p).unwrap().as_ref(),
+            model.get(&p),
+            "entry at {p}"
+        );
     }
     for (p, e) in model.iter().filter(|(_, e)| e.is_live()) {
-        assert_eq!(store.path_of(e.ino).unwrap().as_ref(), Some(p), "inode {}", e.ino);
-        assert_eq!(store.get_ino(e.ino).unwrap().map(|(q, _)| q).as_ref(), Some(p));
+        assert_eq!(
+            store.path_of(e.ino).unwrap().as_ref(),
+            Some(p),
+            "inode {}",
+            e.ino
+        );
+        assert_eq!(
+            store.get_ino(e.ino).unwrap().map(|(q, _)| q).as_ref(),
+            Some(p)
+        );
     }
     for c in 0..3 {
         let expected = model
             .values()
-            .filter(|e| e.is_live() && e.record.content == Some(content(c)) && e.record.kind == FileKind::File)
+            .filter(|e| {
+                e.is_live()
+                    && e.record.content == Some(content(c))
+                    && e.record.kind == FileKind::File
+            })
             .count() as u64;
-        assert_eq!(store.refcount(&content(c)).unwrap(), expected, "refcount of {c}");
+        assert_eq!(
+            store.refcount(&content(c)).unwrap(),
+            expected,
+            "refcount of {c}"
+        );
     }
     let d = RelPath::parse("d").unwrap();
-    let listed: Vec<String> = store.live_children(&d).unwrap().into_iter().map(|(n, _)| n).collect();
+    let listed: Vec<String> = store
+        .live_children(&d)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let expected: Vec<String> = model
         .iter()
         .filter(|(p, e)| e.is_live() && p.parent().as_ref() == Some(&d))
@@ -76,7 +120,11 @@ fn run(ops: Vec<Op>) {
     let now = Timestamp { secs: 1, nanos: 0 };
     for op in ops {
         match op {
-            Op::Create { path: i, dir: is_dir, content: c } => {
+            Op::Create {
+                path: i,
+                dir: is_dir,
+                content: c,
+            } => {
                 let p = path(i);
                 if model.get(&p).is_some_and(Entry::is_live) {
                     continue;
@@ -94,31 +142,54 @@ fn run(ops: Vec<Op>) {
                 let ino = store.alloc_ino().unwrap();
                 assert!(seen_inos.insert(ino), "inode {ino} handed out twice");
                 let e = Entry { ino, record };
-                store.write(vec![Change::Put(p.clone(), e.clone())]).unwrap();
+                store
+                    .write(vec![Change::Put(p.clone(), e.clone())])
+                    .unwrap();
                 model.insert(p, e);
             }
             Op::Delete { path: i } => {
                 let p = path(i);
-                let Some(old) = model.get(&p).filter(|e| e.is_live()).cloned() else { continue };
-                let e = Entry { ino: NO_INO, record: old.record.tombstone(NODE, now) };
-                let released = store.write(vec![Change::Put(p.clone(), e.clone())]).unwrap();
+                let Some(old) = model.get(&p).filter(|e| e.is_live()).cloned() else {
+                    continue;
+                };
+                let e = Entry {
+                    ino: NO_INO,
+                    record: old.record.tombstone(NODE, now),
+                };
+                let released = store
+                    .write(vec![Change::Put(p.clone(), e.clone())])
+                    .unwrap();
                 model.insert(p, e);
                 for c in released {
-                    assert!(!model.values().any(|e| e.is_live() && e.record.content == Some(c) && e.record.kind == FileKind::File));
+                    assert!(!model.values().any(|e| e.is_live()
+                        && e.record.content == Some(c)
+                        && e.record.kind == FileKind::File));
                 }
             }
-            Op::Rename { from, to, index_first } => {
+            Op::Rename {
+                from,
+                to,
+                index_first,
+            } => {
                 let (pf, pt) = (path(from), path(to));
-                let Some(old) = model.get(&pf).filter(|e| e.is_live()).cloned() else { continue };
+                let Some(old) = model.get(&pf).filter(|e| e.is_live()).cloned() else {
+                    continue;
+                };
                 if pf == pt || model.get(&pt).is_some_and(Entry::is_live) {
                     continue;
                 }
-                let tomb = Entry { ino: NO_INO, record: old.record.tombstone(NODE, now) };
+                let tomb = Entry {
+                    ino: NO_INO,
+                    record: old.record.tombstone(NODE, now),
+                };
                 let mut moved = old.clone();
                 if let Some(prev) = model.get(&pt) {
                     moved.record = moved.record.succeeding(&prev.record);
                 }
-                let mut changes = vec![Change::Put(pf.clone(), tomb.clone()), Change::Put(pt.clone(), moved.clone())];
+                let mut changes = vec![
+                    Change::Put(pf.clone(), tomb.clone()),
+                    Change::Put(pt.clone(), moved.clone()),
+                ];
                 if index_first {
                     changes.reverse();
                 }
@@ -126,12 +197,23 @@ fn run(ops: Vec<Op>) {
                 model.insert(pf, tomb);
                 model.insert(pt, moved);
             }
-            Op::SetContent { path: i, content: c } => {
+            Op::SetContent {
+                path: i,
+                content: c,
+            } => {
                 let p = path(i);
-                let Some(mut e) = model.get(&p).filter(|e| e.is_live() && e.record.kind == FileKind::File).cloned() else { continue };
+                let Some(mut e) = model
+                    .get(&p)
+                    .filter(|e| e.is_live() && e.record.kind == FileKind::File)
+                    .cloned()
+                else {
+                    continue;
+                };
                 e.record = e.record.next_version(NODE, now);
                 e.record.content = Some(content(c));
-                store.write(vec![Change::Put(p.clone(), e.clone())]).unwrap();
+                store
+                    .write(vec![Change::Put(p.clone(), e.clone())])
+                    .unwrap();
                 model.insert(p, e);
             }
             Op::Forget { path: i } => {
@@ -175,10 +257,18 @@ fn memory_twin_behaves_like_sled_for_children_and_stats() {
         let mut r = FileRecord::new_file(OWNER, NODE, now);
         r.size = 10;
         let ino = store.alloc_ino().unwrap();
-        batch.push(Change::Put(RelPath::parse(name).unwrap(), Entry { ino, record: r }));
+        batch.push(Change::Put(
+            RelPath::parse(name).unwrap(),
+            Entry { ino, record: r },
+        ));
     }
     store.write(batch).unwrap();
-    let names: Vec<_> = store.live_children(&RelPath::root()).unwrap().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<_> = store
+        .live_children(&RelPath::root())
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(names, ["a", "b", "c"]);
     let stats = store.stats().unwrap();
     assert_eq!((stats.files, stats.bytes), (3, 30));
