@@ -83,17 +83,24 @@ pub struct FsStatus {
     pub tree: Stats,
 }
 
+/// Which file an inode's passthrough backing id refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The object file itself: readers only, and no other inode uses that
+    /// object as its backing file (see `Shared::backed_objects`).
+    Object(ContentId),
+    /// The inode's private staging file.
+    Staging,
+}
+
 /// Per-inode state while the inode has open handles.
-///
-/// Invariant: `backing` is set only while `staging` is: passthrough only ever
-/// targets the inode's private staging file, never a (shared, immutable) object.
 #[derive(Debug, Default)]
 struct OpenInode {
     writers: u32,
     /// Handles served in the kernel's cached mode (not passthrough).
     cached: u32,
     staging: Option<Staging>,
-    backing: Option<Arc<BackingId>>,
+    backing: Option<(Target, Arc<BackingId>)>,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +143,9 @@ struct Shared<B> {
     /// Entries of inodes that were unlinked or replaced while the kernel still
     /// knew them, until it forgets them; their content is kept meanwhile.
     orphans: Mutex<HashMap<u64, Entry>>,
+    /// Objects used as a passthrough backing file, with the number of inodes
+    /// doing so (kept at most 1: a second inode gets the cached mode).
+    backed_objects: Mutex<HashMap<ContentId, usize>>,
     /// Objects released by store writes, deleted once those writes are durable.
     pending_gc: Mutex<Vec<ContentId>>,
     /// Inodes whose content changed outside the kernel's page cache
@@ -227,6 +237,7 @@ impl<B: Backend> BtfsFs<B> {
                 dirs: Mutex::new(HashMap::new()),
                 orphans: Mutex::new(HashMap::new()),
                 pending_gc: Mutex::new(Vec::new()),
+                backed_objects: Mutex::new(HashMap::new()),
                 stale_cache: Mutex::new(HashSet::new()),
                 next_fh: AtomicU64::new(1),
                 passthrough: AtomicBool::new(false),
@@ -535,9 +546,12 @@ impl<B: Backend> Shared<B> {
 
         let now = Timestamp::now();
         let node = self.node();
+        // Every live path below the source moves: a record (same inode, same
+        // content) where it goes, and a tombstone where it was. All new records
+        // are written before any tombstone, so a crash part-way leaves copies,
+        // never losses (the store renumbers duplicated inodes on open).
         let mut changes = Vec::new();
-        // Every live path below the source moves: a tombstone where it was and a
-        // record (same inode, same content) where it goes.
+        let mut tombstones = Vec::new();
         let moved: Vec<(RelPath, Entry)> = if is_dir {
             self.store
                 .subtree(&src)?
@@ -560,7 +574,7 @@ impl<B: Backend> Shared<B> {
             if let Some(prev) = &previous {
                 record = record.succeeding(&prev.record);
             }
-            changes.push(Change::Put(
+            tombstones.push(Change::Put(
                 old_path,
                 Entry {
                     ino: NO_INO,
@@ -575,6 +589,7 @@ impl<B: Backend> Shared<B> {
                 },
             ));
         }
+        changes.extend(tombstones);
         if let Some(old) = replaced.as_ref().filter(|e| e.is_live()) {
             self.mark_unlinked(old);
         }
@@ -596,10 +611,15 @@ impl<B: Backend> Shared<B> {
     ///
     /// The kernel fixes one I/O mode per inode while it has open files: every
     /// open of an inode in passthrough mode must use the same backing file, and
-    /// passthrough and cached opens cannot mix. So the first open decides:
-    /// a writer gets passthrough to its private staging file; a reader gets the
-    /// cached mode, with the page cache kept across opens while the content has
-    /// not changed behind it. Later opens follow the mode in force.
+    /// passthrough and cached opens cannot mix. So the first open decides and
+    /// later opens follow:
+    /// * a writer gets passthrough to the inode's private staging file;
+    /// * a reader gets passthrough to the object file, unless another inode
+    ///   already uses that object (same content) as its backing file, in which
+    ///   case it gets the cached mode;
+    /// * a writer arriving at an inode whose readers use the object detaches
+    ///   that file from the object store (a copy takes its place), making it
+    ///   the inode's staging file, so that the object stays immutable.
     fn open_handle(
         &self,
         ino: u64,
@@ -618,42 +638,46 @@ impl<B: Backend> Shared<B> {
                 FileKind::Dir => return Err(FsError::IsDir),
                 FileKind::Symlink => return Err(FsError::Invalid("not a regular file")),
             }
-            let first = st.backing.is_none() && st.cached == 0;
-            let passthrough = st.backing.is_some()
-                || (first && writable && self.passthrough.load(Ordering::Relaxed));
-            if writable || passthrough {
-                match &st.staging {
-                    Some(s) if truncate => s.file.set_len(0)?,
-                    Some(_) => {}
-                    None => {
-                        let from = if truncate { None } else { entry.record.content };
-                        let staging = self.objects.new_staging(from.as_ref())?;
-                        *cell.current.write().unwrap_or_else(|p| p.into_inner()) =
-                            Some(staging.file.clone());
-                        st.staging = Some(staging);
+            let content = entry.record.content.unwrap_or_else(ContentId::empty);
+            let mut passthrough = st.backing.is_some()
+                || (st.cached == 0
+                    && self.passthrough.load(Ordering::Relaxed)
+                    && (writable
+                        || st.staging.is_some()
+                        || !lock(&self.backed_objects).contains_key(&content)));
+            if writable {
+                self.ensure_staging(&cell, &mut st, content, truncate)?;
+            }
+            if passthrough && st.backing.is_none() {
+                let (file, target) = match &st.staging {
+                    Some(s) => (s.file.clone(), Target::Staging),
+                    None => (
+                        Arc::new(self.objects.open_object_rw(&content)?),
+                        Target::Object(content),
+                    ),
+                };
+                match open_backing(&file) {
+                    Ok(id) => {
+                        if target == Target::Object(content) {
+                            *lock(&self.backed_objects).entry(content).or_default() += 1;
+                        }
+                        st.backing = Some((target, Arc::new(id)));
+                    }
+                    Err(e) => {
+                        debug!(ino, "passthrough refused, serving data here: {e}");
+                        passthrough = false;
                     }
                 }
             }
-            let mut backing = None;
-            if passthrough {
-                if let (None, Some(s)) = (&st.backing, &st.staging) {
-                    match open_backing(&s.file) {
-                        Ok(id) => st.backing = Some(Arc::new(id)),
-                        Err(e) => debug!(ino, "passthrough refused, serving data here: {e}"),
-                    }
-                }
-                backing = st.backing.clone();
-                if backing.is_some() {
-                    lock(&self.stale_cache).insert(ino);
-                }
-            }
+            let backing = if passthrough {
+                st.backing.as_ref().map(|(_, id)| id.clone())
+            } else {
+                None
+            };
             let mut fopen = FopenFlags::empty();
             let file = match (&st.staging, writable) {
                 (Some(s), true) => s.file.clone(),
-                _ => {
-                    let c = entry.record.content.unwrap_or_else(ContentId::empty);
-                    Arc::new(self.objects.open_object(&c)?)
-                }
+                _ => Arc::new(self.objects.open_object(&content)?),
             };
             let cached = backing.is_none();
             if cached {
@@ -662,6 +686,9 @@ impl<B: Backend> Shared<B> {
                 if !changed && st.staging.is_none() {
                     fopen |= FopenFlags::FOPEN_KEEP_CACHE;
                 }
+            } else if writable {
+                // The kernel's page cache does not see passthrough writes.
+                lock(&self.stale_cache).insert(ino);
             }
             if writable {
                 st.writers += 1;
@@ -682,6 +709,46 @@ impl<B: Backend> Shared<B> {
             self.unpin(ino);
         }
         opened
+    }
+
+    /// Gives the inode a staging file for a writer: a copy of `content` (or an
+    /// empty file), or, when passthrough readers use the object file, that
+    /// very file detached from the object store.
+    fn ensure_staging(
+        &self,
+        cell: &InodeCell,
+        st: &mut OpenInode,
+        content: ContentId,
+        truncate: bool,
+    ) -> Result<()> {
+        if st.staging.is_none() {
+            let staging = match &mut st.backing {
+                Some((target @ Target::Object(_), _)) => {
+                    let detached = {
+                        let _ns = lock(&self.ns);
+                        self.objects.detach(&content)?
+                    };
+                    *target = Target::Staging;
+                    let mut backed = lock(&self.backed_objects);
+                    if let Some(n) = backed.get_mut(&content) {
+                        *n -= 1;
+                        if *n == 0 {
+                            backed.remove(&content);
+                        }
+                    }
+                    detached
+                }
+                _ => self.objects.new_staging((!truncate).then_some(&content))?,
+            };
+            *cell.current.write().unwrap_or_else(|p| p.into_inner()) = Some(staging.file.clone());
+            st.staging = Some(staging);
+        }
+        if truncate {
+            if let Some(s) = &st.staging {
+                s.file.set_len(0)?;
+            }
+        }
+        Ok(())
     }
 
     fn release(&self, fh: u64) -> Result<()> {
@@ -727,7 +794,7 @@ impl<B: Backend> Shared<B> {
         }
         let keep_private = shared && st.backing.is_some();
         let meta = staging.file.metadata()?;
-        let content = match hash_file(&staging.path) {
+        let content = match hash_file(&staging.path, meta.len()) {
             Ok(c) => c,
             Err(e) => {
                 st.staging = Some(staging);
@@ -742,6 +809,10 @@ impl<B: Backend> Shared<B> {
         };
         if keep_private {
             st.staging = Some(staging);
+        } else {
+            // The file is an object now: a later open must not reuse it as its
+            // backing file (a writer would write into the object).
+            st.backing = None;
         }
         installed?;
         let Some((path, entry)) = self.store.get_ino(ino)? else {

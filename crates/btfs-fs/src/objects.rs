@@ -65,6 +65,43 @@ impl ObjectStore {
         }
     }
 
+    /// Opens an object read-write, to register it as a passthrough backing
+    /// file (the kernel only writes through it for handles opened for
+    /// writing, which are never given an object's backing file).
+    pub(crate) fn open_object_rw(&self, c: &ContentId) -> io::Result<File> {
+        self.open_object(c)?;
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.object_path(c))
+    }
+
+    /// Takes object `c`'s file out of the store, leaving an identical copy in
+    /// its place (atomically, by exchanging the two names), and returns the
+    /// original as a staging file. Used when a writer opens a file whose
+    /// passthrough readers are bound to the object's inode on disk.
+    pub(crate) fn detach(&self, c: &ContentId) -> io::Result<Staging> {
+        let object = self.object_path(c);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.staging.join(format!("{n:016x}"));
+        fs::copy(&object, &path)?;
+        if let Err(e) = nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            nix::fcntl::AT_FDCWD,
+            &object,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        ) {
+            let _ = fs::remove_file(&path);
+            return Err(e.into());
+        }
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        Ok(Staging {
+            path,
+            file: std::sync::Arc::new(file),
+        })
+    }
+
     /// A new staging file, empty or holding a copy of `from`.
     pub(crate) fn new_staging(&self, from: Option<&ContentId>) -> io::Result<Staging> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -155,8 +192,15 @@ impl ObjectStore {
     }
 }
 
-/// blake3 of a file's bytes (memory-mapped and multi-threaded for large files).
-pub(crate) fn hash_file(path: &Path) -> io::Result<ContentId> {
+/// Files up to this size are hashed on the calling thread from one read;
+/// larger ones are memory-mapped and hashed on all cores.
+const SMALL_FILE: u64 = 1 << 20;
+
+/// blake3 of a file's bytes.
+pub(crate) fn hash_file(path: &Path, len: u64) -> io::Result<ContentId> {
+    if len <= SMALL_FILE {
+        return Ok(ContentId::of(&fs::read(path)?));
+    }
     let mut hasher = blake3::Hasher::new();
     hasher.update_mmap_rayon(path)?;
     Ok(hasher.finalize().into())
@@ -174,7 +218,7 @@ mod tests {
         let store = ObjectStore::open(dir.path()).unwrap();
         let s = store.new_staging(None).unwrap();
         (&*s.file).write_all(b"hello").unwrap();
-        let c = hash_file(&s.path).unwrap();
+        let c = hash_file(&s.path, 5).unwrap();
         assert_eq!(c, ContentId::of(b"hello"));
         store.install(&s.path, &c).unwrap();
         assert_eq!(fs::read(store.object_path(&c)).unwrap(), b"hello");

@@ -17,14 +17,15 @@ pub trait Backend: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
 
-    /// Applies every write (`None` removes) as one atomic step.
-    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()>;
+    /// Sets (`Some`) or removes (`None`) one key. Writes are recovered in
+    /// order after a crash: a prefix of them survives.
+    fn set(&self, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<()>;
 
     /// Makes applied writes survive a crash of the process.
     fn flush(&self) -> Result<()>;
 }
 
-/// sled 0.34: one tree, batches applied with `apply_batch` (atomic).
+/// sled 0.34: one tree of single-key writes (see the crate docs for why not batches).
 #[derive(Debug)]
 pub struct SledBackend {
     db: sled::Db,
@@ -81,15 +82,11 @@ impl Backend for SledBackend {
         Ok(out)
     }
 
-    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in writes {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
+    fn set(&self, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<()> {
+        match value {
+            Some(v) => self.db.insert(key, v).map(drop).map_err(sled_err),
+            None => self.db.remove(key).map(drop).map_err(sled_err),
         }
-        self.db.apply_batch(batch).map_err(sled_err)
     }
 
     fn flush(&self) -> Result<()> {
@@ -128,14 +125,12 @@ impl Backend for MemBackend {
             .collect())
     }
 
-    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<()> {
+    fn set(&self, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<()> {
         let mut map = self.map.lock().map_err(|_| StoreError::Poisoned)?;
-        for (k, v) in writes {
-            match v {
-                Some(v) => map.insert(k, v),
-                None => map.remove(&k),
-            };
-        }
+        match value {
+            Some(v) => map.insert(key, v),
+            None => map.remove(&key),
+        };
         Ok(())
     }
 

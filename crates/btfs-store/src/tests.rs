@@ -39,6 +39,12 @@ enum Op {
         path: usize,
     },
     Reopen,
+    /// A rename cut short by a crash: only its first write (the new path)
+    /// reached the store, then the store is reopened.
+    CrashedRename {
+        from: usize,
+        to: usize,
+    },
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
@@ -48,8 +54,9 @@ fn arb_op() -> impl Strategy<Value = Op> {
         2 => p.clone().prop_map(|path| Op::Delete { path }),
         2 => (p.clone(), p.clone(), any::<bool>()).prop_map(|(from, to, index_first)| Op::Rename { from, to, index_first }),
         2 => (p.clone(), 0u8..3).prop_map(|(path, content)| Op::SetContent { path, content }),
-        1 => p.prop_map(|path| Op::Forget { path }),
+        1 => p.clone().prop_map(|path| Op::Forget { path }),
         1 => Just(Op::Reopen),
+        1 => (p.clone(), p.clone()).prop_map(|(from, to)| Op::CrashedRename { from, to }),
     ]
 }
 
@@ -62,6 +69,10 @@ fn content(i: u8) -> ContentId {
 }
 
 fn check(store: &Store<SledBackend>, model: &BTreeMap<RelPath, Entry>) {
+    let mut inos = BTreeSet::new();
+    for e in model.values().filter(|e| e.is_live()) {
+        assert!(inos.insert(e.ino), "inode {} on two live paths", e.ino);
+    }
     for p in PATHS.iter().map(|p| RelPath::parse(p).unwrap()) {
         assert_eq!(
             store.get(&p).unwrap().as_ref(),
@@ -112,9 +123,23 @@ fn check(store: &Store<SledBackend>, model: &BTreeMap<RelPath, Entry>) {
     assert_eq!(store.has_live_children(&d).unwrap(), !expected.is_empty());
 }
 
+/// Reopens after a drop; sled's background threads release the file lock
+/// shortly after the last handle is dropped.
+fn reopen(dir: &std::path::Path) -> Store<SledBackend> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open_sled(dir) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open_sled(dir.path()).unwrap();
+    let mut store = reopen(dir.path());
     let mut model: BTreeMap<RelPath, Entry> = BTreeMap::new();
     let mut seen_inos = BTreeSet::new();
     let now = Timestamp { secs: 1, nanos: 0 };
@@ -224,7 +249,32 @@ fn run(ops: Vec<Op>) {
             Op::Reopen => {
                 store.flush().unwrap();
                 drop(store);
-                store = Store::open_sled(dir.path()).unwrap();
+                store = reopen(dir.path());
+            }
+            Op::CrashedRename { from, to } => {
+                let (pf, pt) = (path(from), path(to));
+                let Some(old) = model.get(&pf).filter(|e| e.is_live()).cloned() else {
+                    continue;
+                };
+                if pf == pt || model.get(&pt).is_some_and(Entry::is_live) {
+                    continue;
+                }
+                store.write(vec![Change::Put(pt.clone(), old)]).unwrap();
+                store.flush().unwrap();
+                drop(store);
+                store = reopen(dir.path());
+                // Both paths survive; reopening gave one of them a new inode.
+                let (a, b) = (
+                    store.get(&pf).unwrap().unwrap(),
+                    store.get(&pt).unwrap().unwrap(),
+                );
+                assert!(a.is_live() && b.is_live());
+                assert_ne!(a.ino, b.ino);
+                for e in [&a, &b] {
+                    seen_inos.insert(e.ino);
+                }
+                model.insert(pf, a);
+                model.insert(pt, b);
             }
         }
         check(&store, &model);
