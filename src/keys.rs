@@ -89,7 +89,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("swarm.key");
         let key = write_new_swarm_key(&p, false).unwrap();
-        assert_eq!(read_swarm_key(&p).unwrap().fingerprint(), key.fingerprint());
+        assert_eq!(
+            read_swarm_key(&p).unwrap().fingerprint().to_string(),
+            key.fingerprint().to_string()
+        );
         let again = write_new_swarm_key(&p, false).unwrap_err().to_string();
         assert!(again.contains("already exists"), "{again}");
 

@@ -1,5 +1,7 @@
 //! The `btfs` command line: keys, mount errors, status.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{fs, path::Path};

@@ -2,6 +2,8 @@
 //! written, 20 times over one state directory. After each remount every file
 //! must hold one complete version (old or new), never a mix.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{

@@ -1,5 +1,7 @@
 //! Filesystem behaviour through a real FUSE mount, with std::fs and syscalls.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{

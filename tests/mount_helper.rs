@@ -2,6 +2,8 @@
 //! helper. Installs mount.btfs into /sbin for the test (restoring whatever was
 //! there) and btfs into a temporary directory.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{

@@ -3,6 +3,8 @@
 //! reason, in integration/pjdfstest-expected-failures.txt; any other failure,
 //! and any listed case that passes, fails this test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{collections::BTreeSet, process::Command};

@@ -4,6 +4,7 @@
 //! fails with a message saying so: a filesystem test suite that skips silently
 //! proves nothing.
 #![allow(dead_code, unreachable_pub)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     path::{Path, PathBuf},

@@ -302,15 +302,31 @@ impl<B: Backend> Shared<B> {
         }
         let cell = open.remove(&ino);
         drop(open);
+        let Some(cell) = cell else { return };
+        let mut st = lock(&cell.state);
+        if let Some((Target::Object(c), _)) = st.backing.take() {
+            self.unback_object(&c);
+        }
         // The last handle is gone; a staging file left behind is either a
         // clean private copy (already committed) or an unlinked file's data.
-        if let Some(staging) = cell.and_then(|c| lock(&c.state).staging.take()) {
-            if let Err(e) = std::fs::remove_file(&staging.path) {
-                warn!(
-                    ino,
-                    "could not delete staging file {}: {e}",
-                    staging.path.display()
-                );
+        if let Some(staging) = st.staging.take()
+            && let Err(e) = std::fs::remove_file(&staging.path)
+        {
+            warn!(
+                ino,
+                "could not delete staging file {}: {e}",
+                staging.path.display()
+            );
+        }
+    }
+
+    /// One inode fewer uses object `c` as its passthrough backing file.
+    fn unback_object(&self, c: &ContentId) {
+        let mut backed = lock(&self.backed_objects);
+        if let Some(n) = backed.get_mut(c) {
+            *n -= 1;
+            if *n == 0 {
+                backed.remove(c);
             }
         }
     }
@@ -729,13 +745,7 @@ impl<B: Backend> Shared<B> {
                         self.objects.detach(&content)?
                     };
                     *target = Target::Staging;
-                    let mut backed = lock(&self.backed_objects);
-                    if let Some(n) = backed.get_mut(&content) {
-                        *n -= 1;
-                        if *n == 0 {
-                            backed.remove(&content);
-                        }
-                    }
+                    self.unback_object(&content);
                     detached
                 }
                 _ => self.objects.new_staging((!truncate).then_some(&content))?,
@@ -743,10 +753,8 @@ impl<B: Backend> Shared<B> {
             *cell.current.write().unwrap_or_else(|p| p.into_inner()) = Some(staging.file.clone());
             st.staging = Some(staging);
         }
-        if truncate {
-            if let Some(s) = &st.staging {
-                s.file.set_len(0)?;
-            }
+        if truncate && let Some(s) = &st.staging {
+            s.file.set_len(0)?;
         }
         Ok(())
     }
@@ -882,19 +890,18 @@ impl<B: Backend> Shared<B> {
         }
         let mtime = changes.mtime.map(|t| resolve_time(t, now));
         let atime = changes.atime.map(|t| resolve_time(t, now));
-        if mtime.is_some() || atime.is_some() {
-            if let Some(cell) = self.cell(ino) {
-                if let Some(s) = &lock(&cell.state).staging {
-                    let mut times = std::fs::FileTimes::new();
-                    if let Some(m) = mtime {
-                        times = times.set_modified(m);
-                    }
-                    if let Some(a) = atime {
-                        times = times.set_accessed(a);
-                    }
-                    s.file.set_times(times)?;
-                }
+        if (mtime.is_some() || atime.is_some())
+            && let Some(cell) = self.cell(ino)
+            && let Some(s) = &lock(&cell.state).staging
+        {
+            let mut times = std::fs::FileTimes::new();
+            if let Some(m) = mtime {
+                times = times.set_modified(m);
             }
+            if let Some(a) = atime {
+                times = times.set_accessed(a);
+            }
+            s.file.set_times(times)?;
         }
         if changes.is_metadata_only_noop() {
             return self.getattr(ino);

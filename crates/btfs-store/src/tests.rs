@@ -1,6 +1,8 @@
 //! Model-based test: random operations against the sled store (with reopens)
 //! and against a plain `BTreeMap` model must agree on every observation.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use btfs_core::{NodeId, Owner, Timestamp};
