@@ -79,6 +79,8 @@ pub struct FsStatus {
     pub passthrough: bool,
     pub commits: u64,
     pub commit_failures: u64,
+    /// Released objects waiting for the next garbage collection.
+    pub pending_gc: usize,
     #[serde(flatten)]
     pub tree: Stats,
 }
@@ -263,6 +265,7 @@ impl<B: Backend> FsHandle<B> {
             passthrough: s.passthrough.load(Ordering::Relaxed),
             commits: s.commits.load(Ordering::Relaxed),
             commit_failures: s.commit_failures.load(Ordering::Relaxed),
+            pending_gc: lock(&s.pending_gc).len(),
             tree: s.store.stats()?,
         })
     }
