@@ -906,7 +906,12 @@ impl<B: Backend> Shared<B> {
             }
             s.file.set_times(times)?;
         }
-        if changes.is_metadata_only_noop() {
+        let kills_setid = |e: &Entry| e.record.mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+        if changes.is_metadata_only_noop()
+            && !(changes.size.is_some()
+                && changes.caller_uid != 0
+                && self.entry_of(ino).is_ok_and(|(_, e)| kills_setid(&e)))
+        {
             return self.getattr(ino);
         }
         {
@@ -921,6 +926,16 @@ impl<B: Backend> Shared<B> {
             }
             if let Some(gid) = changes.gid {
                 record.gid = gid;
+            }
+            // The kernel leaves killing set-id bits to us (FUSE_HANDLE_KILLPRIV),
+            // saving a GETATTR round trip on every chown: do what Linux does.
+            let chown = changes.uid.is_some() || changes.gid.is_some();
+            let truncate_unprivileged = changes.size.is_some() && changes.caller_uid != 0;
+            if record.kind == FileKind::File && changes.mode.is_none() && (chown || truncate_unprivileged) {
+                record.mode &= !libc::S_ISUID;
+                if record.mode & libc::S_IXGRP != 0 {
+                    record.mode &= !libc::S_ISGID;
+                }
             }
             if let Some(m) = mtime {
                 record.mtime = m.into();
@@ -1069,6 +1084,8 @@ fn build_attr(entry: &Entry, unlinked: bool, staging: Option<&Metadata>) -> Resu
 /// The attribute changes of one `setattr` call.
 #[derive(Debug, Default)]
 struct AttrChanges {
+    /// Who asks (set-id bits survive a truncate by root).
+    caller_uid: u32,
     mode: Option<u32>,
     uid: Option<u32>,
     gid: Option<u32>,
@@ -1107,7 +1124,8 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_AUTO_INVAL_DATA
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            | InitFlags::FUSE_HANDLE_KILLPRIV;
         if let Err(missing) = config.add_capabilities(wanted) {
             debug!(?missing, "kernel lacks some optional capabilities");
         }
@@ -1157,7 +1175,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -1174,6 +1192,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         reply: ReplyAttr,
     ) {
         let changes = AttrChanges {
+            caller_uid: req.uid(),
             mode,
             uid,
             gid,
