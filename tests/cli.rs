@@ -155,7 +155,13 @@ fn status_reports_counts_in_text_and_json() {
     fs::write(node.path("d/a"), vec![1u8; 1000]).unwrap();
     fs::write(node.path("b"), vec![2u8; 24]).unwrap();
     let _open = fs::File::open(node.path("b")).unwrap();
-    let v = node.status();
+    // Commits finish in the background shortly after close(2).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut v = node.status();
+    while v["bytes"] != 1024 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        v = node.status();
+    }
     assert_eq!(v["files"], 2);
     assert_eq!(v["dirs"], 2, "root and d");
     assert_eq!(v["bytes"], 1024);

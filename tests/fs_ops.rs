@@ -97,7 +97,11 @@ fn attributes_chmod_chown_truncate_and_times() {
     for (before, after) in [(0o4755, 0o755), (0o6755, 0o755), (0o2745, 0o2745)] {
         fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
         std::os::unix::fs::chown(&p, Some(1234), None).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, after, "chown of {before:o}");
+        assert_eq!(
+            fs::metadata(&p).unwrap().mode() & 0o7777,
+            after,
+            "chown of {before:o}"
+        );
     }
     fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
 

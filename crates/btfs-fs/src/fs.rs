@@ -38,6 +38,7 @@ use std::{
     sync::{
         Arc, Mutex, MutexGuard, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        mpsc::{SyncSender, TrySendError},
     },
     time::{Duration, SystemTime},
 };
@@ -52,6 +53,12 @@ use fuser::{
 };
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
+
+/// Threads that hash and commit closed files.
+const COMMIT_WORKERS: usize = 2;
+/// Closed writers waiting for a commit worker; beyond this, closing commits
+/// on the dispatch thread itself.
+const COMMIT_QUEUE: usize = 256;
 
 use crate::{
     error::{FsError, Result, errno},
@@ -145,6 +152,9 @@ struct Shared<B> {
     /// Entries of inodes that were unlinked or replaced while the kernel still
     /// knew them, until it forgets them; their content is kept meanwhile.
     orphans: Mutex<HashMap<u64, Entry>>,
+    /// Releases of writers waiting for a commit worker.
+    commit_queue: Mutex<Option<SyncSender<Arc<Handle>>>>,
+    commit_workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Objects used as a passthrough backing file, with the number of inodes
     /// doing so (kept at most 1: a second inode gets the cached mode).
     backed_objects: Mutex<HashMap<ContentId, usize>>,
@@ -228,25 +238,27 @@ impl<B: Backend> BtfsFs<B> {
         if swept > 0 {
             info!(swept, "deleted unreferenced objects");
         }
-        Ok(Self {
-            shared: Arc::new(Shared {
-                store,
-                objects,
-                cfg,
-                ns: Mutex::new(()),
-                open: Mutex::new(HashMap::new()),
-                handles: Mutex::new(HashMap::new()),
-                dirs: Mutex::new(HashMap::new()),
-                orphans: Mutex::new(HashMap::new()),
-                pending_gc: Mutex::new(Vec::new()),
-                backed_objects: Mutex::new(HashMap::new()),
-                stale_cache: Mutex::new(HashSet::new()),
-                next_fh: AtomicU64::new(1),
-                passthrough: AtomicBool::new(false),
-                commits: AtomicU64::new(0),
-                commit_failures: AtomicU64::new(0),
-            }),
-        })
+        let shared = Arc::new(Shared {
+            store,
+            objects,
+            cfg,
+            ns: Mutex::new(()),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashMap::new()),
+            pending_gc: Mutex::new(Vec::new()),
+            backed_objects: Mutex::new(HashMap::new()),
+            commit_queue: Mutex::new(None),
+            commit_workers: Mutex::new(Vec::new()),
+            stale_cache: Mutex::new(HashSet::new()),
+            next_fh: AtomicU64::new(1),
+            passthrough: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
+            commit_failures: AtomicU64::new(0),
+        });
+        shared.start_committers()?;
+        Ok(Self { shared })
     }
 
     pub fn handle(&self) -> FsHandle<B> {
@@ -762,8 +774,29 @@ impl<B: Backend> Shared<B> {
         Ok(())
     }
 
-    fn release(&self, fh: u64) -> Result<()> {
+    /// Closes handle `fh`. A writer's release goes to the commit workers, so
+    /// that hashing a large file never occupies a dispatch thread; when their
+    /// queue is full it runs here (backpressure on the closing application).
+    fn release(self: &Arc<Self>, fh: u64) -> Result<()> {
         let handle = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
+        if handle.writable {
+            let queue = lock(&self.commit_queue).clone();
+            let rejected = match queue {
+                Some(tx) => match tx.try_send(handle) {
+                    Ok(()) => return Ok(()),
+                    Err(TrySendError::Full(h) | TrySendError::Disconnected(h)) => h,
+                },
+                None => handle,
+            };
+            self.finish_release(rejected);
+            return Ok(());
+        }
+        self.finish_release(handle);
+        Ok(())
+    }
+
+    /// Accounts for a closed handle and commits when it was the last writer.
+    fn finish_release(&self, handle: Arc<Handle>) {
         let ino = handle.ino;
         if let Some(cell) = self.cell(ino) {
             let mut st = lock(&cell.state);
@@ -784,7 +817,42 @@ impl<B: Backend> Shared<B> {
         }
         drop(handle);
         self.unpin(ino);
+    }
+
+    /// Starts the commit workers.
+    fn start_committers(self: &Arc<Self>) -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Handle>>(COMMIT_QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = lock(&self.commit_workers);
+        for i in 0..COMMIT_WORKERS {
+            let (shared, rx) = (self.clone(), rx.clone());
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("btfs-commit-{i}"))
+                    .spawn(move || {
+                        loop {
+                            let next = lock(&rx).recv();
+                            match next {
+                                Ok(handle) => shared.finish_release(handle),
+                                Err(_) => return, // queue closed and drained
+                            }
+                        }
+                    })?,
+            );
+        }
+        *lock(&self.commit_queue) = Some(tx);
         Ok(())
+    }
+
+    /// Closes the commit queue and waits until every queued commit is done.
+    fn stop_committers(&self) {
+        lock(&self.commit_queue).take();
+        let workers = std::mem::take(&mut *lock(&self.commit_workers));
+        for w in workers {
+            if w.join().is_err() {
+                error!("a commit worker panicked");
+            }
+        }
     }
 
     /// Turns the inode's staging file into the committed version of its path.
@@ -931,7 +999,10 @@ impl<B: Backend> Shared<B> {
             // saving a GETATTR round trip on every chown: do what Linux does.
             let chown = changes.uid.is_some() || changes.gid.is_some();
             let truncate_unprivileged = changes.size.is_some() && changes.caller_uid != 0;
-            if record.kind == FileKind::File && changes.mode.is_none() && (chown || truncate_unprivileged) {
+            if record.kind == FileKind::File
+                && changes.mode.is_none()
+                && (chown || truncate_unprivileged)
+            {
                 record.mode &= !libc::S_ISUID;
                 if record.mode & libc::S_IXGRP != 0 {
                     record.mode &= !libc::S_ISGID;
@@ -966,12 +1037,19 @@ impl<B: Backend> Shared<B> {
         self.with_state(ino, |st| {
             if let Some(s) = &st.staging {
                 s.file.set_len(size)?;
+                // Without a writer (a clean private copy kept for readers, or a
+                // release still queued) nobody else will commit this change.
+                if st.writers == 0 {
+                    self.commit(ino, st, true)?;
+                }
                 return Ok(());
             }
+            // Re-read under the state lock: a commit may have finished meanwhile.
+            let (_, current) = self.entry_of(ino)?;
             let from = if size == 0 {
                 None
             } else {
-                entry.record.content
+                current.record.content
             };
             let staging = self.objects.new_staging(from.as_ref())?;
             staging.file.set_len(size)?;
@@ -1146,6 +1224,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
     }
 
     fn destroy(&mut self) {
+        self.shared.stop_committers();
         if let Err(e) = self
             .shared
             .collect_garbage()
