@@ -1184,6 +1184,28 @@ impl AttrChanges {
     }
 }
 
+impl<B: Backend> BtfsFs<B> {
+    /// Creates the entry that `make` builds in `parent` and answers the
+    /// kernel with its attributes (mkdir, mknod, symlink).
+    fn create_and_reply(
+        &self,
+        op: &str,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+        make: impl FnOnce(&Entry, NodeId, Timestamp) -> FileRecord,
+    ) {
+        let s = &self.shared;
+        let result = s
+            .create_entry(parent.0, name, |dir| make(dir, s.node(), Timestamp::now()))
+            .and_then(|e| build_attr(&e, false, None));
+        match result {
+            Ok(attr) => reply.entry(&s.cfg.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(fail(op, &e)),
+        }
+    }
+}
+
 /// Logs a failed operation at a level that fits its errno.
 fn fail(op: &str, e: &FsError) -> Errno {
     let code = errno(e);
@@ -1306,23 +1328,17 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let s = &self.shared;
-        let result = if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            Err(FsError::Unsupported("device nodes, FIFOs and sockets"))
-        } else {
-            s.create_entry(parent.0, name, |dir| {
-                FileRecord::new_file(
-                    Shared::<B>::owner_in(req, dir, mode, umask, false),
-                    s.node(),
-                    Timestamp::now(),
-                )
-            })
-            .and_then(|e| build_attr(&e, false, None))
-        };
-        match result {
-            Ok(attr) => reply.entry(&s.cfg.ttl, &attr, Generation(0)),
-            Err(e) => reply.error(fail("mknod", &e)),
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            let e = FsError::Unsupported("device nodes, FIFOs and sockets");
+            return reply.error(fail("mknod", &e));
         }
+        self.create_and_reply("mknod", parent, name, reply, |dir, node, now| {
+            FileRecord::new_file(
+                Shared::<B>::owner_in(req, dir, mode, umask, false),
+                node,
+                now,
+            )
+        });
     }
 
     fn mkdir(
@@ -1334,20 +1350,13 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let s = &self.shared;
-        let result = s
-            .create_entry(parent.0, name, |dir| {
-                FileRecord::new_dir(
-                    Shared::<B>::owner_in(req, dir, mode, umask, true),
-                    s.node(),
-                    Timestamp::now(),
-                )
-            })
-            .and_then(|e| build_attr(&e, false, None));
-        match result {
-            Ok(attr) => reply.entry(&s.cfg.ttl, &attr, Generation(0)),
-            Err(e) => reply.error(fail("mkdir", &e)),
-        }
+        self.create_and_reply("mkdir", parent, name, reply, |dir, node, now| {
+            FileRecord::new_dir(
+                Shared::<B>::owner_in(req, dir, mode, umask, true),
+                node,
+                now,
+            )
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1372,22 +1381,21 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let s = &self.shared;
-        let result = match target.to_str() {
+        let target = match target.to_str() {
             None => Err(FsError::BadName(btfs_core::PathError::NotUtf8)),
             Some(t) if t.len() > btfs_core::MAX_PATH_LEN => {
                 Err(FsError::BadName(btfs_core::PathError::PathTooLong))
             }
-            Some(t) => s
-                .create_entry(parent.0, link_name, |dir| {
+            Some(t) => Ok(t.to_owned()),
+        };
+        match target {
+            Ok(t) => {
+                self.create_and_reply("symlink", parent, link_name, reply, |dir, node, now| {
                     let mut owner = Shared::<B>::owner_in(req, dir, 0o777, 0, false);
                     owner.mode = 0o777;
-                    FileRecord::new_symlink(t.to_owned(), owner, s.node(), Timestamp::now())
+                    FileRecord::new_symlink(t, owner, node, now)
                 })
-                .and_then(|e| build_attr(&e, false, None)),
-        };
-        match result {
-            Ok(attr) => reply.entry(&s.cfg.ttl, &attr, Generation(0)),
+            }
             Err(e) => reply.error(fail("symlink", &e)),
         }
     }
