@@ -645,3 +645,95 @@ fn writers_next_to_readers_never_change_shared_content() {
     fs::write(node.path("c"), b"same bytes").unwrap();
     assert_eq!(fs::read(node.path("c")).unwrap(), b"same bytes");
 }
+
+/// Runs a command, failing the test with its output if it fails.
+fn run(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (is it installed? .ci/run installs it)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ordinary_tools_copy_archive_and_sync_trees() {
+    let mut node = Node::start();
+    // A source tree with nested directories, a symlink, modes and times.
+    let src = tempfile::tempdir().unwrap();
+    let s = src.path();
+    fs::create_dir_all(s.join("a/b/c")).unwrap();
+    for i in 0..30u64 {
+        fs::write(
+            s.join(format!("a/b/f{i}")),
+            pattern(i, 1000 + i as usize * 3000),
+        )
+        .unwrap();
+    }
+    fs::write(s.join("a/b/c/script.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    fs::set_permissions(s.join("a/b/c/script.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("b/f1", s.join("a/link")).unwrap();
+    let t = UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    File::options()
+        .write(true)
+        .open(s.join("a/b/f2"))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+
+    let m = node.mnt.clone();
+    let (sa, ms) = (format!("{}/a", s.display()), m.to_str().unwrap().to_owned());
+    run("cp", &["-a", &sa, &format!("{ms}/cp")]);
+    run(
+        "tar",
+        &[
+            "-C",
+            s.to_str().unwrap(),
+            "-cf",
+            &format!("{ms}/a.tar"),
+            "a",
+        ],
+    );
+    fs::create_dir(m.join("untar")).unwrap();
+    run(
+        "tar",
+        &["-C", &format!("{ms}/untar"), "-xf", &format!("{ms}/a.tar")],
+    );
+    run("rsync", &["-a", &format!("{sa}/"), &format!("{ms}/rsync/")]);
+    // rsync again after a change: it replaces files through temporary names.
+    fs::write(s.join("a/b/f3"), b"changed").unwrap();
+    run(
+        "rsync",
+        &["-a", "--delete", &format!("{sa}/"), &format!("{ms}/rsync/")],
+    );
+
+    node.remount();
+    for copy in ["cp", "untar/a", "rsync"] {
+        let d = m.join(copy);
+        for i in [0u64, 7, 29] {
+            assert_eq!(
+                fs::read(d.join(format!("b/f{i}"))).unwrap(),
+                pattern(i, 1000 + i as usize * 3000),
+                "{copy}"
+            );
+        }
+        assert_eq!(
+            fs::read_link(d.join("link")).unwrap(),
+            Path::new("b/f1"),
+            "{copy}"
+        );
+        let script = fs::metadata(d.join("b/c/script.sh")).unwrap();
+        assert_eq!(script.mode() & 0o777, 0o755, "{copy}");
+        assert_eq!(
+            fs::metadata(d.join("b/f2")).unwrap().modified().unwrap(),
+            t,
+            "{copy}"
+        );
+    }
+    assert_eq!(fs::read(m.join("rsync/b/f3")).unwrap(), b"changed");
+    run("diff", &["-r", &sa, &format!("{ms}/rsync")]);
+}
