@@ -6,11 +6,13 @@
 //! place and can be tested exhaustively.
 
 mod id;
+pub mod merge;
 mod path;
 mod record;
 mod version;
 
 pub use id::{ContentId, IdParseError, NodeId};
+pub use merge::{Resolution, Versions, conflict_copy_name, is_conflict_copy, resolve};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, validate_name};
 pub use record::{FileKind, FileRecord, Owner, Timestamp};
 pub use version::VersionVector;

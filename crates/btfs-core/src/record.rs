@@ -9,7 +9,7 @@ use crate::{ContentId, NodeId, VersionVector};
 /// What a path holds. btfs stores regular files, directories and symbolic links
 /// only: hard links, device nodes, FIFOs and sockets are refused at the mount
 /// (see the fs crate) because they cannot mean the same thing on every node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum FileKind {
     File,
     Dir,
@@ -79,6 +79,10 @@ pub struct FileRecord {
     pub ctime: Timestamp,
     /// blake3 of the bytes, for files.
     pub content: Option<ContentId>,
+    /// The content of the version this one was derived from: lets a merge
+    /// tell an edit that started from the content another node holds (not a
+    /// conflict) from two edits of the same ancestor (a conflict).
+    pub prev_content: Option<ContentId>,
     /// Link target, for symlinks.
     pub target: Option<String>,
     pub version: VersionVector,
@@ -107,6 +111,7 @@ impl FileRecord {
             atime: now,
             ctime: now,
             content: None,
+            prev_content: None,
             target: None,
             version: VersionVector::new().incremented(author),
             author,
@@ -140,6 +145,7 @@ impl FileRecord {
     /// becomes the author, and ctime moves to `now`. Field changes follow.
     pub fn next_version(&self, author: NodeId, now: Timestamp) -> Self {
         let mut r = self.clone();
+        r.prev_content = self.content;
         r.version.increment(author);
         r.author = author;
         r.ctime = now;
