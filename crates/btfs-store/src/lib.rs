@@ -71,6 +71,8 @@ impl Entry {
 }
 
 /// One step of a [`Store::write`].
+// Changes live for one write call, a handful at a time: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Change {
     /// Stores `entry` at the path, replacing what was there.
