@@ -737,3 +737,59 @@ fn ordinary_tools_copy_archive_and_sync_trees() {
     assert_eq!(fs::read(m.join("rsync/b/f3")).unwrap(), b"changed");
     run("diff", &["-r", &sa, &format!("{ms}/rsync")]);
 }
+
+#[test]
+fn a_full_disk_gives_enospc_and_keeps_committed_files() {
+    common::require_fuse();
+    // The node's state on a 16 MiB tmpfs.
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    fs::create_dir(&small).unwrap();
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=16m",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ],
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _tmpfs = Unmount(small.clone());
+    let mut node = Node::start_with(&format!("state={}", small.join("state").display()));
+
+    let keep = pattern(1, 1 << 20);
+    fs::write(node.path("keep"), &keep).unwrap();
+    let err = fs::write(node.path("huge"), pattern(2, 64 << 20)).unwrap_err();
+    assert_eq!(errno_of(&err), libc::ENOSPC, "{err}");
+    assert_eq!(fs::read(node.path("keep")).unwrap(), keep);
+    assert!(node.status()["pid"].is_u64(), "the daemon survives");
+    // Room again once the partial file is removed and its object collected
+    // (after the store is flushed, within a second or two).
+    let _ = fs::remove_file(node.path("huge"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while {
+        let st = nix::sys::statvfs::statvfs(&node.mnt).unwrap();
+        st.blocks_available() * st.fragment_size() < 8 << 20
+    } {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "space was never freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fs::write(node.path("after"), b"fits").unwrap();
+    node.remount();
+    assert_eq!(fs::read(node.path("keep")).unwrap(), keep);
+    assert_eq!(fs::read(node.path("after")).unwrap(), b"fits");
+}

@@ -106,6 +106,8 @@ enum Target {
 #[derive(Debug, Default)]
 struct OpenInode {
     writers: u32,
+    /// The staging file holds writes that no commit has recorded yet.
+    uncommitted: bool,
     /// Handles served in the kernel's cached mode (not passthrough).
     cached: u32,
     staging: Option<Staging>,
@@ -322,11 +324,28 @@ impl<B: Backend> Shared<B> {
         if let Some((Target::Object(c), _)) = st.backing.take() {
             self.unback_object(&c);
         }
-        // The last handle is gone; a staging file left behind is either a
-        // clean private copy (already committed) or an unlinked file's data.
-        if let Some(staging) = st.staging.take()
-            && let Err(e) = std::fs::remove_file(&staging.path)
-        {
+        // The last handle is gone. A staging file left behind is a clean
+        // private copy (already committed), an unlinked file's data, or writes
+        // whose commit failed: those are kept aside, never deleted.
+        let orphan = lock(&self.orphans).contains_key(&ino);
+        let Some(staging) = st.staging.take() else {
+            return;
+        };
+        if st.uncommitted && !orphan {
+            match self.objects.rescue(&staging.path, ino) {
+                Ok(kept) => error!(
+                    ino,
+                    "a version could not be committed; its data is kept in {}",
+                    kept.display()
+                ),
+                Err(e) => error!(
+                    ino,
+                    "a version could not be committed and its data could not be kept aside \
+                     either ({e}); it is still at {}",
+                    staging.path.display()
+                ),
+            }
+        } else if let Err(e) = std::fs::remove_file(&staging.path) {
             warn!(
                 ino,
                 "could not delete staging file {}: {e}",
@@ -771,6 +790,7 @@ impl<B: Backend> Shared<B> {
         if truncate && let Some(s) = &st.staging {
             s.file.set_len(0)?;
         }
+        st.uncommitted = true;
         Ok(())
     }
 
@@ -863,6 +883,12 @@ impl<B: Backend> Shared<B> {
     /// instead: it must stay private to this inode, since objects are shared
     /// by every path with the same content.
     fn commit(&self, ino: u64, st: &mut OpenInode, shared: bool) -> Result<()> {
+        self.commit_staging(ino, st, shared)?;
+        st.uncommitted = false;
+        Ok(())
+    }
+
+    fn commit_staging(&self, ino: u64, st: &mut OpenInode, shared: bool) -> Result<()> {
         let Some(staging) = st.staging.take() else {
             return Ok(());
         };

@@ -159,6 +159,19 @@ impl ObjectStore {
         copied
     }
 
+    /// Moves the data of a version that could not be committed to
+    /// `rescued/` beside the objects, where an operator can recover it.
+    pub(crate) fn rescue(&self, staging: &Path, ino: u64) -> io::Result<PathBuf> {
+        let dir = self.objects.with_file_name("rescued");
+        fs::create_dir_all(&dir)?;
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let dest = dir.join(format!("{secs}-inode{ino}"));
+        fs::rename(staging, &dest)?;
+        Ok(dest)
+    }
+
     /// Deletes object `c` (open descriptors keep working).
     pub fn remove(&self, c: &ContentId) -> io::Result<()> {
         match fs::remove_file(self.object_path(c)) {
