@@ -25,6 +25,8 @@ use crate::{
     options::{MountOpts, default_state_dir, validate_cluster_name},
 };
 
+/// How often expired tombstones are looked for.
+const TOMBSTONE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often released objects are deleted (after the store is flushed).
 const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -313,10 +315,24 @@ fn start(plan: &MountPlan) -> Result<Started> {
     };
     rt.spawn(control::serve(listener, Arc::new(status)));
     let gc_handle = handle.clone();
+    let retention = plan.opts.tombstone_retention;
     rt.spawn(async move {
         let mut tick = tokio::time::interval(GC_INTERVAL);
+        let mut tombstones = tokio::time::interval(TOMBSTONE_INTERVAL);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tombstones.tick() => {
+                    let h = gc_handle.clone();
+                    match tokio::task::spawn_blocking(move || h.collect_tombstones(retention)).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(collected = n, "forgot expired tombstones"),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!("tombstone collection failed: {e}"),
+                        Err(e) => tracing::warn!("tombstone collection task failed: {e}"),
+                    }
+                    continue;
+                }
+            }
             let h = gc_handle.clone();
             match tokio::task::spawn_blocking(move || h.collect_garbage()).await {
                 Ok(Ok(n)) if n > 0 => {

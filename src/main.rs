@@ -29,6 +29,7 @@ Mount options (-o, comma-separated):
   threads=N         FUSE dispatch threads (default 4)
   passthrough=on|off  kernel passthrough for file data (default on; needs root, Linux 6.9+)
   ttl=SECONDS       kernel attribute/entry cache lifetime (default 1)
+  tombstone_retention=DURATION  how long deletes are remembered (default and minimum 24h; e.g. 7d)
   allow_other | noallow_other   let every user use the mount (default allow_other)
   ro, nosuid, nodev, noexec, sync, dirsync   as for any filesystem
   _netdev, nofail, defaults, noauto, x-*, comment=...   accepted and ignored (for mount(8)/systemd)";

@@ -52,6 +52,27 @@ pub(crate) struct MountOpts {
     pub allow_other: bool,
     /// `ro`, `nosuid`, `nodev`, `noexec`, `sync`, `dirsync`.
     pub flags: MsFlags,
+    /// `tombstone_retention=DURATION` (`36h`, `7d`…): how long a delete is
+    /// remembered so that it can win against older copies; 24 h at least.
+    pub tombstone_retention: Duration,
+}
+
+/// The shortest tombstone retention: a node offline for less than this
+/// never brings a deleted file back.
+pub(crate) const MIN_TOMBSTONE_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `90s`, `30m`, `36h`, `7d` (a bare number is seconds).
+pub(crate) fn parse_duration(v: &str) -> Option<Duration> {
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
 }
 
 impl Default for MountOpts {
@@ -65,6 +86,7 @@ impl Default for MountOpts {
             ttl: Duration::from_secs(1),
             allow_other: true,
             flags: MsFlags::empty(),
+            tombstone_retention: MIN_TOMBSTONE_RETENTION,
         }
     }
 }
@@ -116,6 +138,15 @@ impl MountOpts {
                         })?;
                     o.ttl = Duration::from_secs_f64(secs);
                 }
+                ("tombstone_retention", Some(v)) => {
+                    o.tombstone_retention = parse_duration(v)
+                        .filter(|d| *d >= MIN_TOMBSTONE_RETENTION)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "mount option tombstone_retention={v}: expected a duration of at least 24h (e.g. 36h, 7d)"
+                            )
+                        })?
+                }
                 ("allow_other", None) => o.allow_other = true,
                 ("noallow_other", None) => o.allow_other = false,
                 ("ro", None) => o.flags |= MsFlags::MS_RDONLY,
@@ -126,10 +157,10 @@ impl MountOpts {
                 ("dirsync", None) => o.flags |= MsFlags::MS_DIRSYNC,
                 (n, _) if IGNORED.contains(&n) || n.starts_with("x-") || n == "comment" => {}
                 (n, Some(_))
-                    if ["key", "state", "listen", "threads", "passthrough", "ttl"].contains(&n) => {
+                    if ["key", "state", "listen", "threads", "passthrough", "ttl", "tombstone_retention"].contains(&n) => {
                 }
                 (n, None)
-                    if ["key", "state", "listen", "threads", "passthrough", "ttl"].contains(&n) =>
+                    if ["key", "state", "listen", "threads", "passthrough", "ttl", "tombstone_retention"].contains(&n) =>
                 {
                     bail!("mount option {n} needs a value ({n}=...)")
                 }
@@ -181,6 +212,11 @@ mod tests {
         let l = MountOpts::parse("listen=10.0.0.1:4001,passthrough=off").unwrap();
         assert_eq!(l.listen, Some("10.0.0.1:4001".parse().unwrap()));
         assert!(!l.passthrough);
+        let r = MountOpts::parse("tombstone_retention=7d").unwrap();
+        assert_eq!(r.tombstone_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(parse_duration("90m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("12"), Some(Duration::from_secs(12)));
+        assert_eq!(parse_duration("1w"), None);
     }
 
     #[test]
@@ -191,6 +227,8 @@ mod tests {
             ("threads=0", "expected 1 to 64"),
             ("passthrough=maybe", "expected on or off"),
             ("key", "needs a value"),
+            ("tombstone_retention=2h", "at least 24h"),
+            ("tombstone_retention=soon", "at least 24h"),
         ] {
             let err = MountOpts::parse(opt).unwrap_err().to_string();
             assert!(err.contains(why), "{opt}: {err}");

@@ -289,6 +289,14 @@ impl<B: Backend> FsHandle<B> {
         Ok(self.shared.store.flush()?)
     }
 
+    /// Forgets deletes older than `retention`; returns how many.
+    pub fn collect_tombstones(&self, retention: Duration) -> Result<usize> {
+        let cutoff = SystemTime::now()
+            .checked_sub(retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(self.shared.store.collect_tombstones(cutoff.into())?)
+    }
+
     /// Makes the store durable, then deletes the objects that it no longer
     /// references. The daemon calls this periodically; returns how many
     /// objects were deleted.

@@ -423,6 +423,34 @@ impl<B: Backend> Store<B> {
         Ok(released)
     }
 
+    /// Forgets tombstones whose delete happened before `cutoff` (their
+    /// ctime). Each one is checked again under the write lock, so a path that
+    /// was re-created meanwhile is never touched. Returns how many went.
+    pub fn collect_tombstones(&self, cutoff: btfs_core::Timestamp) -> Result<usize> {
+        let expired = |e: &Entry| !e.is_live() && e.record.ctime < cutoff;
+        let candidates: Vec<Vec<u8>> = self
+            .backend
+            .scan(b"e", None, usize::MAX)?
+            .into_iter()
+            .filter(|(_, v)| decode::<Entry>("entry", v).is_ok_and(|e| expired(&e)))
+            .map(|(k, _)| k)
+            .collect();
+        let _idx = self.idx()?;
+        let mut removed = 0;
+        for key in candidates {
+            let still = self
+                .backend
+                .get(&key)?
+                .map(|v| decode::<Entry>("entry", &v))
+                .transpose()?;
+            if still.as_ref().is_some_and(expired) {
+                self.backend.set(key, None)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Node-local metadata value.
     pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
         self.backend.get(&meta_key(name.as_bytes()))

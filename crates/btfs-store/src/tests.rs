@@ -326,3 +326,52 @@ fn memory_twin_behaves_like_sled_for_children_and_stats() {
     assert_eq!((stats.files, stats.bytes), (3, 30));
     assert_eq!(store.refcount(&ContentId::empty()).unwrap(), 3);
 }
+
+#[test]
+fn old_tombstones_are_collected_and_live_entries_never() {
+    let store = Store::in_memory();
+    let t = |secs| Timestamp { secs, nanos: 0 };
+    let live = FileRecord::new_file(OWNER, NODE, t(10));
+    let old = live.tombstone(NODE, t(100));
+    let recent = live.tombstone(NODE, t(5000));
+    let ino = store.alloc_ino().unwrap();
+    store
+        .write(vec![
+            Change::Put(RelPath::parse("live").unwrap(), Entry { ino, record: live }),
+            Change::Put(
+                RelPath::parse("old").unwrap(),
+                Entry {
+                    ino: NO_INO,
+                    record: old,
+                },
+            ),
+            Change::Put(
+                RelPath::parse("d/recent").unwrap(),
+                Entry {
+                    ino: NO_INO,
+                    record: recent,
+                },
+            ),
+        ])
+        .unwrap();
+    assert_eq!(store.collect_tombstones(t(1000)).unwrap(), 1);
+    assert!(
+        store
+            .get(&RelPath::parse("old").unwrap())
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .get(&RelPath::parse("d/recent").unwrap())
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .get_live(&RelPath::parse("live").unwrap())
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(store.collect_tombstones(t(1000)).unwrap(), 0);
+}
