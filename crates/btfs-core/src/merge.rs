@@ -270,22 +270,14 @@ mod tests {
     #[test]
     fn names_of_conflict_copies() {
         let r = file(0xab, 1_763_717_400, b"x"); // 2025-11-21 09:30:00 UTC
-        assert_eq!(
-            conflict_copy_name("report.txt", &r),
-            "report.btfs-conflict-20251121-093000-abababab.txt"
-        );
-        assert_eq!(
-            conflict_copy_name("Makefile", &r),
-            "Makefile.btfs-conflict-20251121-093000-abababab"
-        );
-        assert_eq!(
-            conflict_copy_name(".bashrc", &r),
-            ".bashrc.btfs-conflict-20251121-093000-abababab"
-        );
-        assert_eq!(
-            conflict_copy_name("a.tar.gz", &r),
-            "a.tar.btfs-conflict-20251121-093000-abababab.gz"
-        );
+        for (name, copy) in [
+            ("report.txt", "report.btfs-conflict-20251121-093000-abababab.txt"),
+            ("Makefile", "Makefile.btfs-conflict-20251121-093000-abababab"),
+            (".bashrc", ".bashrc.btfs-conflict-20251121-093000-abababab"),
+            ("a.tar.gz", "a.tar.btfs-conflict-20251121-093000-abababab.gz"),
+        ] {
+            assert_eq!(conflict_copy_name(name, &r), copy);
+        }
         assert!(is_conflict_copy(&conflict_copy_name("report.txt", &r)));
         assert!(!is_conflict_copy("report.txt"));
         assert!(!is_conflict_copy("x.btfs-conflict-2025"));
