@@ -271,10 +271,19 @@ mod tests {
     fn names_of_conflict_copies() {
         let r = file(0xab, 1_763_717_400, b"x"); // 2025-11-21 09:30:00 UTC
         for (name, copy) in [
-            ("report.txt", "report.btfs-conflict-20251121-093000-abababab.txt"),
-            ("Makefile", "Makefile.btfs-conflict-20251121-093000-abababab"),
+            (
+                "report.txt",
+                "report.btfs-conflict-20251121-093000-abababab.txt",
+            ),
+            (
+                "Makefile",
+                "Makefile.btfs-conflict-20251121-093000-abababab",
+            ),
             (".bashrc", ".bashrc.btfs-conflict-20251121-093000-abababab"),
-            ("a.tar.gz", "a.tar.btfs-conflict-20251121-093000-abababab.gz"),
+            (
+                "a.tar.gz",
+                "a.tar.btfs-conflict-20251121-093000-abababab.gz",
+            ),
         ] {
             assert_eq!(conflict_copy_name(name, &r), copy);
         }
