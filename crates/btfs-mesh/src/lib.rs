@@ -1,0 +1,712 @@
+//! The private mesh of a btfs cluster (libp2p 0.57).
+//!
+//! Transport: TCP, wrapped in pnet with the cluster's pre-shared key, then noise
+//! and yamux. A node without the key cannot complete a handshake, so it sees
+//! nothing and is seen by nobody. Discovery: mDNS on the LAN (optional) and
+//! static bootstrap addresses, redialled with backoff. No DHT, no relay.
+//!
+//! The mesh carries opaque bytes; what they mean (signed records, sync
+//! messages) is the caller's business:
+//! * [`Mesh::publish`] gossips to every member (gossipsub, one topic per
+//!   cluster; payloads are checked by [`MeshConfig::validate`] on every hop
+//!   before they are delivered or forwarded);
+//! * [`Mesh::request`] asks one peer and waits for its answer
+//!   (request-response, CBOR framing).
+//!
+//! Shape: a cloneable handle ([`Mesh`]) sends commands with oneshot replies to
+//! an event loop that owns the swarm; the loop sends [`MeshEvent`]s to one
+//! receiver. Every channel is bounded. The loop ends when every handle is
+//! dropped.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, allow_block_list,
+    core::upgrade::Version,
+    gossipsub, identify,
+    identity::Keypair,
+    mdns, noise, ping,
+    pnet::{PnetConfig, PreSharedKey},
+    request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
+    swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts},
+    tcp, yamux,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+/// Commands waiting for the event loop.
+const COMMAND_CAP: usize = 256;
+/// Events waiting for the caller; the loop waits when it is full.
+const EVENT_CAP: usize = 1024;
+/// Answers to inbound requests waiting to be sent.
+const RESPONSE_CAP: usize = 256;
+/// Largest gossip payload accepted by `publish`: well below gossipsub's
+/// 65,536-byte frame limit, which the receiver applies to the whole frame
+/// (an oversized frame silently stalls the connection).
+pub const MAX_GOSSIP: usize = 60 * 1024;
+/// How often unconnected peers and bootstrap addresses are considered for a
+/// redial.
+const REDIAL_TICK: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Errors of the mesh.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("cannot build the mesh transport: {0}")]
+    Transport(String),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(Multiaddr, String),
+    #[error("gossip payload of {0} bytes exceeds the {MAX_GOSSIP}-byte limit")]
+    TooLarge(usize),
+    #[error("no member is connected")]
+    NoPeers,
+    #[error("publish failed: {0}")]
+    Publish(String),
+    #[error("request to {0} failed: {1}")]
+    Request(PeerId, String),
+    #[error("the mesh has stopped")]
+    Stopped,
+}
+
+/// Decides whether a gossip payload from `source` may be delivered and
+/// forwarded (e.g. checks a record's signature and author).
+pub type Validator = Arc<dyn Fn(&PeerId, &[u8]) -> bool + Send + Sync>;
+
+/// Settings of one node's mesh.
+#[derive(Clone)]
+pub struct MeshConfig {
+    /// Cluster name: part of the topic and protocol names, so that two
+    /// clusters never mix even on one network.
+    pub cluster: String,
+    pub keypair: Keypair,
+    pub psk: PreSharedKey,
+    /// Addresses to listen on, e.g. `/ip4/0.0.0.0/tcp/4001`.
+    pub listen: Vec<Multiaddr>,
+    /// Static peers to dial (and redial) in other subnets or datacenters.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// If set, only these peers may connect (the key alone admits any holder).
+    pub members: Option<HashSet<PeerId>>,
+    pub validate: Validator,
+}
+
+impl std::fmt::Debug for MeshConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshConfig")
+            .field("cluster", &self.cluster)
+            .field("peer", &self.keypair.public().to_peer_id())
+            .field("psk", &self.psk.fingerprint().to_string())
+            .field("listen", &self.listen)
+            .field("bootstrap", &self.bootstrap)
+            .field("mdns", &self.mdns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opaque bytes on the request-response protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Payload(#[serde(with = "serde_bytes")] Vec<u8>);
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    members: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    gossipsub: gossipsub::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    rpc: request_response::cbor::Behaviour<Payload, Payload>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+/// What the mesh tells its owner.
+#[derive(Debug)]
+pub enum MeshEvent {
+    /// A validated gossip payload.
+    Gossip { source: PeerId, data: Vec<u8> },
+    /// A peer asks something; answer with [`Responder::respond`].
+    Request {
+        peer: PeerId,
+        data: Vec<u8>,
+        responder: Responder,
+    },
+    /// The first connection to a peer is up (time to sync with it).
+    PeerUp(PeerId),
+    /// The last connection to a peer is gone.
+    PeerDown(PeerId),
+}
+
+/// Answers one inbound request.
+#[derive(Debug)]
+pub struct Responder {
+    id: u64,
+    tx: mpsc::Sender<(u64, Vec<u8>)>,
+}
+
+impl Responder {
+    pub async fn respond(self, data: Vec<u8>) -> Result<(), MeshError> {
+        self.tx
+            .send((self.id, data))
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+}
+
+/// A connected or known peer, as `btfs status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    pub id: String,
+    pub addresses: Vec<String>,
+    pub connected: bool,
+    /// Seconds since the peer was last connected or heard from.
+    pub last_seen_secs: u64,
+}
+
+enum Command {
+    Publish(Vec<u8>, oneshot::Sender<Result<(), MeshError>>),
+    Request(PeerId, Vec<u8>, oneshot::Sender<Result<Vec<u8>, MeshError>>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+}
+
+/// Handle on a running mesh.
+#[derive(Clone, Debug)]
+pub struct Mesh {
+    local: PeerId,
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Publish(..) => "Publish",
+            Command::Request(..) => "Request",
+            Command::Peers(..) => "Peers",
+            Command::ListenAddrs(..) => "ListenAddrs",
+        })
+    }
+}
+
+impl Mesh {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| MeshError::Stopped)?;
+        rx.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// Gossips `data` to the cluster. `NoPeers` is normal while alone: the
+    /// caller keeps the data and anti-entropy delivers it later.
+    pub async fn publish(&self, data: Vec<u8>) -> Result<(), MeshError> {
+        if data.len() > MAX_GOSSIP {
+            return Err(MeshError::TooLarge(data.len()));
+        }
+        self.call(|tx| Command::Publish(data, tx)).await?
+    }
+
+    /// Sends `data` to `peer` and waits for its answer (bounded by the
+    /// protocol's request timeout).
+    pub async fn request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, MeshError> {
+        self.call(|tx| Command::Request(peer, data, tx)).await?
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, MeshError> {
+        self.call(Command::Peers).await
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, MeshError> {
+        self.call(Command::ListenAddrs).await
+    }
+}
+
+struct Known {
+    addrs: Vec<Multiaddr>,
+    connections: usize,
+    last_seen: Instant,
+    backoff: Duration,
+    next_dial: Instant,
+}
+
+impl Known {
+    fn new(now: Instant) -> Self {
+        Self {
+            addrs: Vec::new(),
+            connections: 0,
+            last_seen: now,
+            backoff: BACKOFF_MIN,
+            next_dial: now,
+        }
+    }
+}
+
+struct Bootstrap {
+    addr: Multiaddr,
+    backoff: Duration,
+    next_dial: Instant,
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    topic: gossipsub::IdentTopic,
+    validate: Validator,
+    members: Option<HashSet<PeerId>>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<MeshEvent>,
+    responses_tx: mpsc::Sender<(u64, Vec<u8>)>,
+    responses: mpsc::Receiver<(u64, Vec<u8>)>,
+    inbound: HashMap<u64, ResponseChannel<Payload>>,
+    next_inbound: u64,
+    outbound: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, MeshError>>>,
+    known: HashMap<PeerId, Known>,
+    bootstrap: Vec<Bootstrap>,
+}
+
+fn protocol(cluster: &str, what: &str) -> Result<StreamProtocol, MeshError> {
+    StreamProtocol::try_from_owned(format!("/btfs/{cluster}/{what}"))
+        .map_err(|e| MeshError::Transport(format!("protocol name for cluster {cluster:?}: {e}")))
+}
+
+fn build_swarm(cfg: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
+    let psk = cfg.psk;
+    let t = |e: &dyn std::fmt::Display| MeshError::Transport(e.to_string());
+    let rpc_protocol = protocol(&cfg.cluster, "sync/1")?;
+    let identify_protocol = format!("/btfs/{}/1", cfg.cluster);
+    let members = cfg.members.clone();
+    let use_mdns = cfg.mdns;
+    let swarm = SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+        .with_tokio()
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                let noise = noise::Config::new(key)?;
+                Ok(
+                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                        .upgrade(Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default()),
+                )
+            },
+        )
+        .map_err(|e| t(&e))?
+        .with_behaviour(
+            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let gossip_cfg = gossipsub::ConfigBuilder::default()
+                    .heartbeat_initial_delay(Duration::from_millis(100))
+                    .heartbeat_interval(Duration::from_secs(1))
+                    .flood_publish(true)
+                    .max_transmit_size(65_536)
+                    .validation_mode(gossipsub::ValidationMode::Strict)
+                    .validate_messages()
+                    .message_id_fn(|m: &gossipsub::Message| {
+                        gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+                    })
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let gossipsub = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossip_cfg,
+                )?;
+                let mdns = if use_mdns {
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config {
+                            ttl: Duration::from_secs(60),
+                            query_interval: Duration::from_secs(5),
+                            ..mdns::Config::default()
+                        },
+                        key.public().to_peer_id(),
+                    )?)
+                } else {
+                    None
+                };
+                let members = members.map(|m| {
+                    let mut b =
+                        allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+                    for p in m {
+                        b.allow_peer(p);
+                    }
+                    b
+                });
+                Ok(Behaviour {
+                    members: members.into(),
+                    gossipsub,
+                    mdns: mdns.into(),
+                    rpc: request_response::cbor::Behaviour::new(
+                        [(rpc_protocol, ProtocolSupport::Full)],
+                        request_response::Config::default()
+                            .with_request_timeout(Duration::from_secs(30)),
+                    ),
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        identify_protocol,
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::new(
+                        ping::Config::new()
+                            .with_interval(Duration::from_secs(5))
+                            .with_timeout(Duration::from_secs(10)),
+                    ),
+                })
+            },
+        )
+        .map_err(|e| t(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    Ok(swarm)
+}
+
+/// Starts the mesh on the current tokio runtime. Returns the handle, the
+/// event receiver and the event loop's task.
+pub fn start(
+    cfg: MeshConfig,
+) -> Result<(Mesh, mpsc::Receiver<MeshEvent>, tokio::task::JoinHandle<()>), MeshError> {
+    let mut swarm = build_swarm(&cfg)?;
+    let topic = gossipsub::IdentTopic::new(format!("btfs/{}/records/1", cfg.cluster));
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(|e| MeshError::Transport(e.to_string()))?;
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| MeshError::Listen(addr.clone(), e.to_string()))?;
+    }
+    let local = *swarm.local_peer_id();
+    info!(peer = %local, psk = %cfg.psk.fingerprint(), cluster = %cfg.cluster, "mesh starting");
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAP);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAP);
+    let (resp_tx, resp_rx) = mpsc::channel(RESPONSE_CAP);
+    let now = Instant::now();
+    let event_loop = EventLoop {
+        swarm,
+        topic,
+        validate: cfg.validate.clone(),
+        members: cfg.members.clone(),
+        commands: cmd_rx,
+        events: ev_tx,
+        responses_tx: resp_tx,
+        responses: resp_rx,
+        inbound: HashMap::new(),
+        next_inbound: 0,
+        outbound: HashMap::new(),
+        known: HashMap::new(),
+        bootstrap: cfg
+            .bootstrap
+            .iter()
+            .map(|a| Bootstrap {
+                addr: a.clone(),
+                backoff: BACKOFF_MIN,
+                next_dial: now,
+            })
+            .collect(),
+    };
+    let task = tokio::spawn(event_loop.run());
+    Ok((
+        Mesh {
+            local,
+            commands: cmd_tx,
+        },
+        ev_rx,
+        task,
+    ))
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut redial = tokio::time::interval(REDIAL_TICK);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => {
+                        debug!("mesh handles dropped: stopping");
+                        return;
+                    }
+                },
+                Some((id, data)) = self.responses.recv() => {
+                    if let Some(channel) = self.inbound.remove(&id) {
+                        let _ = self.swarm.behaviour_mut().rpc.send_response(channel, Payload(data));
+                    }
+                }
+                event = self.swarm.select_next_some() => self.swarm_event(event).await,
+                _ = redial.tick() => self.redial(),
+            }
+        }
+    }
+
+    fn admitted(&self, peer: &PeerId) -> bool {
+        self.members.as_ref().is_none_or(|m| m.contains(peer))
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Publish(data, reply) => {
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), data);
+                let _ = reply.send(match r {
+                    Ok(_) => Ok(()),
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                        Err(MeshError::NoPeers)
+                    }
+                    Err(gossipsub::PublishError::Duplicate) => Ok(()),
+                    Err(e) => Err(MeshError::Publish(e.to_string())),
+                });
+            }
+            Command::Request(peer, data, reply) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_request(&peer, Payload(data));
+                self.outbound.insert(id, reply);
+            }
+            Command::Peers(reply) => {
+                let now = Instant::now();
+                let mut peers: Vec<PeerInfo> = self
+                    .known
+                    .iter()
+                    .map(|(id, k)| PeerInfo {
+                        id: id.to_string(),
+                        addresses: k.addrs.iter().map(ToString::to_string).collect(),
+                        connected: k.connections > 0,
+                        last_seen_secs: now.duration_since(k.last_seen).as_secs(),
+                    })
+                    .collect();
+                peers.sort_by(|a, b| a.id.cmp(&b.id));
+                let _ = reply.send(peers);
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+        }
+    }
+
+    async fn emit(&mut self, event: MeshEvent) {
+        if self.events.send(event).await.is_err() {
+            debug!("mesh event receiver dropped");
+        }
+    }
+
+    fn learn(&mut self, peer: PeerId, addr: Option<Multiaddr>) -> &mut Known {
+        let now = Instant::now();
+        let k = self.known.entry(peer).or_insert_with(|| Known::new(now));
+        if let Some(addr) = addr.filter(|a| !k.addrs.contains(a)) {
+            k.addrs.push(addr);
+        }
+        k
+    }
+
+    async fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => info!(%address, "mesh listening"),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let remote = endpoint.get_remote_address().clone();
+                let dialed = endpoint.is_dialer();
+                let k = self.learn(peer_id, dialed.then_some(remote.clone()));
+                k.connections = num_established.get() as usize;
+                k.last_seen = Instant::now();
+                k.backoff = BACKOFF_MIN;
+                for b in &mut self.bootstrap {
+                    if b.addr == remote {
+                        b.backoff = BACKOFF_MIN;
+                    }
+                }
+                if num_established.get() == 1 {
+                    info!(peer = %peer_id, %remote, "member connected");
+                    self.emit(MeshEvent::PeerUp(peer_id)).await;
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                if let Some(k) = self.known.get_mut(&peer_id) {
+                    k.connections = num_established as usize;
+                    k.last_seen = Instant::now();
+                }
+                if num_established == 0 {
+                    info!(peer = %peer_id, ?cause, "member disconnected");
+                    self.emit(MeshEvent::PeerDown(peer_id)).await;
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                debug!(%send_back_addr, "incoming connection failed (wrong key?): {error}");
+            }
+            SwarmEvent::Behaviour(event) => self.behaviour_event(event).await,
+            _ => {}
+        }
+    }
+
+    async fn behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                let source = message.source.unwrap_or(propagation_source);
+                let ok = self.admitted(&source) && (self.validate)(&source, &message.data);
+                let verdict = if ok {
+                    gossipsub::MessageAcceptance::Accept
+                } else {
+                    warn!(%source, "rejected a gossip payload");
+                    gossipsub::MessageAcceptance::Reject
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, verdict);
+                if ok {
+                    self.emit(MeshEvent::Gossip {
+                        source,
+                        data: message.data,
+                    })
+                    .await;
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                let local = *self.swarm.local_peer_id();
+                for (peer, addr) in list {
+                    if peer == local || !self.admitted(&peer) {
+                        continue;
+                    }
+                    self.learn(peer, Some(addr));
+                }
+                // Dialing happens on the redial tick, which spreads it out.
+            }
+            BehaviourEvent::Rpc(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let id = self.next_inbound;
+                        self.next_inbound += 1;
+                        self.inbound.insert(id, channel);
+                        let responder = Responder {
+                            id,
+                            tx: self.responses_tx.clone(),
+                        };
+                        self.emit(MeshEvent::Request {
+                            peer,
+                            data: request.0,
+                            responder,
+                        })
+                        .await;
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(reply) = self.outbound.remove(&request_id) {
+                            let _ = reply.send(Ok(response.0));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Rpc(request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Err(MeshError::Request(peer, error.to_string())));
+                }
+            }
+            BehaviourEvent::Rpc(request_response::Event::InboundFailure {
+                peer, error, ..
+            }) => {
+                debug!(%peer, "inbound request failed: {error}");
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+                ..
+            }) => {
+                // libp2p never closes a connection whose pings fail: a dead
+                // link would linger as "connected".
+                warn!(%peer, "ping failed ({e}): closing the connection");
+                self.swarm.close_connection(connection);
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, .. }) => {
+                if let Some(k) = self.known.get_mut(&peer_id) {
+                    k.last_seen = Instant::now();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Dials known members that are not connected, and bootstrap addresses,
+    /// each with its own exponential backoff. mDNS neither dials nor
+    /// re-announces after a short outage, so this is what reconnects.
+    fn redial(&mut self) {
+        let now = Instant::now();
+        let local = *self.swarm.local_peer_id();
+        let connected_addrs: HashSet<Multiaddr> = self
+            .known
+            .values()
+            .filter(|k| k.connections > 0)
+            .flat_map(|k| k.addrs.iter().cloned())
+            .collect();
+        let mut dials = Vec::new();
+        for (peer, k) in &mut self.known {
+            if k.connections > 0 || k.next_dial > now || k.addrs.is_empty() || *peer == local {
+                continue;
+            }
+            dials.push(DialOpts::peer_id(*peer).addresses(k.addrs.clone()).build());
+            k.next_dial = now + k.backoff;
+            k.backoff = (k.backoff * 2).min(BACKOFF_MAX);
+        }
+        for b in &mut self.bootstrap {
+            if b.next_dial > now || connected_addrs.contains(&b.addr) {
+                continue;
+            }
+            dials.push(DialOpts::unknown_peer_id().address(b.addr.clone()).build());
+            b.next_dial = now + b.backoff;
+            b.backoff = (b.backoff * 2).min(BACKOFF_MAX);
+        }
+        for d in dials {
+            if let Err(e) = self.swarm.dial(d) {
+                debug!("dial not started: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
