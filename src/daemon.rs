@@ -21,7 +21,7 @@ use nix::unistd::ForkResult;
 use tracing::{error, info};
 
 use crate::{
-    control, keys,
+    control, keys, mesh,
     options::{MountOpts, default_state_dir, validate_cluster_name},
 };
 
@@ -38,6 +38,7 @@ pub(crate) struct MountPlan {
     pub state_dir: PathBuf,
     pub key_path: PathBuf,
     pub key_fingerprint: String,
+    pub psk: libp2p_pnet::PreSharedKey,
     pub opts: MountOpts,
 }
 
@@ -100,6 +101,7 @@ pub(crate) fn prepare(name: &str, mountpoint: &Path, opts: MountOpts) -> Result<
         state_dir,
         key_path,
         key_fingerprint: key.fingerprint().to_string(),
+        psk: key,
         opts,
     })
 }
@@ -243,7 +245,7 @@ type Started = (
 
 fn start(plan: &MountPlan) -> Result<Started> {
     let state = &plan.state_dir;
-    let (_keypair, node) = keys::load_or_create_identity(&state.join("identity.key"))?;
+    let (keypair, node) = keys::load_or_create_identity(&state.join("identity.key"))?;
     let store = Arc::new(Store::open_sled(&state.join("db"))?);
     let objects =
         ObjectStore::open(state).with_context(|| format!("object store in {}", state.display()))?;
@@ -255,12 +257,17 @@ fn start(plan: &MountPlan) -> Result<Started> {
     };
     let fs = BtfsFs::new(store, objects, cfg)?;
     let handle = fs.handle();
+    let mesh_cfg = mesh::config(plan, keypair)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("btfs-rt")
         .enable_all()
         .build()?;
+    let peers = {
+        let _guard = rt.enter();
+        mesh::start(mesh_cfg)?
+    };
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
         fs::DirBuilder::new()
@@ -294,7 +301,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         "node_id": node.to_hex(),
         "key_file": plan.key_path,
         "key_fingerprint": plan.key_fingerprint,
-        "listen": plan.opts.listen.map(|a| a.to_string()),
+
         "pid": std::process::id(),
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -306,7 +313,9 @@ fn start(plan: &MountPlan) -> Result<Started> {
                     (v.as_object_mut(), serde_json::to_value(s))
                 {
                     obj.extend(fs);
-                    obj.insert("peers".into(), serde_json::json!([]));
+                    let view = peers.borrow();
+                    obj.insert("peers".into(), serde_json::json!(view.peers));
+                    obj.insert("listen".into(), serde_json::json!(view.listen));
                 }
             }
             Err(e) => v = serde_json::json!({ "error": e.to_string() }),

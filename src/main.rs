@@ -3,6 +3,7 @@
 mod control;
 mod daemon;
 mod keys;
+mod mesh;
 mod options;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -25,7 +26,11 @@ const MOUNT_HELP: &str = "\
 Mount options (-o, comma-separated):
   key=FILE          cluster pre-shared key (swarm.key format); default STATE/swarm.key, created if absent
   state=DIR         node state (metadata, objects, identity, log); default /var/lib/btfs/NAME
-  listen=IP:PORT    mesh listen address (used by the mesh layer)
+  listen=IP:PORT    mesh listen address (default 0.0.0.0:4410)
+  peers=IP:PORT/IP:PORT  static bootstrap peers (other subnets, datacenters)
+  peers_file=FILE   more bootstrap peers, one IP:PORT a line
+  mdns=on|off       discover members on the LAN (default on)
+  members=FILE      admit only these peer ids, one a line (default: any holder of the key)
   threads=N         FUSE dispatch threads (default 4)
   passthrough=on|off  kernel passthrough for file data (default on; needs root, Linux 6.9+)
   ttl=SECONDS       kernel attribute/entry cache lifetime (default 1)
@@ -130,11 +135,41 @@ fn print_status(v: &serde_json::Value) {
             "off"
         }
     );
+    let listen: Vec<&str> = v
+        .get("listen")
+        .and_then(|l| l.as_array())
+        .map_or(Vec::new(), |l| {
+            l.iter().filter_map(|a| a.as_str()).collect()
+        });
+    let listen = if listen.is_empty() {
+        "-".to_owned()
+    } else {
+        listen.join(", ")
+    };
+    println!("  mesh         listening on {listen}");
     let peers = v
         .get("peers")
         .and_then(|p| p.as_array())
-        .map_or(0, Vec::len);
-    println!("  peers        {peers}");
+        .cloned()
+        .unwrap_or_default();
+    let connected = peers.iter().filter(|p| p["connected"] == true).count();
+    println!(
+        "  peers        {connected} connected, {} known",
+        peers.len()
+    );
+    for p in &peers {
+        println!(
+            "    {} {} {} (last seen {} s ago)",
+            if p["connected"] == true { "*" } else { " " },
+            p["id"].as_str().unwrap_or("?"),
+            p["addresses"]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(|a| a.as_str())
+                .unwrap_or("-"),
+            p["last_seen_secs"].as_u64().unwrap_or(0)
+        );
+    }
     println!("  daemon       pid {}, version {}", n("pid"), s("version"));
 }
 

@@ -5,6 +5,21 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Result, bail};
 use nix::mount::MsFlags;
 
+/// Options that take a value.
+const VALUED: &[&str] = &[
+    "key",
+    "state",
+    "listen",
+    "peers",
+    "peers_file",
+    "members",
+    "mdns",
+    "threads",
+    "passthrough",
+    "ttl",
+    "tombstone_retention",
+];
+
 /// Options that only mount(8), systemd or the kernel care about.
 const IGNORED: &[&str] = &[
     "defaults",
@@ -40,8 +55,17 @@ pub(crate) struct MountOpts {
     /// `state=DIR`: where the node keeps its store. `None`: the default for the
     /// cluster name (see [`default_state_dir`]).
     pub state: Option<PathBuf>,
-    /// `listen=IP:PORT`: mesh listen address (used by the mesh). `None`: any.
+    /// `listen=IP:PORT`: where the mesh listens. `None`: [`DEFAULT_LISTEN`].
     pub listen: Option<SocketAddr>,
+    /// `peers=IP:PORT/IP:PORT`: static bootstrap peers (other subnets).
+    pub peers: Vec<SocketAddr>,
+    /// `peers_file=FILE`: more bootstrap peers, one `IP:PORT` a line.
+    pub peers_file: Option<PathBuf>,
+    /// `mdns=on|off`: discover members on the LAN.
+    pub mdns: bool,
+    /// `members=FILE`: the node ids admitted (one libp2p peer id a line).
+    /// `None`: every holder of the key.
+    pub members: Option<PathBuf>,
     /// `threads=N`: FUSE dispatch threads.
     pub threads: usize,
     /// `passthrough=on|off`: kernel passthrough for file data.
@@ -55,6 +79,16 @@ pub(crate) struct MountOpts {
     /// `tombstone_retention=DURATION` (`36h`, `7d`…): how long a delete is
     /// remembered so that it can win against older copies; 24 h at least.
     pub tombstone_retention: Duration,
+}
+
+/// Where the mesh listens when `listen=` is not given.
+pub(crate) const DEFAULT_LISTEN: &str = "0.0.0.0:4410";
+
+/// Parses `IP:PORT` with a message that names the option.
+fn socket_addr(option: &str, v: &str) -> Result<SocketAddr> {
+    v.parse().map_err(|_| {
+        anyhow::anyhow!("mount option {option}={v}: expected IP:PORT, e.g. 10.0.0.1:4410")
+    })
 }
 
 /// The shortest tombstone retention: a node offline for less than this
@@ -81,6 +115,10 @@ impl Default for MountOpts {
             key: None,
             state: None,
             listen: None,
+            peers: Vec::new(),
+            peers_file: None,
+            mdns: true,
+            members: None,
             threads: 4,
             passthrough: true,
             ttl: Duration::from_secs(1),
@@ -111,13 +149,15 @@ impl MountOpts {
             match (name, value) {
                 ("key", Some(v)) => o.key = Some(PathBuf::from(v)),
                 ("state", Some(v)) => o.state = Some(PathBuf::from(v)),
-                ("listen", Some(v)) => {
-                    o.listen = Some(v.parse().map_err(|_| {
-                        anyhow::anyhow!(
-                            "mount option listen={v}: expected IP:PORT, e.g. 0.0.0.0:4001"
-                        )
-                    })?)
+                ("listen", Some(v)) => o.listen = Some(socket_addr(name, v)?),
+                ("peers", Some(v)) => {
+                    for p in v.split('/').filter(|p| !p.is_empty()) {
+                        o.peers.push(socket_addr(name, p)?);
+                    }
                 }
+                ("peers_file", Some(v)) => o.peers_file = Some(PathBuf::from(v)),
+                ("members", Some(v)) => o.members = Some(PathBuf::from(v)),
+                ("mdns", Some(v)) => o.mdns = on_off(name, v)?,
                 ("threads", Some(v)) => {
                     o.threads =
                         v.parse()
@@ -156,11 +196,8 @@ impl MountOpts {
                 ("sync", None) => o.flags |= MsFlags::MS_SYNCHRONOUS,
                 ("dirsync", None) => o.flags |= MsFlags::MS_DIRSYNC,
                 (n, _) if IGNORED.contains(&n) || n.starts_with("x-") || n == "comment" => {}
-                (n, Some(_))
-                    if ["key", "state", "listen", "threads", "passthrough", "ttl", "tombstone_retention"].contains(&n) => {
-                }
                 (n, None)
-                    if ["key", "state", "listen", "threads", "passthrough", "ttl", "tombstone_retention"].contains(&n) =>
+                    if VALUED.contains(&n) =>
                 {
                     bail!("mount option {n} needs a value ({n}=...)")
                 }
@@ -209,6 +246,19 @@ mod tests {
         assert_eq!(o.state, Some(PathBuf::from("/var/lib/btfs")));
         assert_eq!(o.threads, 2);
         assert!(o.flags.contains(MsFlags::MS_RDONLY));
+        let m = MountOpts::parse(
+            "peers=10.0.0.2:4410/10.0.1.3:4410,mdns=off,members=/etc/btfs/members",
+        )
+        .unwrap();
+        assert_eq!(m.peers.len(), 2);
+        assert!(!m.mdns);
+        assert_eq!(m.members, Some(PathBuf::from("/etc/btfs/members")));
+        assert!(
+            MountOpts::parse("peers=10.0.0.2")
+                .unwrap_err()
+                .to_string()
+                .contains("expected IP:PORT")
+        );
         let l = MountOpts::parse("listen=10.0.0.1:4001,passthrough=off").unwrap();
         assert_eq!(l.listen, Some("10.0.0.1:4001".parse().unwrap()));
         assert!(!l.passthrough);

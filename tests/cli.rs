@@ -121,6 +121,15 @@ fn bad_mounts_give_one_line_reasons_and_mount_nothing() {
         "does not exist",
     );
 
+    // The mesh port is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port_opt = format!(
+        "state={},listen={},mdns=off",
+        dir.path().join("s2").display(),
+        taken.local_addr().unwrap()
+    );
+    assert_mount_fails(&["mount", "c", m, "-o", &port_opt], &mnt, "Address already in use");
+
     // Busy: something is mounted there already (a btfs, so no double mount).
     let node = Node::start();
     let other_state = format!("state={}", dir.path().join("other").display());
@@ -169,6 +178,14 @@ fn status_reports_counts_in_text_and_json() {
     assert_eq!(v["name"], "test");
     assert_eq!(v["node_id"].as_str().unwrap().len(), 64);
     assert!(v["peers"].as_array().unwrap().is_empty());
+    let listen = v["listen"].as_array().unwrap();
+    assert!(
+        listen[0]
+            .as_str()
+            .unwrap()
+            .starts_with("/ip4/127.0.0.1/tcp/"),
+        "{listen:?}"
+    );
     let human = btfs(&["status", node.mnt.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("files        2 (1.0 KiB)"), "{text}");

@@ -113,7 +113,7 @@ fn mount_t_btfs_fstab_and_umount() {
             .success()
     );
     let opts = format!(
-        "key={},state={}",
+        "key={},state={},listen=127.0.0.1:0,mdns=off",
         key.display(),
         dir.path().join("state").display()
     );

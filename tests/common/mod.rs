@@ -77,7 +77,14 @@ impl Node {
     }
 
     pub fn mount(&mut self) {
+        // Tests never send mDNS or listen beyond loopback unless they say so.
         let mut opts = format!("state={}", self.state.display());
+        if !self.extra_opts.contains("listen=") {
+            opts.push_str(",listen=127.0.0.1:0");
+        }
+        if !self.extra_opts.contains("mdns=") {
+            opts.push_str(",mdns=off");
+        }
         if !self.extra_opts.is_empty() {
             opts = format!("{opts},{}", self.extra_opts);
         }

@@ -75,6 +75,27 @@ pub enum MeshError {
     Stopped,
 }
 
+/// An error and its sources on one line (libp2p's own messages are terse).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    if out.is_empty() {
+        format!("{e:?}")
+    } else {
+        out
+    }
+}
+
 /// Decides whether a gossip payload from `source` may be delivered and
 /// forwarded (e.g. checks a record's signature and author).
 pub type Validator = Arc<dyn Fn(&PeerId, &[u8]) -> bool + Send + Sync>;
@@ -383,7 +404,7 @@ pub fn start(
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
-            .map_err(|e| MeshError::Listen(addr.clone(), e.to_string()))?;
+            .map_err(|e| MeshError::Listen(addr.clone(), error_chain(&e)))?;
     }
     let local = *swarm.local_peer_id();
     info!(peer = %local, psk = %cfg.psk.fingerprint(), cluster = %cfg.cluster, "mesh starting");
