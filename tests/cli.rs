@@ -128,7 +128,11 @@ fn bad_mounts_give_one_line_reasons_and_mount_nothing() {
         dir.path().join("s2").display(),
         taken.local_addr().unwrap()
     );
-    assert_mount_fails(&["mount", "c", m, "-o", &port_opt], &mnt, "Address already in use");
+    assert_mount_fails(
+        &["mount", "c", m, "-o", &port_opt],
+        &mnt,
+        "Address already in use",
+    );
 
     // Busy: something is mounted there already (a btfs, so no double mount).
     let node = Node::start();
