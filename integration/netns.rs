@@ -17,22 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{btfs, btfs_bin, require_fuse, wait_exit};
+use common::{btfs, btfs_bin, require_fuse, run_ok, wait_exit};
 
 static NEXT_NET: AtomicU32 = AtomicU32::new(0);
 const PORT: u16 = 4410;
-
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A bridge and namespaces attached to it.
 struct Net {
@@ -51,8 +39,8 @@ impl Net {
             id,
             namespaces: Vec::new(),
         };
-        sh("ip", &["link", "add", &net.bridge(), "type", "bridge"]);
-        sh("ip", &["link", "set", &net.bridge(), "up"]);
+        run_ok("ip", &["link", "add", &net.bridge(), "type", "bridge"]);
+        run_ok("ip", &["link", "set", &net.bridge(), "up"]);
         net
     }
 
@@ -66,22 +54,22 @@ impl Net {
         let ns = format!("btfs-{}-{i}", self.id);
         let host_end = format!("btfs-v{}-{i}", self.id);
         let addr = format!("10.231.{}.{}", self.subnet % 250, i + 1);
-        sh("ip", &["netns", "add", &ns]);
+        run_ok("ip", &["netns", "add", &ns]);
         self.namespaces.push(ns.clone());
-        sh(
+        run_ok(
             "ip",
             &[
                 "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
             ],
         );
-        sh(
+        run_ok(
             "ip",
             &["link", "set", &host_end, "master", &self.bridge(), "up"],
         );
         let inside = |args: &[&str]| {
             let mut full = vec!["-n", ns.as_str()];
             full.extend_from_slice(args);
-            sh("ip", &full);
+            run_ok("ip", &full);
         };
         inside(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         inside(&["link", "set", "eth0", "up"]);

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, UNIX_EPOCH},
 };
 
-use common::{Node, pattern};
+use common::{Node, pattern, run_ok};
 
 fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
@@ -646,20 +646,6 @@ fn writers_next_to_readers_never_change_shared_content() {
     assert_eq!(fs::read(node.path("c")).unwrap(), b"same bytes");
 }
 
-/// Runs a command, failing the test with its output if it fails.
-fn run(cmd: &str, args: &[&str]) {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (is it installed? .ci/run installs it)"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn ordinary_tools_copy_archive_and_sync_trees() {
     let mut node = Node::start();
@@ -687,8 +673,8 @@ fn ordinary_tools_copy_archive_and_sync_trees() {
 
     let m = node.mnt.clone();
     let (sa, ms) = (format!("{}/a", s.display()), m.to_str().unwrap().to_owned());
-    run("cp", &["-a", &sa, &format!("{ms}/cp")]);
-    run(
+    run_ok("cp", &["-a", &sa, &format!("{ms}/cp")]);
+    run_ok(
         "tar",
         &[
             "-C",
@@ -699,14 +685,14 @@ fn ordinary_tools_copy_archive_and_sync_trees() {
         ],
     );
     fs::create_dir(m.join("untar")).unwrap();
-    run(
+    run_ok(
         "tar",
         &["-C", &format!("{ms}/untar"), "-xf", &format!("{ms}/a.tar")],
     );
-    run("rsync", &["-a", &format!("{sa}/"), &format!("{ms}/rsync/")]);
+    run_ok("rsync", &["-a", &format!("{sa}/"), &format!("{ms}/rsync/")]);
     // rsync again after a change: it replaces files through temporary names.
     fs::write(s.join("a/b/f3"), b"changed").unwrap();
-    run(
+    run_ok(
         "rsync",
         &["-a", "--delete", &format!("{sa}/"), &format!("{ms}/rsync/")],
     );
@@ -735,7 +721,7 @@ fn ordinary_tools_copy_archive_and_sync_trees() {
         );
     }
     assert_eq!(fs::read(m.join("rsync/b/f3")).unwrap(), b"changed");
-    run("diff", &["-r", &sa, &format!("{ms}/rsync")]);
+    run_ok("diff", &["-r", &sa, &format!("{ms}/rsync")]);
 }
 
 #[test]
@@ -745,7 +731,7 @@ fn a_full_disk_gives_enospc_and_keeps_committed_files() {
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("small");
     fs::create_dir(&small).unwrap();
-    run(
+    run_ok(
         "mount",
         &[
             "-t",

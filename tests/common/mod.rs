@@ -28,6 +28,20 @@ pub fn btfs_bin() -> &'static str {
     env!("CARGO_BIN_EXE_btfs")
 }
 
+/// Runs a command, failing the test with its output if it fails.
+pub fn run_ok(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (is it installed? .ci/run installs it)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn btfs(args: &[&str]) -> Output {
     Command::new(btfs_bin())
         .args(args)
