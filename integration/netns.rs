@@ -192,7 +192,7 @@ fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
 }
 
 #[test]
-fn mdns_alone_connects_three_members_and_never_a_node_with_another_key() {
+fn mdns_alone_connects_three_members_who_gossip_and_never_a_node_with_another_key() {
     let keys = tempfile::tempdir().unwrap();
     let key = keygen(keys.path(), "cluster.key");
     let other_key = keygen(keys.path(), "other.key");
@@ -211,10 +211,23 @@ fn mdns_alone_connects_three_members_and_never_a_node_with_another_key() {
         "every member connected to the two others",
         || nodes.iter().all(|n| n.connected_peers() == 2),
     );
+    // A change on one member is signed and gossiped to the others.
+    std::fs::write(nodes[0].mnt.join("hello.txt"), b"hi").unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the record gossiped to both members",
+        || {
+            nodes[1..]
+                .iter()
+                .all(|n| n.status()["records_received"].as_u64().unwrap() >= 1)
+        },
+    );
+    assert!(nodes[0].status()["records_published"].as_u64().unwrap() >= 1);
     // The stranger is on the same bridge and is discovered, but its
-    // handshakes fail: a few more seconds change nothing.
+    // handshakes fail: a few more seconds change nothing, and it hears nothing.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(stranger.connected_peers(), 0);
+    assert_eq!(stranger.status()["records_received"], 0);
     let stranger_id = stranger.node_id();
     for n in &nodes {
         assert_eq!(n.connected_peers(), 2);

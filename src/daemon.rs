@@ -11,6 +11,7 @@ use std::{
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
     sync::Arc,
+    sync::atomic::Ordering,
 };
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +26,9 @@ use crate::{
     options::{MountOpts, default_state_dir, validate_cluster_name},
 };
 
+/// New record versions waiting to be signed and gossiped; beyond this they are
+/// left to anti-entropy.
+const ANNOUNCE_CAP: usize = 4096;
 /// How often expired tombstones are looked for.
 const TOMBSTONE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often released objects are deleted (after the store is flushed).
@@ -249,7 +253,9 @@ fn start(plan: &MountPlan) -> Result<Started> {
     let store = Arc::new(Store::open_sled(&state.join("db"))?);
     let objects =
         ObjectStore::open(state).with_context(|| format!("object store in {}", state.display()))?;
+    let (announce_tx, announce_rx) = tokio::sync::mpsc::channel(ANNOUNCE_CAP);
     let cfg = FsConfig {
+        announce: Some(announce_tx),
         node,
         passthrough: plan.opts.passthrough,
         ttl: plan.opts.ttl,
@@ -264,9 +270,9 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .thread_name("btfs-rt")
         .enable_all()
         .build()?;
-    let peers = {
+    let (peers, counters) = {
         let _guard = rt.enter();
-        mesh::start(mesh_cfg)?
+        mesh::start(mesh_cfg, announce_rx)?
     };
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
@@ -316,6 +322,14 @@ fn start(plan: &MountPlan) -> Result<Started> {
                     let view = peers.borrow();
                     obj.insert("peers".into(), serde_json::json!(view.peers));
                     obj.insert("listen".into(), serde_json::json!(view.listen));
+                    obj.insert(
+                        "records_published".into(),
+                        counters.published.load(Ordering::Relaxed).into(),
+                    );
+                    obj.insert(
+                        "records_received".into(),
+                        counters.received.load(Ordering::Relaxed).into(),
+                    );
                 }
             }
             Err(e) => v = serde_json::json!({ "error": e.to_string() }),

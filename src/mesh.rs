@@ -2,16 +2,25 @@
 //! the tasks around it. Records do not replicate yet (issue 3): this brings
 //! the private mesh up, keeps members connected and reports them in status.
 
-use std::{collections::HashSet, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
-use btfs_core::NodeId;
-use btfs_mesh::{MeshConfig, MeshEvent, PeerInfo};
+use btfs_core::{FileRecord, NodeId, RelPath};
+use btfs_mesh::{MeshConfig, MeshError, MeshEvent, PeerInfo};
 use btfs_sync::SignedRecord;
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
 use serde::Serialize;
-use tokio::sync::watch;
-use tracing::{debug, info};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
 
 use crate::{daemon::MountPlan, options::DEFAULT_LISTEN};
 
@@ -121,17 +130,55 @@ pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<MeshConfig> {
     })
 }
 
-/// Starts the mesh and its tasks on the current runtime; returns the status
-/// view, refreshed every second.
-pub(crate) fn start(cfg: MeshConfig) -> Result<watch::Receiver<PeersView>> {
+/// Records gossiped and received (validated), for `btfs status`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub published: AtomicU64,
+    pub received: AtomicU64,
+}
+
+/// Starts the mesh and its tasks on the current runtime: new local versions
+/// from `announce` are signed and gossiped. Returns the status view,
+/// refreshed every second, and the record counters.
+pub(crate) fn start(
+    cfg: MeshConfig,
+    mut announce: mpsc::Receiver<(RelPath, FileRecord)>,
+) -> Result<(watch::Receiver<PeersView>, Arc<Counters>)> {
+    let (keypair, cluster) = (cfg.keypair.clone(), cfg.cluster.clone());
     let (mesh, mut events, _task) = btfs_mesh::start(cfg).context("mesh")?;
+    let counters = Arc::new(Counters::default());
+    let publisher = mesh.clone();
+    let published = counters.clone();
+    tokio::spawn(async move {
+        while let Some((path, record)) = announce.recv().await {
+            let bytes = match SignedRecord::sign(&cluster, path, record, &keypair)
+                .and_then(|r| r.encode())
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!("could not sign a record: {e}");
+                    continue;
+                }
+            };
+            match publisher.publish(bytes).await {
+                Ok(()) => {
+                    published.published.fetch_add(1, Ordering::Relaxed);
+                }
+                // Alone: the record stays in the store for anti-entropy.
+                Err(MeshError::NoPeers) => {}
+                Err(e) => debug!("gossip failed: {e}"),
+            }
+        }
+    });
+    let received = counters.clone();
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             match event {
                 MeshEvent::PeerUp(p) => info!(peer = %p, "peer up"),
                 MeshEvent::PeerDown(p) => info!(peer = %p, "peer down"),
                 MeshEvent::Gossip { source, data } => {
-                    debug!(%source, bytes = data.len(), "record received (replication comes with issue 3)")
+                    received.received.fetch_add(1, Ordering::Relaxed);
+                    debug!(%source, bytes = data.len(), "record received (applying it comes with issue 3)")
                 }
                 MeshEvent::Request { responder, .. } => {
                     let _ = responder.respond(Vec::new()).await;
@@ -156,5 +203,5 @@ pub(crate) fn start(cfg: MeshConfig) -> Result<watch::Receiver<PeersView>> {
             }
         }
     });
-    Ok(rx)
+    Ok((rx, counters))
 }

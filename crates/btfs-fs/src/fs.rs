@@ -76,6 +76,10 @@ pub struct FsConfig {
     pub ttl: Duration,
     /// The state directory (for `statfs`).
     pub state_dir: PathBuf,
+    /// Where new versions of records are announced, for replication (`None`
+    /// on a node without a mesh). When it is full the announcement is
+    /// dropped: anti-entropy delivers the record later.
+    pub announce: Option<tokio::sync::mpsc::Sender<(RelPath, FileRecord)>>,
 }
 
 /// What `btfs status` reports about the filesystem layer.
@@ -169,6 +173,7 @@ struct Shared<B> {
     passthrough: AtomicBool,
     commits: AtomicU64,
     commit_failures: AtomicU64,
+    announce_dropped: AtomicU64,
 }
 
 /// The filesystem handed to fuser.
@@ -258,6 +263,7 @@ impl<B: Backend> BtfsFs<B> {
             passthrough: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             commit_failures: AtomicU64::new(0),
+            announce_dropped: AtomicU64::new(0),
         });
         shared.start_committers()?;
         Ok(Self { shared })
@@ -526,10 +532,13 @@ impl<B: Backend> Shared<B> {
             record,
         };
         let now = entry.record.ctime;
-        self.store.write(vec![
-            Change::Put(path, entry.clone()),
-            Self::touch_dir(&dir, &dir_entry, now),
-        ])?;
+        self.write_announced(
+            vec![
+                Change::Put(path, entry.clone()),
+                Self::touch_dir(&dir, &dir_entry, now),
+            ],
+            1,
+        )?;
         Ok(entry)
     }
 
@@ -553,10 +562,13 @@ impl<B: Backend> Shared<B> {
                 ino: NO_INO,
                 record: entry.record.tombstone(self.node(), now),
             };
-            released = self.store.write(vec![
-                Change::Put(path, tomb),
-                Self::touch_dir(&dir, &dir_entry, now),
-            ])?;
+            released = self.write_announced(
+                vec![
+                    Change::Put(path, tomb),
+                    Self::touch_dir(&dir, &dir_entry, now),
+                ],
+                1,
+            )?;
             self.mark_unlinked(&entry);
             self.gc(released);
         }
@@ -648,6 +660,7 @@ impl<B: Backend> Shared<B> {
             ));
         }
         changes.extend(tombstones);
+        let versioned = changes.len();
         if let Some(old) = replaced.as_ref().filter(|e| e.is_live()) {
             self.mark_unlinked(old);
         }
@@ -657,9 +670,34 @@ impl<B: Backend> Shared<B> {
         if dst_dir != src_dir {
             changes.push(Self::touch_dir(&dst_dir, &dst_dir_entry, now));
         }
-        let released = self.store.write(changes)?;
+        let released = self.write_announced(changes, versioned)?;
         self.gc(released);
         Ok(())
+    }
+
+    /// Writes `changes` and announces the new versions among them (the
+    /// first `versioned`; parent-directory time updates are not versions).
+    fn write_announced(&self, changes: Vec<Change>, versioned: usize) -> Result<Vec<ContentId>> {
+        let announced: Vec<(RelPath, FileRecord)> = match &self.cfg.announce {
+            None => Vec::new(),
+            Some(_) => changes
+                .iter()
+                .take(versioned)
+                .filter_map(|c| match c {
+                    Change::Put(p, e) => Some((p.clone(), e.record.clone())),
+                    Change::Remove(_) => None,
+                })
+                .collect(),
+        };
+        let released = self.store.write(changes)?;
+        if let Some(tx) = &self.cfg.announce {
+            for a in announced {
+                if tx.try_send(a).is_err() {
+                    self.announce_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(released)
     }
 
     // ----- content -----------------------------------------------------------
@@ -942,9 +980,7 @@ impl<B: Backend> Shared<B> {
         record.content = Some(content);
         record.size = meta.len();
         record.mtime = mtime;
-        let released = self
-            .store
-            .write(vec![Change::Put(path, Entry { ino, record })])?;
+        let released = self.write_announced(vec![Change::Put(path, Entry { ino, record })], 1)?;
         self.gc(released);
         self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1051,7 +1087,7 @@ impl<B: Backend> Shared<B> {
             let entry = Entry { ino, record };
             match path {
                 Some(path) => {
-                    self.store.write(vec![Change::Put(path, entry)])?;
+                    self.write_announced(vec![Change::Put(path, entry)], 1)?;
                 }
                 None => self.mark_unlinked(&entry),
             }
