@@ -274,3 +274,71 @@ fn bootstrap_peers_alone_connect_members_across_subnets() {
         );
     }
 }
+
+#[test]
+fn changes_on_one_member_show_on_the_others() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path(), "cluster.key");
+    let mut net = Net::new();
+    let nodes: Vec<NsNode> = (0..2)
+        .map(|_| {
+            let (ns, addr) = net.add();
+            NsNode::start(&ns, &addr, &key, ",mdns=on")
+        })
+        .collect();
+    eventually(Duration::from_secs(30), "both members connected", || {
+        nodes.iter().all(|n| n.connected_peers() == 1)
+    });
+    let (a, b) = (&nodes[0].mnt, &nodes[1].mnt);
+    let wait =
+        |what: &str, check: &dyn Fn() -> bool| eventually(Duration::from_secs(10), what, check);
+
+    std::fs::create_dir(a.join("dir")).unwrap();
+    std::fs::write(a.join("dir/file.txt"), b"twelve bytes").unwrap();
+    wait("the file listed on B", &|| b.join("dir/file.txt").exists());
+    wait("its size on B", &|| {
+        std::fs::metadata(b.join("dir/file.txt"))
+            .map(|m| m.len())
+            .ok()
+            == Some(12)
+    });
+    // Its bytes are on A only: a read on B fails clearly (EIO), no hang.
+    let err = std::fs::read(b.join("dir/file.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        a.join("dir/file.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    wait("chmod on B", &|| {
+        std::fs::metadata(b.join("dir/file.txt"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok()
+            == Some(0o600)
+    });
+    std::fs::rename(a.join("dir/file.txt"), a.join("dir/renamed.txt")).unwrap();
+    wait("rename on B", &|| {
+        b.join("dir/renamed.txt").exists() && !b.join("dir/file.txt").exists()
+    });
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.join("dir/renamed.txt"))
+        .unwrap()
+        .set_len(3)
+        .unwrap();
+    wait("truncate on B", &|| {
+        std::fs::metadata(b.join("dir/renamed.txt"))
+            .map(|m| m.len())
+            .ok()
+            == Some(3)
+    });
+    std::fs::remove_file(a.join("dir/renamed.txt")).unwrap();
+    wait("delete on B", &|| !b.join("dir/renamed.txt").exists());
+    std::fs::remove_dir(a.join("dir")).unwrap();
+    wait("rmdir on B", &|| !b.join("dir").exists());
+    // And the other way round.
+    std::fs::write(b.join("from-b"), b"").unwrap();
+    wait("B's file on A", &|| a.join("from-b").exists());
+}

@@ -272,7 +272,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .build()?;
     let (peers, counters) = {
         let _guard = rt.enter();
-        mesh::start(mesh_cfg, announce_rx)?
+        mesh::start(mesh_cfg, announce_rx, handle.clone())?
     };
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
@@ -299,6 +299,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         },
     )?;
 
+    handle.set_notifier(session.notifier());
     let status_handle = handle.clone();
     let info = serde_json::json!({
         "name": plan.name,

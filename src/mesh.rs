@@ -15,7 +15,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use btfs_core::{FileRecord, NodeId, RelPath};
+use btfs_fs::FsHandle;
 use btfs_mesh::{MeshConfig, MeshError, MeshEvent, PeerInfo};
+use btfs_store::SledBackend;
 use btfs_sync::SignedRecord;
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
 use serde::Serialize;
@@ -143,6 +145,7 @@ pub(crate) struct Counters {
 pub(crate) fn start(
     cfg: MeshConfig,
     mut announce: mpsc::Receiver<(RelPath, FileRecord)>,
+    fs: FsHandle<SledBackend>,
 ) -> Result<(watch::Receiver<PeersView>, Arc<Counters>)> {
     let (keypair, cluster) = (cfg.keypair.clone(), cfg.cluster.clone());
     let (mesh, mut events, _task) = btfs_mesh::start(cfg).context("mesh")?;
@@ -178,7 +181,19 @@ pub(crate) fn start(
                 MeshEvent::PeerDown(p) => info!(peer = %p, "peer down"),
                 MeshEvent::Gossip { source, data } => {
                     received.received.fetch_add(1, Ordering::Relaxed);
-                    debug!(%source, bytes = data.len(), "record received (applying it comes with issue 3)")
+                    // The mesh delivers only payloads its validator accepted.
+                    let Ok(r) = SignedRecord::decode(&data) else {
+                        continue;
+                    };
+                    let path = r.path.clone();
+                    let fs = fs.clone();
+                    match tokio::task::spawn_blocking(move || fs.apply_remote(r.path, r.record))
+                        .await
+                    {
+                        Ok(Ok(outcome)) => debug!(%source, %path, ?outcome, "remote record"),
+                        Ok(Err(e)) => warn!(%source, %path, "could not apply a remote record: {e}"),
+                        Err(e) => warn!("apply task failed: {e}"),
+                    }
                 }
                 MeshEvent::Request { responder, .. } => {
                     let _ = responder.respond(Vec::new()).await;

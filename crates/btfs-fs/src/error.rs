@@ -31,6 +31,8 @@ pub enum FsError {
     BadHandle,
     #[error("file was removed while in use")]
     Stale,
+    #[error("the content of this file is not on this node")]
+    ContentUnavailable,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("I/O error: {0}")]
@@ -62,6 +64,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::Invalid(_) => Errno::EINVAL,
         FsError::BadHandle => Errno::EBADF,
         FsError::Stale => Errno::from_i32(libc::ESTALE),
+        FsError::ContentUnavailable => Errno::EIO,
         FsError::Store(s) => match s {
             StoreError::Io(io) => io_errno(io),
             StoreError::Locked(_)

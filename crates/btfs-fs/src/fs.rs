@@ -82,6 +82,22 @@ pub struct FsConfig {
     pub announce: Option<tokio::sync::mpsc::Sender<(RelPath, FileRecord)>>,
 }
 
+/// What happened to a remote record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored: it descends from the local version.
+    Stored,
+    /// Ignored: the local version descends from it, or is the same.
+    Older,
+    /// Ignored for now: concurrent with the local version.
+    Concurrent,
+    /// Ignored for now: its parent directory is not here (yet).
+    NoParent,
+    /// Ignored: a directory delete while this node has entries inside it
+    /// (they survive, and so does the directory).
+    NotEmpty,
+}
+
 /// What `btfs status` reports about the filesystem layer.
 #[derive(Debug, Clone, Serialize)]
 pub struct FsStatus {
@@ -171,6 +187,7 @@ struct Shared<B> {
     stale_cache: Mutex<HashSet<u64>>,
     next_fh: AtomicU64,
     passthrough: AtomicBool,
+    notifier: std::sync::OnceLock<fuser::Notifier>,
     commits: AtomicU64,
     commit_failures: AtomicU64,
     announce_dropped: AtomicU64,
@@ -261,6 +278,7 @@ impl<B: Backend> BtfsFs<B> {
             stale_cache: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
+            notifier: std::sync::OnceLock::new(),
             commits: AtomicU64::new(0),
             commit_failures: AtomicU64::new(0),
             announce_dropped: AtomicU64::new(0),
@@ -293,6 +311,20 @@ impl<B: Backend> FsHandle<B> {
     /// Makes committed metadata durable (called on shutdown).
     pub fn flush(&self) -> Result<()> {
         Ok(self.shared.store.flush()?)
+    }
+
+    /// Lets the filesystem tell the kernel about changes it did not make
+    /// (remote records). Set once, after mounting.
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.shared.notifier.set(notifier);
+    }
+
+    /// Applies a verified record from another node, if it descends from what
+    /// this node holds for the path. Concurrent versions are left alone here:
+    /// resolving them (with conflict copies) needs the version sets of the
+    /// replication store, which comes next.
+    pub fn apply_remote(&self, path: RelPath, record: FileRecord) -> Result<Applied> {
+        self.shared.apply_remote(path, record)
     }
 
     /// Forgets deletes older than `retention`; returns how many.
@@ -675,6 +707,71 @@ impl<B: Backend> Shared<B> {
         Ok(())
     }
 
+    fn apply_remote(&self, path: RelPath, record: FileRecord) -> Result<Applied> {
+        let (parent_ino, old) = {
+            let _ns = lock(&self.ns);
+            let current = self.store.get(&path)?;
+            if let Some(cur) = &current {
+                match record.version.partial_cmp(&cur.record.version) {
+                    Some(std::cmp::Ordering::Greater) => {}
+                    None => return Ok(Applied::Concurrent),
+                    Some(_) => return Ok(Applied::Older),
+                }
+            }
+            let parent_ino = match path.parent() {
+                None => ROOT_INO,
+                Some(parent) => match self.store.get_live(&parent)? {
+                    Some(d) if d.record.kind == FileKind::Dir => d.ino,
+                    _ => return Ok(Applied::NoParent),
+                },
+            };
+            let live_before = current.as_ref().filter(|e| e.is_live());
+            if record.deleted
+                && live_before.is_some_and(|e| e.record.kind == FileKind::Dir)
+                && self.store.has_live_children(&path)?
+            {
+                return Ok(Applied::NotEmpty);
+            }
+            let ino = match live_before {
+                _ if record.deleted => NO_INO,
+                Some(e) if e.record.kind == record.kind => e.ino,
+                _ if path.is_root() => ROOT_INO,
+                _ => self.store.alloc_ino()?,
+            };
+            let released = self.store.write(vec![Change::Put(
+                path.clone(),
+                Entry {
+                    ino,
+                    record: record.clone(),
+                },
+            )])?;
+            let old = live_before.cloned();
+            // A replaced inode that is open keeps working until closed (the
+            // kernel forgets it then); one that is not open just goes.
+            if let Some(o) = old
+                .as_ref()
+                .filter(|o| o.ino != ino && self.cell(o.ino).is_some())
+            {
+                self.mark_unlinked(o);
+            }
+            self.gc(released);
+            (parent_ino, old)
+        };
+        // Tell the kernel: the name may point elsewhere, and an existing
+        // inode's attributes and pages are stale.
+        if let Some(n) = self.notifier.get() {
+            if let Some(name) = path.file_name() {
+                let _ = n.inval_entry(INodeNo(parent_ino), OsStr::new(name));
+            }
+            if let Some(o) = &old {
+                lock(&self.stale_cache).insert(o.ino);
+                let _ = n.inval_inode(INodeNo(o.ino), 0, 0);
+            }
+            let _ = n.inval_inode(INodeNo(parent_ino), 0, 0);
+        }
+        Ok(Applied::Stored)
+    }
+
     /// Writes `changes` and announces the new versions among them (the
     /// first `versioned`; parent-directory time updates are not versions).
     fn write_announced(&self, changes: Vec<Change>, versioned: usize) -> Result<Vec<ContentId>> {
@@ -735,6 +832,11 @@ impl<B: Backend> Shared<B> {
                 FileKind::Symlink => return Err(FsError::Invalid("not a regular file")),
             }
             let content = entry.record.content.unwrap_or_else(ContentId::empty);
+            if content != ContentId::empty() && !self.objects.object_path(&content).exists() {
+                // Metadata arrived from another node; its bytes did not.
+                warn!(ino, content = %content.short(), "content is not on this node: EIO (fetching it over BitTorrent comes next)");
+                return Err(FsError::ContentUnavailable);
+            }
             let mut passthrough = st.backing.is_some()
                 || (st.cached == 0
                     && self.passthrough.load(Ordering::Relaxed)
@@ -1280,7 +1382,9 @@ impl<B: Backend> BtfsFs<B> {
 fn fail(op: &str, e: &FsError) -> Errno {
     let code = errno(e);
     match e {
-        FsError::Io(_) | FsError::Store(_) | FsError::Stale => error!("{op}: {e}"),
+        FsError::Io(_) | FsError::Store(_) | FsError::Stale | FsError::ContentUnavailable => {
+            error!("{op}: {e}")
+        }
         FsError::Unsupported(_) | FsError::NotSupported(_) => info!("{op}: {e}"),
         _ => debug!("{op}: {e}"),
     }
