@@ -334,6 +334,19 @@ fn changes_on_one_member_show_on_the_others() {
             .ok()
             == Some(3)
     });
+    // A directory rename moves everything below it.
+    std::fs::create_dir_all(a.join("dir/sub")).unwrap();
+    std::fs::write(a.join("dir/sub/deep"), b"x").unwrap();
+    wait("the subtree on B", &|| b.join("dir/sub/deep").exists());
+    std::fs::rename(a.join("dir/sub"), a.join("moved")).unwrap();
+    wait("the moved subtree on B", &|| {
+        b.join("moved/deep").exists() && !b.join("dir/sub").exists()
+    });
+    std::fs::remove_file(a.join("moved/deep")).unwrap();
+    std::fs::remove_dir(a.join("moved")).unwrap();
+    wait("the moved subtree deleted on B", &|| {
+        !b.join("moved").exists()
+    });
     std::fs::remove_file(a.join("dir/renamed.txt")).unwrap();
     wait("delete on B", &|| !b.join("dir/renamed.txt").exists());
     std::fs::remove_dir(a.join("dir")).unwrap();

@@ -691,6 +691,9 @@ impl<B: Backend> Shared<B> {
                 },
             ));
         }
+        // Children's tombstones before their directory's: a node applying
+        // them in order never sees a directory delete while it has entries.
+        tombstones.reverse();
         changes.extend(tombstones);
         let versioned = changes.len();
         if let Some(old) = replaced.as_ref().filter(|e| e.is_live()) {
