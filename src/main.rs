@@ -29,7 +29,7 @@ Mount options (-o, comma-separated):
   listen=IP:PORT    mesh listen address (default 0.0.0.0:4410)
   peers=IP:PORT/IP:PORT  static bootstrap peers (other subnets, datacenters)
   peers_file=FILE   more bootstrap peers, one IP:PORT a line
-  mdns=on|off       discover members on the LAN (default on)
+  mdns=on|off       discover members on the LAN (default off: it advertises to the whole LAN)
   members=FILE      admit only these peer ids, one a line (default: any holder of the key)
   threads=N         FUSE dispatch threads (default 4)
   passthrough=on|off  kernel passthrough for file data (default on; needs root, Linux 6.9+)

@@ -61,7 +61,8 @@ pub(crate) struct MountOpts {
     pub peers: Vec<SocketAddr>,
     /// `peers_file=FILE`: more bootstrap peers, one `IP:PORT` a line.
     pub peers_file: Option<PathBuf>,
-    /// `mdns=on|off`: discover members on the LAN.
+    /// `mdns=on|off`: discover members on the LAN. Off unless asked: mDNS is
+    /// plain UDP outside the key and advertises peer ids and ports to the LAN.
     pub mdns: bool,
     /// `members=FILE`: the node ids admitted (one libp2p peer id a line).
     /// `None`: every holder of the key.
@@ -117,7 +118,7 @@ impl Default for MountOpts {
             listen: None,
             peers: Vec::new(),
             peers_file: None,
-            mdns: true,
+            mdns: false,
             members: None,
             threads: 4,
             passthrough: true,
