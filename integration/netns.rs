@@ -79,6 +79,18 @@ impl Net {
     }
 }
 
+impl Net {
+    /// `n` new namespaces, each running a node with `key` and `extra` options.
+    fn start_nodes(&mut self, n: usize, key: &Path, extra: &str) -> Vec<NsNode> {
+        (0..n)
+            .map(|_| {
+                let (ns, addr) = self.add();
+                NsNode::start(&ns, &addr, key, extra)
+            })
+            .collect()
+    }
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         for ns in &self.namespaces {
@@ -197,12 +209,7 @@ fn mdns_alone_connects_three_members_who_gossip_and_never_a_node_with_another_ke
     let key = keygen(keys.path(), "cluster.key");
     let other_key = keygen(keys.path(), "other.key");
     let mut net = Net::new();
-    let nodes: Vec<NsNode> = (0..3)
-        .map(|_| {
-            let (ns, addr) = net.add();
-            NsNode::start(&ns, &addr, &key, ",mdns=on")
-        })
-        .collect();
+    let nodes = net.start_nodes(3, &key, ",mdns=on");
     let (ns, addr) = net.add();
     let stranger = NsNode::start(&ns, &addr, &other_key, ",mdns=on");
 
@@ -250,17 +257,7 @@ fn bootstrap_peers_alone_connect_members_across_subnets() {
     let mut net = Net::new();
     let (ns, addr) = net.add();
     let hub = NsNode::start(&ns, &addr, &key, ",mdns=off");
-    let spokes: Vec<NsNode> = (0..2)
-        .map(|_| {
-            let (ns, addr) = net.add();
-            NsNode::start(
-                &ns,
-                &addr,
-                &key,
-                &format!(",mdns=off,peers={}:{PORT}", hub.addr),
-            )
-        })
-        .collect();
+    let spokes = net.start_nodes(2, &key, &format!(",mdns=off,peers={}:{PORT}", hub.addr));
     eventually(
         Duration::from_secs(30),
         "the hub connected to both spokes",
@@ -280,12 +277,7 @@ fn changes_on_one_member_show_on_the_others() {
     let keys = tempfile::tempdir().unwrap();
     let key = keygen(keys.path(), "cluster.key");
     let mut net = Net::new();
-    let nodes: Vec<NsNode> = (0..2)
-        .map(|_| {
-            let (ns, addr) = net.add();
-            NsNode::start(&ns, &addr, &key, ",mdns=on")
-        })
-        .collect();
+    let nodes = net.start_nodes(2, &key, ",mdns=on");
     eventually(Duration::from_secs(30), "both members connected", || {
         nodes.iter().all(|n| n.connected_peers() == 1)
     });

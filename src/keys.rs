@@ -73,11 +73,9 @@ pub(crate) fn load_or_create_identity(path: &Path) -> Result<(Keypair, NodeId)> 
         }
         Err(e) => bail!("identity file {} cannot be read: {e}", path.display()),
     };
-    let public = keypair
-        .public()
-        .try_into_ed25519()
-        .context("the node identity must be an ed25519 key")?;
-    Ok((keypair, NodeId(public.to_bytes())))
+    let node = btfs_sync::wire::node_id(&keypair)
+        .map_err(|e| anyhow::anyhow!("identity file {}: {e}", path.display()))?;
+    Ok((keypair, node))
 }
 
 #[cfg(test)]
