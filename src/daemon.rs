@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use btfs_core::NodeId;
+use btfs_core::{FileRecord, NodeId, RelPath};
 use btfs_fs::{BtfsFs, FsConfig, MountOptions, ObjectStore};
 use btfs_store::Store;
 use nix::unistd::ForkResult;
@@ -254,8 +254,15 @@ fn start(plan: &MountPlan) -> Result<Started> {
     let objects =
         ObjectStore::open(state).with_context(|| format!("object store in {}", state.display()))?;
     let (announce_tx, announce_rx) = tokio::sync::mpsc::channel(ANNOUNCE_CAP);
+    let (sign_key, cluster) = (keypair.clone(), plan.name.clone());
+    let signer = btfs_fs::Signer(Arc::new(move |path: &RelPath, record: &FileRecord| {
+        btfs_sync::SignedRecord::sign(&cluster, path.clone(), record.clone(), &sign_key)
+            .map(|s| s.signature)
+            .map_err(|e| e.to_string())
+    }));
     let cfg = FsConfig {
         announce: Some(announce_tx),
+        signer: Some(signer),
         node,
         passthrough: plan.opts.passthrough,
         ttl: plan.opts.ttl,
@@ -263,7 +270,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
     };
     let fs = BtfsFs::new(store, objects, cfg)?;
     let handle = fs.handle();
-    let mesh_cfg = mesh::config(plan, keypair)?;
+    let (mesh_cfg, membership) = mesh::config(plan, keypair)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -272,7 +279,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .build()?;
     let (peers, counters) = {
         let _guard = rt.enter();
-        mesh::start(mesh_cfg, announce_rx, handle.clone())?
+        mesh::start(mesh_cfg, membership, announce_rx, handle.clone())?
     };
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
@@ -299,7 +306,9 @@ fn start(plan: &MountPlan) -> Result<Started> {
         },
     )?;
 
-    handle.set_notifier(session.notifier());
+    handle
+        .set_notifier(session.notifier())
+        .context("starting the kernel-invalidation thread")?;
     let status_handle = handle.clone();
     let info = serde_json::json!({
         "name": plan.name,
@@ -327,10 +336,15 @@ fn start(plan: &MountPlan) -> Result<Started> {
                         "records_published".into(),
                         counters.published.load(Ordering::Relaxed).into(),
                     );
-                    obj.insert(
-                        "records_received".into(),
-                        counters.received.load(Ordering::Relaxed).into(),
-                    );
+                    for (name, c) in [
+                        ("records_received", &counters.received),
+                        ("records_synced", &counters.synced),
+                        ("records_refused", &counters.refused),
+                        ("records_merged", &counters.merged),
+                        ("sync_rounds", &counters.syncs),
+                    ] {
+                        obj.insert(name.into(), c.load(Ordering::Relaxed).into());
+                    }
                 }
             }
             Err(e) => v = serde_json::json!({ "error": e.to_string() }),

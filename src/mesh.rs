@@ -1,6 +1,15 @@
 //! The cluster mesh in the daemon: configuration from the mount options, and
-//! the tasks around it. Records do not replicate yet (issue 3): this brings
-//! the private mesh up, keeps members connected and reports them in status.
+//! the tasks around it.
+//!
+//! * New local versions are gossiped in batches (one message carries up to
+//!   `MAX_BATCH` bytes of records), paced so that a burst of thousands of
+//!   changes does not overflow gossipsub's queues.
+//! * Gossip received is verified by the mesh's validator (every record of a
+//!   batch: shape, signature, membership) before it is applied.
+//! * Anti-entropy pulls what a peer stored since the last sync (its log,
+//!   page by page) when the peer comes up and every `SYNC_INTERVAL`; every
+//!   record is verified again, since records are relayed. Progress per peer
+//!   is kept in the store, so a restart asks only for what is new.
 
 use std::{
     collections::HashSet,
@@ -14,11 +23,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use btfs_core::{FileRecord, NodeId, RelPath};
-use btfs_fs::FsHandle;
-use btfs_mesh::{MeshConfig, MeshError, MeshEvent, PeerInfo};
-use btfs_store::SledBackend;
-use btfs_sync::SignedRecord;
+use btfs_core::NodeId;
+use btfs_fs::{Announced, FsHandle};
+use btfs_mesh::{Mesh, MeshConfig, MeshError, MeshEvent, PeerInfo};
+use btfs_store::{SledBackend, Store, Version};
+use btfs_sync::{
+    MAX_BATCH, MAX_RECORD, SignedRecord,
+    antientropy::{self, Log, Next, Progress, SyncRequest, SyncResponse},
+};
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -28,6 +40,11 @@ use crate::{daemon::MountPlan, options::DEFAULT_LISTEN};
 
 /// How often the status view of the mesh is refreshed.
 const PEERS_REFRESH: Duration = Duration::from_secs(1);
+/// Least time between two gossip messages: a burst of changes goes out as
+/// full batches at this pace (about 50 messages, some 8,000 records, a second).
+const GOSSIP_PACE: Duration = Duration::from_millis(20);
+/// How often every connected peer is asked for what it stored since.
+const SYNC_INTERVAL: Duration = Duration::from_secs(15);
 
 /// What `btfs status` shows about the mesh.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -93,7 +110,21 @@ fn peer_of(node: &NodeId) -> Option<PeerId> {
         .map(|k| PublicKey::from(k).to_peer_id())
 }
 
-pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<MeshConfig> {
+/// Who may author records: everyone holding the key, or the `members=` list.
+#[derive(Debug, Clone)]
+pub(crate) struct Membership(Option<Arc<HashSet<PeerId>>>);
+
+impl Membership {
+    fn admits(&self, n: &NodeId) -> bool {
+        match (&self.0, peer_of(n)) {
+            (None, _) => true,
+            (Some(m), Some(p)) => m.contains(&p),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<(MeshConfig, Membership)> {
     let o = &plan.opts;
     let listen = o
         .listen
@@ -103,24 +134,25 @@ pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<MeshConfig> {
         bootstrap.extend(read_peers_file(f)?);
     }
     let members = o.members.as_deref().map(read_members).transpose()?;
+    let membership = Membership(members.clone().map(Arc::new));
     let cluster = plan.name.clone();
-    let admitted = members.clone();
-    let validate = Arc::new(move |_: &PeerId, bytes: &[u8]| {
-        let member = |n: &NodeId| match (&admitted, peer_of(n)) {
-            (None, _) => true,
-            (Some(m), Some(p)) => m.contains(&p),
-            (Some(_), None) => false,
-        };
-        match SignedRecord::decode(bytes).and_then(|r| r.verify(&cluster, member)) {
+    let admitted = membership.clone();
+    let validate = Arc::new(move |source: &PeerId, bytes: &[u8]| {
+        let checked = SignedRecord::decode_batch(bytes).and_then(|batch| {
+            batch
+                .iter()
+                .try_for_each(|r| r.verify(&cluster, |n| admitted.admits(n)))
+        });
+        match checked {
             Ok(()) => true,
             Err(e) => {
-                info!("refused a record: {e}");
+                warn!(%source, "refused gossip: {e}");
                 false
             }
         }
     });
     let parse = |a: &str| a.parse().with_context(|| format!("mesh address {a}"));
-    Ok(MeshConfig {
+    let cfg = MeshConfig {
         cluster: plan.name.clone(),
         keypair,
         psk: plan.psk,
@@ -129,75 +161,323 @@ pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<MeshConfig> {
         mdns: o.mdns,
         members,
         validate,
-    })
+    };
+    Ok((cfg, membership))
 }
 
-/// Records gossiped and received (validated), for `btfs status`.
+/// Record counts, for `btfs status`.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    /// Local versions gossiped.
     pub published: AtomicU64,
+    /// Records received by gossip.
     pub received: AtomicU64,
+    /// Records received by anti-entropy.
+    pub synced: AtomicU64,
+    /// Records refused by anti-entropy (bad signature, unknown author...);
+    /// refused gossip is dropped by the mesh's validator and logged there.
+    pub refused: AtomicU64,
+    /// Records stored next to a concurrent version (conflicts seen).
+    pub merged: AtomicU64,
+    /// Completed anti-entropy rounds.
+    pub syncs: AtomicU64,
 }
 
-/// Starts the mesh and its tasks on the current runtime: new local versions
-/// from `announce` are signed and gossiped. Returns the status view,
-/// refreshed every second, and the record counters.
+/// This node's store as an anti-entropy log.
+struct StoreLog<'a>(&'a Store<SledBackend>);
+
+impl Log for StoreLog<'_> {
+    fn index_id(&self) -> u64 {
+        self.0.index_id()
+    }
+
+    fn max_seq(&self) -> u64 {
+        self.0.max_seq().unwrap_or(0)
+    }
+
+    fn since(&self, since: u64, limit: usize) -> Vec<(u64, Vec<SignedRecord>)> {
+        match self.0.log_since(since, limit) {
+            Ok(page) => page
+                .into_iter()
+                .map(|(seq, e)| {
+                    let records = e
+                        .map(|(path, e)| {
+                            e.sync
+                                .versions
+                                .into_iter()
+                                .map(|v| SignedRecord {
+                                    path: path.clone(),
+                                    record: v.record,
+                                    signature: v.signature,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (seq, records)
+                })
+                .collect(),
+            Err(e) => {
+                warn!("could not read the record log: {e}");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Shared by the mesh tasks.
+struct Replicator {
+    mesh: Mesh,
+    fs: FsHandle<SledBackend>,
+    cluster: String,
+    membership: Membership,
+    counters: Arc<Counters>,
+    /// Peers with an anti-entropy round under way.
+    syncing: std::sync::Mutex<HashSet<PeerId>>,
+    connected: std::sync::Mutex<HashSet<PeerId>>,
+}
+
+fn progress_key(peer: &PeerId) -> String {
+    format!("progress/{peer}")
+}
+
+impl Replicator {
+    /// Applies verified records in order, off the runtime's threads.
+    async fn apply(&self, records: Vec<SignedRecord>) {
+        let fs = self.fs.clone();
+        let counters = self.counters.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            for r in records {
+                let path = r.path.clone();
+                let version = Version {
+                    record: r.record,
+                    signature: r.signature,
+                };
+                match fs.apply_remote(r.path, version) {
+                    Ok(btfs_fs::Applied::Merged) => {
+                        counters.merged.fetch_add(1, Ordering::Relaxed);
+                        info!(%path, "concurrent versions: conflict resolved deterministically");
+                    }
+                    Ok(btfs_fs::Applied::Blocked) => {
+                        warn!(%path, "a file stands where this record's parent directory should be: not applied yet");
+                    }
+                    Ok(outcome) => debug!(%path, ?outcome, "remote record"),
+                    Err(e) => warn!(%path, "could not apply a remote record: {e}"),
+                }
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            warn!("apply task failed: {e}");
+        }
+    }
+
+    /// Starts an anti-entropy round with `peer` unless one is under way.
+    fn sync_soon(self: &Arc<Self>, peer: PeerId) {
+        if !self.lock_syncing().insert(peer) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.pull(peer).await {
+                Ok(n) => {
+                    me.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    if n > 0 {
+                        info!(%peer, records = n, "anti-entropy: caught up");
+                    }
+                }
+                Err(e) => debug!(%peer, "anti-entropy round failed: {e:#}"),
+            }
+            me.lock_syncing().remove(&peer);
+        });
+    }
+
+    fn lock_syncing(&self) -> std::sync::MutexGuard<'_, HashSet<PeerId>> {
+        self.syncing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_connected(&self) -> std::sync::MutexGuard<'_, HashSet<PeerId>> {
+        self.connected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pulls what `peer` stored since the last round, page by page; returns
+    /// how many records came.
+    async fn pull(&self, peer: PeerId) -> Result<usize> {
+        let store = self.fs.store().clone();
+        let key = progress_key(&peer);
+        let mut progress: Progress = store
+            .meta(&key)?
+            .and_then(|b| postcard::from_bytes(&b).ok())
+            .unwrap_or_default();
+        let mut total = 0;
+        loop {
+            let req = postcard::to_allocvec(&progress.request())?;
+            let bytes = self.mesh.request(peer, req).await?;
+            let resp: SyncResponse =
+                postcard::from_bytes(&bytes).context("malformed sync response")?;
+            let mut good = Vec::with_capacity(resp.records.len());
+            for r in &resp.records {
+                match r.verify(&self.cluster, |n| self.membership.admits(n)) {
+                    Ok(()) => good.push(r.clone()),
+                    Err(e) => {
+                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        warn!(%peer, "refused a synced record: {e}");
+                    }
+                }
+            }
+            total += good.len();
+            self.counters
+                .synced
+                .fetch_add(good.len() as u64, Ordering::Relaxed);
+            self.apply(good).await;
+            let next = progress.on_response(&resp);
+            store.set_meta(&key, &postcard::to_allocvec(&progress)?)?;
+            if next == Next::Done {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Answers a peer's sync request from the store's log.
+    async fn answer(&self, data: Vec<u8>) -> Vec<u8> {
+        let Ok(req) = postcard::from_bytes::<SyncRequest>(&data) else {
+            return Vec::new();
+        };
+        let store = self.fs.store().clone();
+        let resp =
+            tokio::task::spawn_blocking(move || antientropy::answer(&StoreLog(&store), &req)).await;
+        match resp.map(|r| postcard::to_allocvec(&r)) {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                warn!("could not encode a sync response: {e}");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!("sync answer task failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Gossips new local versions in paced batches.
+async fn publish_loop(mesh: Mesh, mut announce: mpsc::Receiver<Announced>, counters: Arc<Counters>) {
+    let mut pace = tokio::time::interval(GOSSIP_PACE);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let encode = |a: Announced| {
+        SignedRecord {
+            path: a.path,
+            record: a.version.record,
+            signature: a.version.signature,
+        }
+        .encode()
+    };
+    while let Some(first) = announce.recv().await {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(a) = next.take() {
+            match encode(a) {
+                Ok(b) => {
+                    bytes += b.len() + 4;
+                    batch.push(b);
+                }
+                Err(e) => warn!("could not encode a record for gossip: {e}"),
+            }
+            if bytes + MAX_RECORD + 4 > MAX_BATCH {
+                break;
+            }
+            next = announce.try_recv().ok();
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let n = batch.len() as u64;
+        let Ok(msg) = SignedRecord::encode_batch(&batch) else {
+            continue;
+        };
+        pace.tick().await;
+        match mesh.publish(msg).await {
+            Ok(()) => {
+                counters.published.fetch_add(n, Ordering::Relaxed);
+            }
+            // Alone: the records stay in the store for anti-entropy.
+            Err(MeshError::NoPeers) => {}
+            Err(e) => debug!("gossip failed: {e}"),
+        }
+    }
+}
+
+/// Starts the mesh and its tasks on the current runtime. Returns the status
+/// view, refreshed every second, and the record counters.
 pub(crate) fn start(
     cfg: MeshConfig,
-    mut announce: mpsc::Receiver<(RelPath, FileRecord)>,
+    membership: Membership,
+    announce: mpsc::Receiver<Announced>,
     fs: FsHandle<SledBackend>,
 ) -> Result<(watch::Receiver<PeersView>, Arc<Counters>)> {
-    let (keypair, cluster) = (cfg.keypair.clone(), cfg.cluster.clone());
+    let cluster = cfg.cluster.clone();
     let (mesh, mut events, _task) = btfs_mesh::start(cfg).context("mesh")?;
     let counters = Arc::new(Counters::default());
-    let publisher = mesh.clone();
-    let published = counters.clone();
+    tokio::spawn(publish_loop(mesh.clone(), announce, counters.clone()));
+    let rep = Arc::new(Replicator {
+        mesh: mesh.clone(),
+        fs,
+        cluster,
+        membership,
+        counters: counters.clone(),
+        syncing: std::sync::Mutex::new(HashSet::new()),
+        connected: std::sync::Mutex::new(HashSet::new()),
+    });
+    let events_rep = rep.clone();
     tokio::spawn(async move {
-        while let Some((path, record)) = announce.recv().await {
-            let bytes = match SignedRecord::sign(&cluster, path, record, &keypair)
-                .and_then(|r| r.encode())
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!("could not sign a record: {e}");
-                    continue;
+        let rep = events_rep;
+        while let Some(event) = events.recv().await {
+            match event {
+                MeshEvent::PeerUp(p) => {
+                    info!(peer = %p, "peer up");
+                    rep.lock_connected().insert(p);
+                    rep.sync_soon(p);
                 }
-            };
-            match publisher.publish(bytes).await {
-                Ok(()) => {
-                    published.published.fetch_add(1, Ordering::Relaxed);
+                MeshEvent::PeerDown(p) => {
+                    info!(peer = %p, "peer down");
+                    rep.lock_connected().remove(&p);
                 }
-                // Alone: the record stays in the store for anti-entropy.
-                Err(MeshError::NoPeers) => {}
-                Err(e) => debug!("gossip failed: {e}"),
+                MeshEvent::Gossip { source, data } => {
+                    // The mesh delivers only payloads its validator accepted.
+                    let Ok(batch) = SignedRecord::decode_batch(&data) else {
+                        continue;
+                    };
+                    debug!(%source, records = batch.len(), "gossip");
+                    rep.counters
+                        .received
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    rep.apply(batch).await;
+                }
+                MeshEvent::Request {
+                    peer,
+                    data,
+                    responder,
+                } => {
+                    let rep = rep.clone();
+                    tokio::spawn(async move {
+                        let answer = rep.answer(data).await;
+                        if let Err(e) = responder.respond(answer).await {
+                            debug!(%peer, "could not answer a sync request: {e}");
+                        }
+                    });
+                }
             }
         }
     });
-    let received = counters.clone();
+    let periodic = rep.clone();
     tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            match event {
-                MeshEvent::PeerUp(p) => info!(peer = %p, "peer up"),
-                MeshEvent::PeerDown(p) => info!(peer = %p, "peer down"),
-                MeshEvent::Gossip { source, data } => {
-                    received.received.fetch_add(1, Ordering::Relaxed);
-                    // The mesh delivers only payloads its validator accepted.
-                    let Ok(r) = SignedRecord::decode(&data) else {
-                        continue;
-                    };
-                    let path = r.path.clone();
-                    let fs = fs.clone();
-                    match tokio::task::spawn_blocking(move || fs.apply_remote(r.path, r.record))
-                        .await
-                    {
-                        Ok(Ok(outcome)) => debug!(%source, %path, ?outcome, "remote record"),
-                        Ok(Err(e)) => warn!(%source, %path, "could not apply a remote record: {e}"),
-                        Err(e) => warn!("apply task failed: {e}"),
-                    }
-                }
-                MeshEvent::Request { responder, .. } => {
-                    let _ = responder.respond(Vec::new()).await;
-                }
+        let mut tick = tokio::time::interval(SYNC_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let peers: Vec<PeerId> = periodic.lock_connected().iter().copied().collect();
+            for p in peers {
+                periodic.sync_soon(p);
             }
         }
     });

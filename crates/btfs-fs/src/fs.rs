@@ -60,6 +60,10 @@ const COMMIT_WORKERS: usize = 2;
 /// on the dispatch thread itself.
 const COMMIT_QUEUE: usize = 256;
 
+mod replica;
+
+pub use replica::{Announced, Applied};
+
 use crate::{
     error::{FsError, Result, errno},
     objects::{ObjectStore, Staging, hash_file},
@@ -79,24 +83,26 @@ pub struct FsConfig {
     /// Where new versions of records are announced, for replication (`None`
     /// on a node without a mesh). When it is full the announcement is
     /// dropped: anti-entropy delivers the record later.
-    pub announce: Option<tokio::sync::mpsc::Sender<(RelPath, FileRecord)>>,
+    pub announce: Option<tokio::sync::mpsc::Sender<Announced>>,
+    /// Signs new local versions as this node (`None`: unsigned, no mesh).
+    pub signer: Option<Signer>,
 }
 
-/// What happened to a remote record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// Stored: it descends from the local version.
-    Stored,
-    /// Ignored: the local version descends from it, or is the same.
-    Older,
-    /// Ignored for now: concurrent with the local version.
-    Concurrent,
-    /// Ignored for now: its parent directory is not here (yet).
-    NoParent,
-    /// Ignored: a directory delete while this node has entries inside it
-    /// (they survive, and so does the directory).
-    NotEmpty,
+/// Signs a record at a path as this node.
+pub type SignFn =
+    dyn Fn(&RelPath, &FileRecord) -> std::result::Result<Vec<u8>, String> + Send + Sync;
+
+#[derive(Clone)]
+pub struct Signer(pub Arc<SignFn>);
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer")
+    }
 }
+
+/// Invalidations waiting for the kernel.
+const INVAL_QUEUE: usize = 4096;
 
 /// What `btfs status` reports about the filesystem layer.
 #[derive(Debug, Clone, Serialize)]
@@ -187,7 +193,8 @@ struct Shared<B> {
     stale_cache: Mutex<HashSet<u64>>,
     next_fh: AtomicU64,
     passthrough: AtomicBool,
-    notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// Kernel cache invalidations, sent by their own thread once mounted.
+    inval_tx: Mutex<Option<SyncSender<replica::Inval>>>,
     commits: AtomicU64,
     commit_failures: AtomicU64,
     announce_dropped: AtomicU64,
@@ -252,10 +259,7 @@ impl<B: Backend> BtfsFs<B> {
             let record = FileRecord::new_dir(owner, cfg.node, Timestamp::now());
             store.write(vec![Change::Put(
                 RelPath::root(),
-                Entry {
-                    ino: ROOT_INO,
-                    record,
-                },
+                Entry::new(ROOT_INO, record),
             )])?;
         }
         let swept = objects.sweep(|c| store.refcount(c).map(|n| n > 0).unwrap_or(true))?;
@@ -278,7 +282,7 @@ impl<B: Backend> BtfsFs<B> {
             stale_cache: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
-            notifier: std::sync::OnceLock::new(),
+            inval_tx: Mutex::new(None),
             commits: AtomicU64::new(0),
             commit_failures: AtomicU64::new(0),
             announce_dropped: AtomicU64::new(0),
@@ -315,16 +319,27 @@ impl<B: Backend> FsHandle<B> {
 
     /// Lets the filesystem tell the kernel about changes it did not make
     /// (remote records). Set once, after mounting.
-    pub fn set_notifier(&self, notifier: fuser::Notifier) {
-        let _ = self.shared.notifier.set(notifier);
+    pub fn set_notifier(&self, notifier: fuser::Notifier) -> io::Result<()> {
+        let mut slot = lock(&self.shared.inval_tx);
+        if slot.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(INVAL_QUEUE);
+        std::thread::Builder::new()
+            .name("btfs-inval".into())
+            .spawn(move || replica::run_invalidations(notifier, rx))?;
+        *slot = Some(tx);
+        Ok(())
     }
 
-    /// Applies a verified record from another node, if it descends from what
-    /// this node holds for the path. Concurrent versions are left alone here:
-    /// resolving them (with conflict copies) needs the version sets of the
-    /// replication store, which comes next.
-    pub fn apply_remote(&self, path: RelPath, record: FileRecord) -> Result<Applied> {
-        self.shared.apply_remote(path, record)
+    /// Applies a verified version from another node (see [`replica`]).
+    pub fn apply_remote(&self, path: RelPath, version: btfs_store::Version) -> Result<Applied> {
+        self.shared.apply_remote(path, version)
+    }
+
+    /// The store, for replication (its log) and status.
+    pub fn store(&self) -> &Arc<Store<B>> {
+        &self.shared.store
     }
 
     /// Forgets deletes older than `retention`; returns how many.
@@ -559,10 +574,7 @@ impl<B: Backend> Shared<B> {
         if let Some(prev) = previous {
             record = record.succeeding(&prev.record);
         }
-        let entry = Entry {
-            ino: self.store.alloc_ino()?,
-            record,
-        };
+        let entry = Entry::new(self.store.alloc_ino()?, record);
         let now = entry.record.ctime;
         self.write_announced(
             vec![
@@ -577,6 +589,7 @@ impl<B: Backend> Shared<B> {
     fn remove_entry(&self, parent: u64, name: &OsStr, want_dir: bool) -> Result<()> {
         let released;
         let entry;
+        let mut inval = replica::Inval::default();
         {
             let _ns = lock(&self.ns);
             let (dir, dir_entry, path) = self.child_path(parent, name)?;
@@ -590,10 +603,7 @@ impl<B: Backend> Shared<B> {
                 _ => {}
             }
             let now = Timestamp::now();
-            let tomb = Entry {
-                ino: NO_INO,
-                record: entry.record.tombstone(self.node(), now),
-            };
+            let tomb = Entry::new(NO_INO, entry.record.tombstone(self.node(), now));
             released = self.write_announced(
                 vec![
                     Change::Put(path, tomb),
@@ -603,7 +613,9 @@ impl<B: Backend> Shared<B> {
             )?;
             self.mark_unlinked(&entry);
             self.gc(released);
+            self.prune_implicit(dir, &mut inval)?;
         }
+        self.invalidate(inval);
         Ok(())
     }
 
@@ -678,17 +690,11 @@ impl<B: Backend> Shared<B> {
             }
             tombstones.push(Change::Put(
                 old_path,
-                Entry {
-                    ino: NO_INO,
-                    record: entry.record.tombstone(node, now),
-                },
+                Entry::new(NO_INO, entry.record.tombstone(node, now)),
             ));
             changes.push(Change::Put(
                 new_path,
-                Entry {
-                    ino: entry.ino,
-                    record,
-                },
+                Entry::new(entry.ino, record),
             ));
         }
         // Children's tombstones before their directory's: a node applying
@@ -707,88 +713,20 @@ impl<B: Backend> Shared<B> {
         }
         let released = self.write_announced(changes, versioned)?;
         self.gc(released);
-        Ok(())
-    }
-
-    fn apply_remote(&self, path: RelPath, record: FileRecord) -> Result<Applied> {
-        let (parent_ino, old) = {
-            let _ns = lock(&self.ns);
-            let current = self.store.get(&path)?;
-            if let Some(cur) = &current {
-                match record.version.partial_cmp(&cur.record.version) {
-                    Some(std::cmp::Ordering::Greater) => {}
-                    None => return Ok(Applied::Concurrent),
-                    Some(_) => return Ok(Applied::Older),
-                }
-            }
-            let parent_ino = match path.parent() {
-                None => ROOT_INO,
-                Some(parent) => match self.store.get_live(&parent)? {
-                    Some(d) if d.record.kind == FileKind::Dir => d.ino,
-                    _ => return Ok(Applied::NoParent),
-                },
-            };
-            let live_before = current.as_ref().filter(|e| e.is_live());
-            if record.deleted
-                && live_before.is_some_and(|e| e.record.kind == FileKind::Dir)
-                && self.store.has_live_children(&path)?
-            {
-                return Ok(Applied::NotEmpty);
-            }
-            let ino = match live_before {
-                _ if record.deleted => NO_INO,
-                Some(e) if e.record.kind == record.kind => e.ino,
-                _ if path.is_root() => ROOT_INO,
-                _ => self.store.alloc_ino()?,
-            };
-            let released = self.store.write(vec![Change::Put(
-                path.clone(),
-                Entry {
-                    ino,
-                    record: record.clone(),
-                },
-            )])?;
-            let old = live_before.cloned();
-            // A replaced inode that is open keeps working until closed (the
-            // kernel forgets it then); one that is not open just goes.
-            if let Some(o) = old
-                .as_ref()
-                .filter(|o| o.ino != ino && self.cell(o.ino).is_some())
-            {
-                self.mark_unlinked(o);
-            }
-            self.gc(released);
-            (parent_ino, old)
-        };
-        // Tell the kernel: the name may point elsewhere, and an existing
-        // inode's attributes and pages are stale.
-        if let Some(n) = self.notifier.get() {
-            if let Some(name) = path.file_name() {
-                let _ = n.inval_entry(INodeNo(parent_ino), OsStr::new(name));
-            }
-            if let Some(o) = &old {
-                lock(&self.stale_cache).insert(o.ino);
-                let _ = n.inval_inode(INodeNo(o.ino), 0, 0);
-            }
-            let _ = n.inval_inode(INodeNo(parent_ino), 0, 0);
+        let mut inval = replica::Inval::default();
+        if src_dir != dst_dir {
+            self.prune_implicit(src_dir, &mut inval)?;
         }
-        Ok(Applied::Stored)
+        drop(_ns);
+        self.invalidate(inval);
+        Ok(())
     }
 
     /// Writes `changes` and announces the new versions among them (the
     /// first `versioned`; parent-directory time updates are not versions).
     fn write_announced(&self, changes: Vec<Change>, versioned: usize) -> Result<Vec<ContentId>> {
-        let announced: Vec<(RelPath, FileRecord)> = match &self.cfg.announce {
-            None => Vec::new(),
-            Some(_) => changes
-                .iter()
-                .take(versioned)
-                .filter_map(|c| match c {
-                    Change::Put(p, e) => Some((p.clone(), e.record.clone())),
-                    Change::Remove(_) => None,
-                })
-                .collect(),
-        };
+        let mut announced = Vec::new();
+        let changes = self.version_changes(changes, versioned, &mut announced)?;
         let released = self.store.write(changes)?;
         if let Some(tx) = &self.cfg.announce {
             for a in announced {
@@ -1085,7 +1023,7 @@ impl<B: Backend> Shared<B> {
         record.content = Some(content);
         record.size = meta.len();
         record.mtime = mtime;
-        let released = self.write_announced(vec![Change::Put(path, Entry { ino, record })], 1)?;
+        let released = self.write_announced(vec![Change::Put(path, Entry::new(ino, record))], 1)?;
         self.gc(released);
         self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1189,7 +1127,7 @@ impl<B: Backend> Shared<B> {
             if let Some(a) = atime {
                 record.atime = a.into();
             }
-            let entry = Entry { ino, record };
+            let entry = Entry::new(ino, record);
             match path {
                 Some(path) => {
                     self.write_announced(vec![Change::Put(path, entry)], 1)?;

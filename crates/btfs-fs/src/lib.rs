@@ -15,6 +15,6 @@ pub mod mount;
 mod objects;
 
 pub use error::{FsError, errno};
-pub use fs::{Applied, BtfsFs, FsConfig, FsHandle, FsStatus};
+pub use fs::{Announced, Applied, BtfsFs, FsConfig, FsHandle, FsStatus, Signer};
 pub use mount::{MountError, MountOptions, check_mountpoint, mount, mounted_at, unmount};
 pub use objects::ObjectStore;

@@ -24,12 +24,27 @@
 //! | `m` name                          | node-local metadata        |
 //!
 //! Children of a directory are therefore one prefix scan, in name order.
+//!
+//! ## Replication state
+//!
+//! An entry carries, besides the record the path shows here, the path's
+//! maximal *signed* versions ([`Replication::versions`]): what the node relays to
+//! others and merges with what it receives. Every change to them gives the
+//! entry the next number of this node's log ([`Replication::seq`]); peers ask for
+//! "everything after number N" (anti-entropy). The log is the entries
+//! themselves, ordered by that number: an in-memory index rebuilt on open, so
+//! that it can never disagree with them after a crash. Numbers are reserved
+//! in blocks, like inode numbers, so that they never go back.
+//!
+//! Some entries are *derived*, not replicated ([`Derived`]): conflict copies
+//! and directories kept because something inside them survived a delete.
+//! Every node derives the same ones from the same versions.
 
 mod backend;
 mod error;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Mutex, MutexGuard},
 };
 
@@ -48,15 +63,65 @@ pub const NO_INO: u64 = 0;
 /// Inode numbers are reserved in blocks so that allocation rarely writes.
 const INO_BLOCK: u64 = 1024;
 const META_NEXT_INO: &[u8] = b"next_ino";
+const META_NEXT_SEQ: &[u8] = b"next_seq";
+const META_INDEX_ID: &[u8] = b"index_id";
+/// Log numbers are reserved in blocks too.
+const SEQ_BLOCK: u64 = 4096;
+
+/// One signed version of a path's record, as its author made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    pub record: FileRecord,
+    /// The author's signature (empty on a node without a mesh).
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// Why an entry exists without a record of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Derived {
+    /// A losing concurrent version of a sibling path, shown under its
+    /// conflict-copy name.
+    ConflictCopy,
+    /// A directory whose versions are deleted (or not known yet) but that
+    /// holds live entries, which survive the delete.
+    ImplicitDir,
+}
+
+/// Replication state of an entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    /// The path's maximal versions, in `btfs_core::Versions` order. Empty for
+    /// a path that has no replicated record (derived, or a node-local root).
+    pub versions: Vec<Version>,
+    /// Position in this node's log; 0 for entries with no versions. Set by
+    /// [`Store::write`].
+    pub seq: u64,
+    pub derived: Option<Derived>,
+}
 
 /// A path's record plus the node-local inode number that the kernel sees.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub ino: u64,
     pub record: FileRecord,
+    pub sync: Replication,
 }
 
 impl Entry {
+    /// An entry with no replication state yet.
+    pub fn new(ino: u64, record: FileRecord) -> Self {
+        Self {
+            ino,
+            record,
+            sync: Replication::default(),
+        }
+    }
+
+    pub fn is_derived(&self) -> bool {
+        self.sync.derived.is_some()
+    }
+
     pub fn is_live(&self) -> bool {
         self.record.is_live()
     }
@@ -100,6 +165,11 @@ struct Indexes {
     /// Next inode number to hand out, and the end of the reserved block.
     next_ino: u64,
     reserved_end: u64,
+    /// The log: entries with versions, by sequence number.
+    log: BTreeMap<u64, RelPath>,
+    /// Last sequence number handed out, and the end of the reserved block.
+    seq: u64,
+    seq_end: u64,
 }
 
 impl Indexes {
@@ -110,12 +180,18 @@ impl Indexes {
         if e.ino != NO_INO && e.ino != ROOT_INO {
             self.paths.insert(e.ino, path.clone());
         }
+        if e.sync.seq != 0 {
+            self.log.insert(e.sync.seq, path.clone());
+        }
     }
 
     /// Returns the content released if this was its last reference.
     fn remove(&mut self, path: &RelPath, e: &Entry) -> Option<ContentId> {
         if e.ino != NO_INO && self.paths.get(&e.ino) == Some(path) {
             self.paths.remove(&e.ino);
+        }
+        if e.sync.seq != 0 && self.log.get(&e.sync.seq) == Some(path) {
+            self.log.remove(&e.sync.seq);
         }
         let c = e.content_ref()?;
         let n = self.refs.get_mut(&c)?;
@@ -133,6 +209,7 @@ impl Indexes {
 pub struct Store<B> {
     backend: B,
     idx: Mutex<Indexes>,
+    index_id: u64,
 }
 
 fn entry_key(path: &RelPath) -> Vec<u8> {
@@ -183,6 +260,19 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     postcard::to_allocvec(v).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
 }
 
+/// An id for a new log: distinct across stores and incarnations.
+fn fresh_index_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 fn decode_u64(bytes: &[u8]) -> Result<u64> {
     let arr: [u8; 8] = bytes
         .try_into()
@@ -207,6 +297,7 @@ impl Store<MemBackend> {
                 reserved_end: ROOT_INO + 1,
                 ..Indexes::default()
             }),
+            index_id: fresh_index_id(),
         }
     }
 }
@@ -218,6 +309,18 @@ impl<B: Backend> Store<B> {
         let stored_next = match backend.get(&meta_key(META_NEXT_INO))? {
             Some(v) => decode_u64(&v)?,
             None => ROOT_INO + 1,
+        };
+        let stored_seq = match backend.get(&meta_key(META_NEXT_SEQ))? {
+            Some(v) => decode_u64(&v)?,
+            None => 0,
+        };
+        let index_id = match backend.get(&meta_key(META_INDEX_ID))? {
+            Some(v) => decode_u64(&v)?,
+            None => {
+                let id = fresh_index_id();
+                backend.set(meta_key(META_INDEX_ID), Some(id.to_be_bytes().to_vec()))?;
+                id
+            }
         };
         let mut idx = Indexes::default();
         let mut duplicates = Vec::new();
@@ -235,9 +338,14 @@ impl<B: Backend> Store<B> {
         let next = stored_next.max(max_ino + 1);
         idx.next_ino = next;
         idx.reserved_end = next;
+        // Everything up to the reserved end may have been handed out.
+        let seq = stored_seq.max(idx.log.keys().next_back().copied().unwrap_or(0));
+        idx.seq = seq;
+        idx.seq_end = seq;
         let store = Self {
             backend,
             idx: Mutex::new(idx),
+            index_id,
         };
         for (path, mut e) in duplicates {
             let fresh = store.alloc_ino()?;
@@ -384,6 +492,51 @@ impl<B: Backend> Store<B> {
         Ok(ino)
     }
 
+    fn next_seq(&self, idx: &mut Indexes) -> Result<u64> {
+        if idx.seq >= idx.seq_end {
+            let end = idx.seq + SEQ_BLOCK;
+            self.backend
+                .set(meta_key(META_NEXT_SEQ), Some(end.to_be_bytes().to_vec()))?;
+            idx.seq_end = end;
+        }
+        idx.seq += 1;
+        Ok(idx.seq)
+    }
+
+    /// The id of this store's log (peers name it when they ask for a delta).
+    pub fn index_id(&self) -> u64 {
+        self.index_id
+    }
+
+    /// The newest sequence number handed out (0: none).
+    pub fn max_seq(&self) -> Result<u64> {
+        Ok(self.idx()?.seq)
+    }
+
+    /// Entries whose versions changed after `since`, oldest change first, at
+    /// most `limit` numbers. A number whose entry changed again meanwhile
+    /// comes with `None` (its new number comes later).
+    pub fn log_since(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Option<(RelPath, Entry)>)>> {
+        let paths: Vec<(u64, RelPath)> = {
+            let idx = self.idx()?;
+            idx.log
+                .range(since.saturating_add(1)..)
+                .take(limit)
+                .map(|(s, p)| (*s, p.clone()))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(paths.len());
+        for (seq, path) in paths {
+            let e = self.get(&path)?.filter(|e| e.sync.seq == seq);
+            out.push((seq, e.map(|e| (path, e))));
+        }
+        Ok(out)
+    }
+
     /// How many live files reference content `c`.
     pub fn refcount(&self, c: &ContentId) -> Result<u64> {
         Ok(self.idx()?.refs.get(c).copied().unwrap_or(0))
@@ -407,6 +560,15 @@ impl<B: Backend> Store<B> {
                 .get(&key)?
                 .map(|v| decode("entry", &v))
                 .transpose()?;
+            let mut new = new;
+            if let Some(e) = new.as_mut() {
+                let same = old.as_ref().is_some_and(|o| o.sync.versions == e.sync.versions);
+                e.sync.seq = match (&old, same) {
+                    _ if e.sync.versions.is_empty() => 0,
+                    (Some(o), true) if o.sync.seq != 0 => o.sync.seq,
+                    _ => self.next_seq(&mut idx)?,
+                };
+            }
             self.backend
                 .set(key, new.as_ref().map(encode).transpose()?)?;
             if let Some(c) = old.as_ref().and_then(|o| idx.remove(&path, o)) {
@@ -427,7 +589,11 @@ impl<B: Backend> Store<B> {
     /// ctime). Each one is checked again under the write lock, so a path that
     /// was re-created meanwhile is never touched. Returns how many went.
     pub fn collect_tombstones(&self, cutoff: btfs_core::Timestamp) -> Result<usize> {
-        let expired = |e: &Entry| !e.is_live() && e.record.ctime < cutoff;
+        let expired = |e: &Entry| {
+            !e.is_live()
+                && e.record.ctime < cutoff
+                && e.sync.versions.iter().all(|v| v.record.ctime < cutoff)
+        };
         let candidates: Vec<Vec<u8>> = self
             .backend
             .scan(b"e", None, usize::MAX)?
@@ -435,7 +601,7 @@ impl<B: Backend> Store<B> {
             .filter(|(_, v)| decode::<Entry>("entry", v).is_ok_and(|e| expired(&e)))
             .map(|(k, _)| k)
             .collect();
-        let _idx = self.idx()?;
+        let mut idx = self.idx()?;
         let mut removed = 0;
         for key in candidates {
             let still = self
@@ -443,8 +609,9 @@ impl<B: Backend> Store<B> {
                 .get(&key)?
                 .map(|v| decode::<Entry>("entry", &v))
                 .transpose()?;
-            if still.as_ref().is_some_and(expired) {
-                self.backend.set(key, None)?;
+            if let Some(e) = still.filter(expired) {
+                self.backend.set(key.clone(), None)?;
+                idx.remove(&path_of_key(&key)?, &e);
                 removed += 1;
             }
         }

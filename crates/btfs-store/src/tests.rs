@@ -168,7 +168,7 @@ fn run(ops: Vec<Op>) {
                 }
                 let ino = store.alloc_ino().unwrap();
                 assert!(seen_inos.insert(ino), "inode {ino} handed out twice");
-                let e = Entry { ino, record };
+                let e = Entry::new(ino, record);
                 store
                     .write(vec![Change::Put(p.clone(), e.clone())])
                     .unwrap();
@@ -179,10 +179,7 @@ fn run(ops: Vec<Op>) {
                 let Some(old) = model.get(&p).filter(|e| e.is_live()).cloned() else {
                     continue;
                 };
-                let e = Entry {
-                    ino: NO_INO,
-                    record: old.record.tombstone(NODE, now),
-                };
+                let e = Entry::new(NO_INO, old.record.tombstone(NODE, now));
                 let released = store
                     .write(vec![Change::Put(p.clone(), e.clone())])
                     .unwrap();
@@ -205,10 +202,7 @@ fn run(ops: Vec<Op>) {
                 if pf == pt || model.get(&pt).is_some_and(Entry::is_live) {
                     continue;
                 }
-                let tomb = Entry {
-                    ino: NO_INO,
-                    record: old.record.tombstone(NODE, now),
-                };
+                let tomb = Entry::new(NO_INO, old.record.tombstone(NODE, now));
                 let mut moved = old.clone();
                 if let Some(prev) = model.get(&pt) {
                     moved.record = moved.record.succeeding(&prev.record);
@@ -311,7 +305,7 @@ fn memory_twin_behaves_like_sled_for_children_and_stats() {
         let ino = store.alloc_ino().unwrap();
         batch.push(Change::Put(
             RelPath::parse(name).unwrap(),
-            Entry { ino, record: r },
+            Entry::new(ino, r),
         ));
     }
     store.write(batch).unwrap();
@@ -337,20 +331,14 @@ fn old_tombstones_are_collected_and_live_entries_never() {
     let ino = store.alloc_ino().unwrap();
     store
         .write(vec![
-            Change::Put(RelPath::parse("live").unwrap(), Entry { ino, record: live }),
+            Change::Put(RelPath::parse("live").unwrap(), Entry::new(ino, live)),
             Change::Put(
                 RelPath::parse("old").unwrap(),
-                Entry {
-                    ino: NO_INO,
-                    record: old,
-                },
+                Entry::new(NO_INO, old),
             ),
             Change::Put(
                 RelPath::parse("d/recent").unwrap(),
-                Entry {
-                    ino: NO_INO,
-                    record: recent,
-                },
+                Entry::new(NO_INO, recent),
             ),
         ])
         .unwrap();
@@ -374,4 +362,87 @@ fn old_tombstones_are_collected_and_live_entries_never() {
             .is_some()
     );
     assert_eq!(store.collect_tombstones(t(1000)).unwrap(), 0);
+}
+
+/// An entry carrying `record` as its only signed version.
+fn versioned(ino: u64, record: FileRecord) -> Entry {
+    let mut e = Entry::new(ino, record.clone());
+    e.sync.versions = vec![Version {
+        record,
+        signature: vec![1, 2, 3],
+    }];
+    e
+}
+
+#[test]
+fn the_log_numbers_version_changes_and_never_goes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Timestamp { secs: 100, nanos: 0 };
+    let (a, b) = (RelPath::parse("a").unwrap(), RelPath::parse("b").unwrap());
+    let index;
+    {
+        let store = Store::open_sled(dir.path()).unwrap();
+        index = store.index_id();
+        let ra = FileRecord::new_file(OWNER, NODE, now);
+        let rb = FileRecord::new_file(OWNER, NODE, now);
+        store
+            .write(vec![
+                Change::Put(a.clone(), versioned(2, ra.clone())),
+                Change::Put(b.clone(), versioned(3, rb)),
+            ])
+            .unwrap();
+        let log = store.log_since(0, 10).unwrap();
+        assert_eq!(
+            log.iter().map(|(s, e)| (*s, e.as_ref().unwrap().0.clone())).collect::<Vec<_>>(),
+            [(1, a.clone()), (2, b.clone())]
+        );
+        // A change that keeps the versions (a directory time, an inode
+        // number) keeps the number; a new version takes the next one.
+        let mut same = store.get(&a).unwrap().unwrap();
+        same.record.atime = Timestamp { secs: 7, nanos: 0 };
+        store.write(vec![Change::Put(a.clone(), same)]).unwrap();
+        assert_eq!(store.max_seq().unwrap(), 2);
+        let next = ra.next_version(NODE, now);
+        store
+            .write(vec![Change::Put(a.clone(), versioned(2, next))])
+            .unwrap();
+        let log = store.log_since(1, 10).unwrap();
+        assert_eq!(
+            log.iter().map(|(s, e)| (*s, e.as_ref().unwrap().0.clone())).collect::<Vec<_>>(),
+            [(2, b.clone()), (3, a.clone())]
+        );
+        assert!(store.log_since(3, 10).unwrap().is_empty());
+        // Entries without versions are not in the log.
+        let local = RelPath::parse("local").unwrap();
+        store
+            .write(vec![Change::Put(
+                local,
+                Entry::new(4, FileRecord::new_file(OWNER, NODE, now)),
+            )])
+            .unwrap();
+        assert_eq!(store.max_seq().unwrap(), 3);
+        store.flush().unwrap();
+    }
+    let store = Store::open_sled(dir.path()).unwrap();
+    assert_eq!(store.index_id(), index, "the log survives a restart");
+    assert_eq!(store.log_since(0, 10).unwrap().len(), 2);
+    let later = FileRecord::new_file(OWNER, NODE, now);
+    store
+        .write(vec![Change::Put(b.clone(), versioned(3, later))])
+        .unwrap();
+    assert!(
+        store.max_seq().unwrap() > 3,
+        "numbers after a restart are new ones"
+    );
+    // A collected tombstone leaves the log.
+    let tomb = store.get(&b).unwrap().unwrap().record.tombstone(NODE, now);
+    store
+        .write(vec![Change::Put(b.clone(), versioned(NO_INO, tomb))])
+        .unwrap();
+    store
+        .collect_tombstones(Timestamp { secs: 1000, nanos: 0 })
+        .unwrap();
+    let log = store.log_since(0, 10).unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].1.as_ref().unwrap().0, a);
 }

@@ -30,9 +30,11 @@ pub trait Log {
     fn index_id(&self) -> u64;
     /// The sequence number of the newest stored record (0: none).
     fn max_seq(&self) -> u64;
-    /// Stored records with a sequence number above `since`, oldest first,
-    /// at most `limit` of them.
-    fn since(&self, since: u64, limit: usize) -> Vec<(u64, SignedRecord)>;
+    /// Stored records with a sequence number above `since`, oldest first, for
+    /// at most `limit` numbers. One number may carry several records (the
+    /// concurrent versions of one path), sent together, or none (a number
+    /// superseded while reading).
+    fn since(&self, since: u64, limit: usize) -> Vec<(u64, Vec<SignedRecord>)>;
 }
 
 /// "Send me what you stored after `since` in index `index`."
@@ -76,14 +78,17 @@ pub fn answer(log: &impl Log, req: &SyncRequest) -> SyncResponse {
     let mut records = Vec::new();
     let mut bytes = 0;
     let mut upto = from;
-    for (seq, r) in log.since(from, PAGE_RECORDS) {
-        let size = r.encode().map_or(usize::MAX, |b| b.len());
-        if !records.is_empty() && bytes + size > PAGE_BYTES {
+    for (seq, group) in log.since(from, PAGE_RECORDS) {
+        let size: usize = group
+            .iter()
+            .map(|r| r.encode().map_or(usize::MAX / 4, |b| b.len()))
+            .sum();
+        if !records.is_empty() && (bytes + size > PAGE_BYTES || records.len() >= PAGE_RECORDS) {
             break;
         }
         bytes = bytes.saturating_add(size);
         upto = seq;
-        records.push(r);
+        records.extend(group);
     }
     SyncResponse {
         index,
@@ -124,14 +129,17 @@ impl Progress {
     pub fn on_response(&mut self, resp: &SyncResponse) -> Next {
         let consistent = resp.from <= resp.upto
             && resp.upto <= resp.max
-            && (resp.records.is_empty() == (resp.upto == resp.from));
+            && (resp.records.is_empty() || resp.upto > resp.from)
+            && resp.records.len() <= 2 * PAGE_RECORDS;
         if !consistent {
             *self = Progress::default();
             return Next::Done;
         }
         self.index = Some(resp.index);
         self.received = resp.upto;
-        if resp.complete() {
+        // A page that brings nothing new ends this round (no endless loop on
+        // a peer that keeps answering empty pages).
+        if resp.complete() || resp.upto == resp.from {
             Next::Done
         } else {
             Next::Continue(self.request())
@@ -169,12 +177,12 @@ mod tests {
         fn max_seq(&self) -> u64 {
             self.log.last().map_or(0, |(s, _)| *s)
         }
-        fn since(&self, since: u64, limit: usize) -> Vec<(u64, SignedRecord)> {
+        fn since(&self, since: u64, limit: usize) -> Vec<(u64, Vec<SignedRecord>)> {
             self.log
                 .iter()
                 .filter(|(s, _)| *s > since)
                 .take(limit)
-                .cloned()
+                .map(|(s, r)| (*s, vec![r.clone()]))
                 .collect()
         }
     }

@@ -9,4 +9,4 @@
 pub mod antientropy;
 pub mod wire;
 
-pub use wire::{MAX_RECORD, SignedRecord, WireError};
+pub use wire::{MAX_BATCH, MAX_RECORD, SignedRecord, WireError};

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 /// Largest encoded record accepted: far below the gossip frame limit, and
 /// generous for metadata (a record is a few hundred bytes).
 pub const MAX_RECORD: usize = 16 * 1024;
+/// Largest gossip message (a batch of records): below gossipsub's 65,536-byte
+/// frame limit with room for its own framing and signature.
+pub const MAX_BATCH: usize = 48 * 1024;
 const DOMAIN: &str = "btfs-record-v1";
 
 /// Why a record was refused.
@@ -165,6 +168,25 @@ impl SignedRecord {
         Ok(bytes)
     }
 
+    /// A gossip message carrying `records` (each already encoded by
+    /// [`encode`](Self::encode)). The caller keeps it under [`MAX_BATCH`].
+    pub fn encode_batch(records: &[Vec<u8>]) -> Result<Vec<u8>, WireError> {
+        let batch: Vec<&serde_bytes::Bytes> =
+            records.iter().map(|r| serde_bytes::Bytes::new(r)).collect();
+        postcard::to_allocvec(&batch).map_err(|e| WireError::Malformed(e.to_string()))
+    }
+
+    /// Decodes a gossip message; every record in it must decode (verify them
+    /// before use).
+    pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Self>, WireError> {
+        if bytes.len() > MAX_BATCH {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
+        let batch: Vec<serde_bytes::ByteBuf> =
+            postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+        batch.iter().map(|b| Self::decode(b)).collect()
+    }
+
     /// Decodes untrusted bytes (the path is validated while decoding); call
     /// [`verify`](Self::verify) before using the record.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
@@ -262,6 +284,16 @@ mod tests {
                 "{evil:?}"
             );
         }
+        // A batch with one forged record is refused whole.
+        let good = s.encode().unwrap();
+        let mut bad = good.clone();
+        let at = bad.iter().position(|b| *b == b'x').unwrap();
+        bad[at] = b'/';
+        let batch = SignedRecord::encode_batch(&[good.clone(), good.clone()]).unwrap();
+        assert_eq!(SignedRecord::decode_batch(&batch).unwrap().len(), 2);
+        let batch = SignedRecord::encode_batch(&[good, bad]).unwrap();
+        assert!(SignedRecord::decode_batch(&batch).is_err());
+
         let mut long = bytes.clone();
         long.resize(MAX_RECORD + 1, 0);
         assert_eq!(

@@ -1,0 +1,506 @@
+//! Replication on the filesystem side: what a path shows given the signed
+//! versions a node holds for it, and how local changes become versions.
+//!
+//! A path's entry keeps its maximal signed versions; what the path *shows* is
+//! [`btfs_core::resolve`] of them, so every node that holds the same versions
+//! shows the same tree:
+//! * the winning version at the path itself;
+//! * each losing concurrent version as a *derived* conflict copy next to it
+//!   (`NAME.btfs-conflict-…`), unless a real record holds that name;
+//! * a deleted directory that still holds live entries (a create raced the
+//!   delete) as a derived, implicit directory, and so are missing parents of a
+//!   record that arrives before them.
+//!
+//! A local change of a path descends from *all* its versions, so it ends a
+//! conflict everywhere; its conflict copies are first written as records of
+//! their own (authored here), so that they outlive the conflict that made
+//! them. A local change of a derived entry makes it a real record.
+
+use std::ffi::OsStr;
+
+use btfs_core::{
+    FileKind, FileRecord, Owner, RelPath, VersionVector, Versions, resolve,
+};
+use btfs_store::{Backend, Change, Derived, Entry, NO_INO, ROOT_INO, Replication, Version};
+use fuser::INodeNo;
+use tracing::warn;
+
+use super::{Shared, lock};
+use crate::error::Result;
+
+/// A new local version, for the mesh to gossip.
+#[derive(Debug, Clone)]
+pub struct Announced {
+    pub path: RelPath,
+    pub version: Version,
+}
+
+/// What happened to a remote record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored; it supersedes what this node held.
+    Stored,
+    /// Stored next to a concurrent version: the path is in conflict (and
+    /// shows a conflict copy, unless the versions agree).
+    Merged,
+    /// Ignored: this node already holds it or a version that descends from it.
+    Older,
+    /// Not stored: a file or symlink stands where its parent directory should
+    /// be. It stays with its author and arrives again with a later sync.
+    Blocked,
+}
+
+/// Kernel caches to drop once the namespace lock is released.
+#[derive(Debug, Default)]
+pub(super) struct Inval {
+    entries: Vec<(u64, String)>,
+    inodes: Vec<u64>,
+}
+
+/// The directory shown where only deletes (or nothing) are known but live
+/// entries exist below: owner and mode of the newest version if it was a
+/// directory, and no version of its own (a local change of it descends from
+/// the path's versions, see `version_changes`).
+fn implicit_dir(base: Option<&FileRecord>, child: &FileRecord) -> FileRecord {
+    match base {
+        Some(b) => {
+            let mut r = b.clone();
+            if r.kind != FileKind::Dir {
+                r.mode = 0o755;
+            }
+            r.kind = FileKind::Dir;
+            r.deleted = false;
+            r.content = None;
+            r.prev_content = None;
+            r.target = None;
+            r.size = 0;
+            r
+        }
+        None => {
+            let owner = Owner {
+                mode: 0o755,
+                uid: child.uid,
+                gid: child.gid,
+            };
+            let mut r = FileRecord::new_dir(owner, child.author, child.mtime);
+            r.version = VersionVector::new();
+            r
+        }
+    }
+}
+
+fn versions_of(signed: &[Version]) -> Versions {
+    signed.iter().map(|v| v.record.clone()).collect()
+}
+
+fn sibling(path: &RelPath, name: &str) -> Option<RelPath> {
+    path.parent()?.join(name).ok()
+}
+
+impl<B: Backend> Shared<B> {
+    fn sign(&self, path: &RelPath, record: &FileRecord) -> Vec<u8> {
+        let Some(signer) = &self.cfg.signer else {
+            return Vec::new();
+        };
+        match (signer.0)(path, record) {
+            Ok(sig) => sig,
+            Err(e) => {
+                warn!(%path, "could not sign a new version (peers will refuse it): {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Turns the first `versioned` changes (new local versions) into signed
+    /// versions that descend from everything the path held, preceded by the
+    /// records of the conflict copies they end. Called under `ns`.
+    pub(super) fn version_changes(
+        &self,
+        changes: Vec<Change>,
+        versioned: usize,
+        announced: &mut Vec<Announced>,
+    ) -> Result<Vec<Change>> {
+        let node = self.node();
+        let mut out = Vec::with_capacity(changes.len());
+        for (i, change) in changes.into_iter().enumerate() {
+            let (path, mut entry) = match change {
+                Change::Put(path, entry) if i < versioned => (path, entry),
+                other => {
+                    out.push(other);
+                    continue;
+                }
+            };
+            if let Some(old) = self.store.get(&path)? {
+                let held = versions_of(&old.sync.versions);
+                for (name, _) in resolve(&path, &held).copies {
+                    let Some(copy_path) = sibling(&path, &name) else {
+                        continue;
+                    };
+                    let Some(copy) = self
+                        .store
+                        .get(&copy_path)?
+                        .filter(|e| e.sync.derived == Some(Derived::ConflictCopy))
+                    else {
+                        continue;
+                    };
+                    let record = copy.record.next_version(node, entry.record.ctime);
+                    out.push(self.signed_put(copy_path, copy.ino, record, announced));
+                }
+                let v = &mut entry.record.version;
+                for o in held.records() {
+                    v.merge(&o.version);
+                }
+                if held.records().iter().any(|o| o.version >= *v) {
+                    v.increment(node);
+                }
+            }
+            out.push(self.signed_put(path, entry.ino, entry.record, announced));
+        }
+        Ok(out)
+    }
+
+    fn signed_put(
+        &self,
+        path: RelPath,
+        ino: u64,
+        record: FileRecord,
+        announced: &mut Vec<Announced>,
+    ) -> Change {
+        let version = Version {
+            signature: self.sign(&path, &record),
+            record: record.clone(),
+        };
+        announced.push(Announced {
+            path: path.clone(),
+            version: version.clone(),
+        });
+        Change::Put(
+            path,
+            Entry {
+                ino,
+                record,
+                sync: Replication {
+                    versions: vec![version],
+                    seq: 0,
+                    derived: None,
+                },
+            },
+        )
+    }
+
+    /// Applies a verified version from another node.
+    pub(super) fn apply_remote(&self, path: RelPath, incoming: Version) -> Result<Applied> {
+        let mut inval = Inval::default();
+        let outcome = {
+            let _ns = lock(&self.ns);
+            let current = self.store.get(&path)?;
+            let held = current
+                .as_ref()
+                .map(|e| e.sync.versions.clone())
+                .unwrap_or_default();
+            let mut versions = versions_of(&held);
+            if !versions.insert(incoming.record.clone()) {
+                return Ok(Applied::Older);
+            }
+            let signed: Vec<Version> = versions
+                .records()
+                .iter()
+                .filter_map(|r| {
+                    held.iter()
+                        .chain(std::iter::once(&incoming))
+                        .find(|v| v.record == *r)
+                        .cloned()
+                })
+                .collect();
+            let merged = versions.is_concurrent();
+            if !self.show(&path, current, signed, &mut inval)? {
+                return Ok(Applied::Blocked);
+            }
+            if merged {
+                Applied::Merged
+            } else {
+                Applied::Stored
+            }
+        };
+        self.invalidate(inval);
+        Ok(outcome)
+    }
+
+    fn ino_of_dir(&self, dir: &RelPath) -> Result<u64> {
+        if dir.is_root() {
+            return Ok(ROOT_INO);
+        }
+        Ok(self.store.get_live(dir)?.map_or(NO_INO, |e| e.ino))
+    }
+
+    /// Notes that the name `path` changed for the kernel.
+    fn inval_name(&self, path: &RelPath, inval: &mut Inval) -> Result<()> {
+        if let Some((dir, name)) = path.split() {
+            let parent = self.ino_of_dir(&dir)?;
+            if parent != NO_INO {
+                inval.entries.push((parent, name.to_owned()));
+                inval.inodes.push(parent);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `signed` as the versions of `path` and updates what the path,
+    /// its conflict copies and its parents show. Returns false (and stores
+    /// nothing) if a file stands where a parent directory should be.
+    fn show(
+        &self,
+        path: &RelPath,
+        current: Option<Entry>,
+        signed: Vec<Version>,
+        inval: &mut Inval,
+    ) -> Result<bool> {
+        let versions = versions_of(&signed);
+        let res = resolve(path, &versions);
+        let live_before = current.as_ref().filter(|e| e.is_live());
+        let mut derived = None;
+        let record = match res.shown {
+            Some(r) => r.clone(),
+            None => {
+                let newest = versions.records().last();
+                let keeps_children = live_before
+                    .is_some_and(|e| e.record.kind == FileKind::Dir && !path.is_root())
+                    && self.store.has_live_children(path)?;
+                match newest {
+                    Some(t) if keeps_children => {
+                        derived = Some(Derived::ImplicitDir);
+                        implicit_dir(Some(t), t)
+                    }
+                    Some(t) => t.clone(),
+                    None => return Ok(true),
+                }
+            }
+        };
+        if record.is_live() && !self.ensure_parents(path, &record, inval)? {
+            return Ok(false);
+        }
+        let ino = match live_before {
+            _ if !record.is_live() => NO_INO,
+            Some(e) if e.record.kind == record.kind => e.ino,
+            _ if path.is_root() => ROOT_INO,
+            _ => self.store.alloc_ino()?,
+        };
+        let old_copies: Vec<String> = current
+            .as_ref()
+            .map(|e| {
+                let held = versions_of(&e.sync.versions);
+                resolve(path, &held)
+                    .copies
+                    .into_iter()
+                    .map(|(n, _)| n)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut changes = vec![Change::Put(
+            path.clone(),
+            Entry {
+                ino,
+                record,
+                sync: Replication {
+                    versions: signed.clone(),
+                    seq: 0,
+                    derived,
+                },
+            },
+        )];
+        let mut replaced: Vec<Entry> = Vec::new();
+        if let Some(o) = live_before.filter(|o| o.ino != ino) {
+            replaced.push(o.clone());
+        }
+        if let Some(o) = live_before {
+            inval.inodes.push(o.ino);
+        }
+        // Conflict copies that the versions call for, where no real record
+        // holds the name.
+        for (name, loser) in &res.copies {
+            let Some(copy_path) = sibling(path, name) else {
+                continue;
+            };
+            let existing = self.store.get(&copy_path)?;
+            let ino = match &existing {
+                Some(e) if e.sync.derived == Some(Derived::ConflictCopy) => {
+                    if e.record == **loser {
+                        continue;
+                    }
+                    if e.record.kind == loser.kind {
+                        e.ino
+                    } else {
+                        replaced.push(e.clone());
+                        self.store.alloc_ino()?
+                    }
+                }
+                Some(_) => continue,
+                None => self.store.alloc_ino()?,
+            };
+            if let Some(e) = &existing {
+                inval.inodes.push(e.ino);
+            }
+            changes.push(Change::Put(
+                copy_path.clone(),
+                Entry {
+                    ino,
+                    record: (*loser).clone(),
+                    sync: Replication {
+                        versions: Vec::new(),
+                        seq: 0,
+                        derived: Some(Derived::ConflictCopy),
+                    },
+                },
+            ));
+            self.inval_name(&copy_path, inval)?;
+        }
+        // Copies of a conflict that has ended go, unless something made them real.
+        for name in old_copies {
+            if res.copies.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let Some(copy_path) = sibling(path, &name) else {
+                continue;
+            };
+            if let Some(e) = self
+                .store
+                .get(&copy_path)?
+                .filter(|e| e.sync.derived == Some(Derived::ConflictCopy))
+            {
+                replaced.push(e.clone());
+                inval.inodes.push(e.ino);
+                changes.push(Change::Remove(copy_path.clone()));
+                self.inval_name(&copy_path, inval)?;
+            }
+        }
+        let released = self.store.write(changes)?;
+        // A replaced inode that is open keeps working until closed (the
+        // kernel forgets it then); one that is not open just goes.
+        for o in replaced {
+            if self.cell(o.ino).is_some() {
+                self.mark_unlinked(&o);
+            }
+        }
+        self.gc(released);
+        self.inval_name(path, inval)?;
+        if live_before.is_some()
+            && let Some(parent) = path.parent()
+            && self.store.get_live(path)?.is_none()
+        {
+            self.prune_implicit(parent, inval)?;
+        }
+        Ok(true)
+    }
+
+    /// Makes sure every ancestor of `path` shows as a directory, adding
+    /// implicit ones where only deletes (or nothing) are known. Returns false
+    /// if a file or symlink is in the way.
+    fn ensure_parents(
+        &self,
+        path: &RelPath,
+        child: &FileRecord,
+        inval: &mut Inval,
+    ) -> Result<bool> {
+        let mut missing = Vec::new();
+        let mut cur = path.parent();
+        while let Some(dir) = cur {
+            if dir.is_root() {
+                break;
+            }
+            match self.store.get(&dir)? {
+                Some(e) if e.is_live() && e.record.kind == FileKind::Dir => break,
+                Some(e) if e.is_live() => return Ok(false),
+                other => {
+                    cur = dir.parent();
+                    missing.push((dir, other));
+                }
+            }
+        }
+        for (dir, old) in missing.into_iter().rev() {
+            let (base, versions) = match old {
+                Some(e) => (Some(e.record), e.sync.versions),
+                None => (None, Vec::new()),
+            };
+            let entry = Entry {
+                ino: self.store.alloc_ino()?,
+                record: implicit_dir(base.as_ref(), child),
+                sync: Replication {
+                    versions,
+                    seq: 0,
+                    derived: Some(Derived::ImplicitDir),
+                },
+            };
+            self.store.write(vec![Change::Put(dir.clone(), entry)])?;
+            self.inval_name(&dir, inval)?;
+        }
+        Ok(true)
+    }
+
+    /// An implicit directory with nothing live left inside shows what its
+    /// versions say again (a delete, or nothing); so may its parents then.
+    pub(super) fn prune_implicit(&self, dir: RelPath, inval: &mut Inval) -> Result<()> {
+        let mut cur = Some(dir);
+        while let Some(dir) = cur {
+            if dir.is_root() {
+                return Ok(());
+            }
+            let Some(e) = self.store.get(&dir)? else {
+                return Ok(());
+            };
+            if e.sync.derived != Some(Derived::ImplicitDir) || self.store.has_live_children(&dir)? {
+                return Ok(());
+            }
+            let versions = versions_of(&e.sync.versions);
+            let change = match versions.records().last() {
+                Some(newest) => Change::Put(
+                    dir.clone(),
+                    Entry {
+                        ino: NO_INO,
+                        record: newest.clone(),
+                        sync: Replication {
+                            versions: e.sync.versions.clone(),
+                            seq: 0,
+                            derived: None,
+                        },
+                    },
+                ),
+                None => Change::Remove(dir.clone()),
+            };
+            inval.inodes.push(e.ino);
+            self.store.write(vec![change])?;
+            self.inval_name(&dir, inval)?;
+            cur = dir.parent();
+        }
+        Ok(())
+    }
+
+    /// Tells the kernel what changed behind its back, from the invalidation
+    /// thread: a notification sent while the kernel holds a directory lock
+    /// for a request in progress (a local rename that empties an implicit
+    /// directory, say) would wait for that request, and so for us.
+    pub(super) fn invalidate(&self, mut inval: Inval) {
+        if inval.entries.is_empty() && inval.inodes.is_empty() {
+            return;
+        }
+        inval.inodes.sort_unstable();
+        inval.inodes.dedup();
+        inval.inodes.retain(|i| *i != NO_INO);
+        lock(&self.stale_cache).extend(inval.inodes.iter().copied());
+        if let Some(tx) = lock(&self.inval_tx).as_ref() {
+            // Full: the kernel's caches expire with the entry TTL anyway.
+            let _ = tx.try_send(inval);
+        }
+    }
+}
+
+/// The thread that sends the kernel its invalidations.
+pub(super) fn run_invalidations(n: fuser::Notifier, rx: std::sync::mpsc::Receiver<Inval>) {
+    for inval in rx {
+        for (parent, name) in inval.entries {
+            let _ = n.inval_entry(INodeNo(parent), OsStr::new(&name));
+        }
+        for ino in inval.inodes {
+            let _ = n.inval_inode(INodeNo(ino), 0, 0);
+        }
+    }
+}
