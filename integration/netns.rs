@@ -376,6 +376,36 @@ fn changes_on_one_member_show_on_the_others() {
     // And the other way round.
     std::fs::write(b.join("from-b"), b"").unwrap();
     wait("B's file on A", &|| a.join("from-b").exists());
+
+    // B is writing a file when A's edit of it arrives: closing on B keeps
+    // both versions, on both nodes (no write is lost).
+    std::fs::write(a.join("open.txt"), b"v1").unwrap();
+    wait("open.txt on B", &|| b.join("open.txt").exists());
+    let received = nodes[1].counter("records_received");
+    let mut held = std::fs::File::create(b.join("open.txt")).unwrap();
+    std::io::Write::write_all(&mut held, b"B's long write").unwrap();
+    std::fs::write(a.join("open.txt"), b"A's edit").unwrap();
+    wait("A's edit received by B", &|| {
+        nodes[1].counter("records_received") > received
+    });
+    drop(held);
+    wait("both versions on both nodes", &|| {
+        let (ta, tb) = (snapshot(a), snapshot(b));
+        ta == tb
+            && ta
+                .keys()
+                .filter(|k| k.starts_with("open.btfs-conflict-"))
+                .count()
+                == 1
+            && ta.contains_key("open.txt")
+    });
+    let tree = snapshot(a);
+    let sizes: std::collections::BTreeSet<u64> = tree
+        .iter()
+        .filter(|(k, _)| k.starts_with("open."))
+        .map(|(_, v)| v.1)
+        .collect();
+    assert_eq!(sizes, [8, 14].into(), "{tree:?}");
 }
 
 /// What a tree shows, path by path: kind, size and permissions (not times:
@@ -412,7 +442,14 @@ fn snapshot(root: &Path) -> std::collections::BTreeMap<String, (char, u64, u32)>
 fn set_link(ns: &str, up: bool) {
     run_ok(
         "ip",
-        &["-n", ns, "link", "set", "eth0", if up { "up" } else { "down" }],
+        &[
+            "-n",
+            ns,
+            "link",
+            "set",
+            "eth0",
+            if up { "up" } else { "down" },
+        ],
     );
 }
 
@@ -457,20 +494,23 @@ fn a_partition_heals_into_one_tree_with_both_sides_of_every_clash() {
         "identical trees on all three",
         || {
             last = nodes.iter().map(|n| snapshot(&n.mnt)).collect();
-            last[0] == last[1] && last[1] == last[2] && last[0].contains_key("b-only.txt")
+            last[0] == last[1]
+                && last[1] == last[2]
+                && last[0].contains_key("b-only.txt")
                 && last[0].contains_key("c-dir/x")
         },
     );
-    let tree = &last[0];
+    let tree = last[0].clone();
     eprintln!("converged tree: {tree:#?}");
     // Both edits of shared.txt: the newer (C's) at the name, A's as a copy.
     assert_eq!(tree["shared.txt"].1, 6, "{tree:?}");
-    let copies: Vec<&String> = tree
+    let copies: Vec<String> = tree
         .keys()
         .filter(|k| k.starts_with("shared.btfs-conflict-") && k.ends_with(".txt"))
+        .cloned()
         .collect();
     assert_eq!(copies.len(), 1, "{tree:?}");
-    assert_eq!(tree[copies[0]].1, 15, "A's version kept as the copy");
+    assert_eq!(tree[&copies[0]].1, 15, "A's version kept as the copy");
     // A modification survives a concurrent delete.
     assert_eq!(tree["victim.txt"].1, 13);
     // A file created in a directory deleted concurrently survives, and so does
@@ -486,17 +526,27 @@ fn a_partition_heals_into_one_tree_with_both_sides_of_every_clash() {
     // Editing the conflicted file ends the conflict; the copy stays, as a
     // file of its own, on every node.
     std::fs::write(b.join("shared.txt"), b"merged by hand").unwrap();
-    eventually(Duration::from_secs(20), "the edit and the copy everywhere", || {
-        last = nodes.iter().map(|n| snapshot(&n.mnt)).collect();
-        last[0] == last[1]
-            && last[1] == last[2]
-            && last[0].get("shared.txt").map(|e| e.1) == Some(14)
-            && last[0].contains_key(copies[0].as_str())
+    eventually(
+        Duration::from_secs(20),
+        "the edit and the copy everywhere",
+        || {
+            last = nodes.iter().map(|n| snapshot(&n.mnt)).collect();
+            last[0] == last[1]
+                && last[1] == last[2]
+                && last[0].get("shared.txt").map(|e| e.1) == Some(14)
+                && last[0].contains_key(copies[0].as_str())
+        },
+    );
+    // The directory kept only for what survived in it goes when that goes:
+    // its own record is a delete.
+    std::fs::remove_file(a.join("gone/new.txt")).unwrap();
+    eventually(Duration::from_secs(20), "gone/ gone everywhere", || {
+        nodes.iter().all(|n| !n.mnt.join("gone").exists())
     });
     // Deleting the copy deletes it everywhere.
-    std::fs::remove_file(c.join(copies[0])).unwrap();
+    std::fs::remove_file(c.join(&copies[0])).unwrap();
     eventually(Duration::from_secs(20), "the copy gone everywhere", || {
-        nodes.iter().all(|n| !n.mnt.join(copies[0]).exists())
+        nodes.iter().all(|n| !n.mnt.join(&copies[0]).exists())
     });
 }
 
@@ -526,7 +576,10 @@ fn a_node_killed_and_restarted_during_writes_converges() {
     writer.join().unwrap();
     let b = nodes[1].mnt.clone();
     eventually(Duration::from_secs(60), "B lists all of A's files", || {
-        std::fs::read_dir(b.join("w")).map(|d| d.count()).unwrap_or(0) == 300
+        std::fs::read_dir(b.join("w"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 300
     });
     eventually(Duration::from_secs(30), "identical trees", || {
         snapshot(&nodes[0].mnt) == snapshot(&nodes[1].mnt)
@@ -688,7 +741,11 @@ fn forged_records_from_a_peer_holding_the_key_are_refused() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names.len(), 2, "{names:?}");
-    assert!(target.counter("records_refused") >= 2, "{}", target.status());
+    assert!(
+        target.counter("records_refused") >= 2,
+        "{}",
+        target.status()
+    );
     let log = target.log();
     assert!(log.contains("refused gossip"), "{log}");
     assert!(log.contains("bad signature"), "{log}");
@@ -710,7 +767,9 @@ fn bench_replication_latency_and_bulk_listing() {
     });
     let (a, b, c) = (&nodes[0].mnt, &nodes[1].mnt, &nodes[2].mnt);
     std::fs::create_dir(a.join("lat")).unwrap();
-    eventually(Duration::from_secs(10), "lat/ on B", || b.join("lat").exists());
+    eventually(Duration::from_secs(10), "lat/ on B", || {
+        b.join("lat").exists()
+    });
     let mut samples = Vec::new();
     for i in 0..200 {
         let name = format!("lat/f{i}");
@@ -718,7 +777,10 @@ fn bench_replication_latency_and_bulk_listing() {
         std::fs::write(a.join(&name), b"x").unwrap();
         let target = b.join(&name);
         while std::fs::metadata(&target).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(30), "{name} never arrived");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{name} never arrived"
+            );
             std::thread::sleep(Duration::from_micros(500));
         }
         samples.push(t.elapsed());
@@ -739,7 +801,11 @@ fn bench_replication_latency_and_bulk_listing() {
         std::fs::File::create(a.join(format!("bulk/f{i:05}"))).unwrap();
     }
     let created = t.elapsed();
-    let count = |m: &Path| std::fs::read_dir(m.join("bulk")).map(|d| d.count()).unwrap_or(0);
+    let count = |m: &Path| {
+        std::fs::read_dir(m.join("bulk"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
     let mut listed = [None, None];
     while listed.iter().any(Option::is_none) {
         for (i, m) in [b, c].into_iter().enumerate() {
@@ -747,7 +813,10 @@ fn bench_replication_latency_and_bulk_listing() {
                 listed[i] = Some(t.elapsed());
             }
         }
-        assert!(t.elapsed() < Duration::from_secs(300), "10,000 files never all arrived");
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "10,000 files never all arrived"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!(

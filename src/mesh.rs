@@ -360,7 +360,11 @@ impl Replicator {
 }
 
 /// Gossips new local versions in paced batches.
-async fn publish_loop(mesh: Mesh, mut announce: mpsc::Receiver<Announced>, counters: Arc<Counters>) {
+async fn publish_loop(
+    mesh: Mesh,
+    mut announce: mpsc::Receiver<Announced>,
+    counters: Arc<Counters>,
+) {
     let mut pace = tokio::time::interval(GOSSIP_PACE);
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let encode = |a: Announced| {

@@ -137,6 +137,10 @@ struct OpenInode {
     /// Handles served in the kernel's cached mode (not passthrough).
     cached: u32,
     staging: Option<Staging>,
+    /// Version and content the staging file started from: a commit over a
+    /// version that arrived meanwhile from another node is concurrent with
+    /// it (a conflict), not its successor.
+    base: Option<(btfs_core::VersionVector, Option<ContentId>)>,
     backing: Option<(Target, Arc<BackingId>)>,
 }
 
@@ -692,10 +696,7 @@ impl<B: Backend> Shared<B> {
                 old_path,
                 Entry::new(NO_INO, entry.record.tombstone(node, now)),
             ));
-            changes.push(Change::Put(
-                new_path,
-                Entry::new(entry.ino, record),
-            ));
+            changes.push(Change::Put(new_path, Entry::new(entry.ino, record)));
         }
         // Children's tombstones before their directory's: a node applying
         // them in order never sees a directory delete while it has entries.
@@ -773,8 +774,12 @@ impl<B: Backend> Shared<B> {
                 FileKind::Symlink => return Err(FsError::Invalid("not a regular file")),
             }
             let content = entry.record.content.unwrap_or_else(ContentId::empty);
-            if content != ContentId::empty() && !self.objects.object_path(&content).exists() {
-                // Metadata arrived from another node; its bytes did not.
+            // Metadata arrived from another node; its bytes did not. A writer
+            // that truncates needs none of them.
+            if !truncate
+                && content != ContentId::empty()
+                && !self.objects.object_path(&content).exists()
+            {
                 warn!(ino, content = %content.short(), "content is not on this node: EIO (fetching it over BitTorrent comes next)");
                 return Err(FsError::ContentUnavailable);
             }
@@ -785,6 +790,9 @@ impl<B: Backend> Shared<B> {
                         || st.staging.is_some()
                         || !lock(&self.backed_objects).contains_key(&content)));
             if writable {
+                if st.staging.is_none() {
+                    st.base = Some((entry.record.version.clone(), entry.record.content));
+                }
                 self.ensure_staging(&cell, &mut st, content, truncate)?;
             }
             if passthrough && st.backing.is_none() {
@@ -974,6 +982,14 @@ impl<B: Backend> Shared<B> {
     fn commit(&self, ino: u64, st: &mut OpenInode, shared: bool) -> Result<()> {
         self.commit_staging(ino, st, shared)?;
         st.uncommitted = false;
+        st.base = match &st.staging {
+            // Kept for readers: the next writer starts from what was committed.
+            Some(_) => self
+                .store
+                .get_ino(ino)?
+                .map(|(_, e)| (e.record.version, e.record.content)),
+            None => None,
+        };
         Ok(())
     }
 
@@ -1023,6 +1039,25 @@ impl<B: Backend> Shared<B> {
         record.content = Some(content);
         record.size = meta.len();
         record.mtime = mtime;
+        let me = self.node();
+        if let Some((base, base_content)) = &st.base
+            && r.version.iter().any(|(n, c)| *n != me && *c > base.get(n))
+        {
+            // Another node's version arrived while this one was being
+            // written: both are kept (the path shows a conflict copy). Local
+            // changes meanwhile (a chmod on the open file) are not a conflict.
+            let mut v = base.clone();
+            while v.get(&me) <= r.version.get(&me) {
+                v.increment(me);
+            }
+            record.version = v;
+            record.prev_content = *base_content;
+            drop(_ns);
+            info!(%path, "a remote version arrived while the file was open for writing: keeping both");
+            self.commit_concurrent(path, record)?;
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let released = self.write_announced(vec![Change::Put(path, Entry::new(ino, record))], 1)?;
         self.gc(released);
         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -1167,6 +1202,7 @@ impl<B: Backend> Shared<B> {
             let staging = self.objects.new_staging(from.as_ref())?;
             staging.file.set_len(size)?;
             st.staging = Some(staging);
+            st.base = Some((current.record.version.clone(), current.record.content));
             self.commit(ino, st, true)?;
             // Any page cache of the old content is stale now.
             lock(&self.stale_cache).insert(ino);

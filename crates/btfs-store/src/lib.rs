@@ -100,6 +100,10 @@ pub struct Replication {
     pub derived: Option<Derived>,
 }
 
+/// One number of the log: the path and entry it names, or `None` if the
+/// entry changed again since (its new number comes later).
+pub type LogItem = (u64, Option<(RelPath, Entry)>);
+
 /// A path's record plus the node-local inode number that the kernel sees.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -516,11 +520,7 @@ impl<B: Backend> Store<B> {
     /// Entries whose versions changed after `since`, oldest change first, at
     /// most `limit` numbers. A number whose entry changed again meanwhile
     /// comes with `None` (its new number comes later).
-    pub fn log_since(
-        &self,
-        since: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Option<(RelPath, Entry)>)>> {
+    pub fn log_since(&self, since: u64, limit: usize) -> Result<Vec<LogItem>> {
         let paths: Vec<(u64, RelPath)> = {
             let idx = self.idx()?;
             idx.log
@@ -562,7 +562,9 @@ impl<B: Backend> Store<B> {
                 .transpose()?;
             let mut new = new;
             if let Some(e) = new.as_mut() {
-                let same = old.as_ref().is_some_and(|o| o.sync.versions == e.sync.versions);
+                let same = old
+                    .as_ref()
+                    .is_some_and(|o| o.sync.versions == e.sync.versions);
                 e.sync.seq = match (&old, same) {
                     _ if e.sync.versions.is_empty() => 0,
                     (Some(o), true) if o.sync.seq != 0 => o.sync.seq,

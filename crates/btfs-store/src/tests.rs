@@ -332,10 +332,7 @@ fn old_tombstones_are_collected_and_live_entries_never() {
     store
         .write(vec![
             Change::Put(RelPath::parse("live").unwrap(), Entry::new(ino, live)),
-            Change::Put(
-                RelPath::parse("old").unwrap(),
-                Entry::new(NO_INO, old),
-            ),
+            Change::Put(RelPath::parse("old").unwrap(), Entry::new(NO_INO, old)),
             Change::Put(
                 RelPath::parse("d/recent").unwrap(),
                 Entry::new(NO_INO, recent),
@@ -377,7 +374,10 @@ fn versioned(ino: u64, record: FileRecord) -> Entry {
 #[test]
 fn the_log_numbers_version_changes_and_never_goes_back() {
     let dir = tempfile::tempdir().unwrap();
-    let now = Timestamp { secs: 100, nanos: 0 };
+    let now = Timestamp {
+        secs: 100,
+        nanos: 0,
+    };
     let (a, b) = (RelPath::parse("a").unwrap(), RelPath::parse("b").unwrap());
     let index;
     {
@@ -393,7 +393,9 @@ fn the_log_numbers_version_changes_and_never_goes_back() {
             .unwrap();
         let log = store.log_since(0, 10).unwrap();
         assert_eq!(
-            log.iter().map(|(s, e)| (*s, e.as_ref().unwrap().0.clone())).collect::<Vec<_>>(),
+            log.iter()
+                .map(|(s, e)| (*s, e.as_ref().unwrap().0.clone()))
+                .collect::<Vec<_>>(),
             [(1, a.clone()), (2, b.clone())]
         );
         // A change that keeps the versions (a directory time, an inode
@@ -408,7 +410,9 @@ fn the_log_numbers_version_changes_and_never_goes_back() {
             .unwrap();
         let log = store.log_since(1, 10).unwrap();
         assert_eq!(
-            log.iter().map(|(s, e)| (*s, e.as_ref().unwrap().0.clone())).collect::<Vec<_>>(),
+            log.iter()
+                .map(|(s, e)| (*s, e.as_ref().unwrap().0.clone()))
+                .collect::<Vec<_>>(),
             [(2, b.clone()), (3, a.clone())]
         );
         assert!(store.log_since(3, 10).unwrap().is_empty());
@@ -440,7 +444,10 @@ fn the_log_numbers_version_changes_and_never_goes_back() {
         .write(vec![Change::Put(b.clone(), versioned(NO_INO, tomb))])
         .unwrap();
     store
-        .collect_tombstones(Timestamp { secs: 1000, nanos: 0 })
+        .collect_tombstones(Timestamp {
+            secs: 1000,
+            nanos: 0,
+        })
         .unwrap();
     let log = store.log_since(0, 10).unwrap();
     assert_eq!(log.len(), 1);

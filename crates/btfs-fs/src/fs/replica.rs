@@ -18,9 +18,7 @@
 
 use std::ffi::OsStr;
 
-use btfs_core::{
-    FileKind, FileRecord, Owner, RelPath, VersionVector, Versions, resolve,
-};
+use btfs_core::{FileKind, FileRecord, Owner, RelPath, VersionVector, Versions, resolve};
 use btfs_store::{Backend, Change, Derived, Entry, NO_INO, ROOT_INO, Replication, Version};
 use fuser::INodeNo;
 use tracing::warn;
@@ -186,6 +184,23 @@ impl<B: Backend> Shared<B> {
                 },
             },
         )
+    }
+
+    /// Stores a local version that does not descend from everything the path
+    /// holds (written from an older base), next to the others, and announces it.
+    pub(super) fn commit_concurrent(&self, path: RelPath, record: FileRecord) -> Result<()> {
+        let version = Version {
+            signature: self.sign(&path, &record),
+            record,
+        };
+        self.apply_remote(path.clone(), version.clone())?;
+        if let Some(tx) = &self.cfg.announce
+            && tx.try_send(Announced { path, version }).is_err()
+        {
+            self.announce_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Applies a verified version from another node.
