@@ -270,6 +270,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
     };
     let fs = BtfsFs::new(store, objects, cfg)?;
     let handle = fs.handle();
+    let peer_id = keypair.public().to_peer_id().to_string();
     let (mesh_cfg, membership) = mesh::config(plan, keypair)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -315,6 +316,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         "mountpoint": plan.mountpoint,
         "state_dir": plan.state_dir,
         "node_id": node.to_hex(),
+        "peer_id": peer_id,
         "key_file": plan.key_path,
         "key_fingerprint": plan.key_fingerprint,
 

@@ -100,6 +100,7 @@ fn print_status(v: &serde_json::Value) {
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     println!("btfs {} on {}", s("name"), s("mountpoint"));
     println!("  node         {}", s("node_id"));
+    println!("  peer id      {} (for members=)", s("peer_id"));
     println!("  state        {}", s("state_dir"));
     println!(
         "  key          {} (fingerprint {})",
@@ -147,6 +148,15 @@ fn print_status(v: &serde_json::Value) {
         listen.join(", ")
     };
     println!("  mesh         listening on {listen}");
+    println!(
+        "  records      {} published, {} received by gossip, {} by sync ({} sync rounds), {} conflicts merged, {} refused",
+        n("records_published"),
+        n("records_received"),
+        n("records_synced"),
+        n("sync_rounds"),
+        n("records_merged"),
+        n("records_refused")
+    );
     let peers = v
         .get("peers")
         .and_then(|p| p.as_array())
