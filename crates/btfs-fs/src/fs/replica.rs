@@ -519,3 +519,178 @@ pub(super) fn run_invalidations(n: fuser::Notifier, rx: std::sync::mpsc::Receive
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! What a node shows must depend only on the set of records it received,
+    //! never on their order or repetition: two filesystems fed the same
+    //! records in different orders show the same tree (names, kinds, sizes,
+    //! contents, modes), conflict copies and implicit directories included.
+
+    #![allow(clippy::unwrap_used)]
+
+    use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+    use btfs_core::{ContentId, FileRecord, NodeId, Owner, RelPath, Timestamp, Versions};
+    use btfs_store::{MemBackend, Store, Version};
+    use proptest::prelude::*;
+
+    use crate::{BtfsFs, FsConfig, FsHandle, ObjectStore};
+
+    const OWNER: Owner = Owner {
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    /// `d` is a directory; the others are files (two inside `d`).
+    const PATHS: &[&str] = &["d", "d/f", "d/g", "h"];
+
+    fn node(i: u8) -> NodeId {
+        NodeId([i + 1; 32])
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write { n: u8, p: usize, data: u8 },
+        Delete { n: u8, p: usize },
+        Sync { from: u8, to: u8 },
+    }
+
+    /// Records made by three nodes that edit and sync at random.
+    fn arb_records() -> impl Strategy<Value = Vec<(RelPath, FileRecord)>> {
+        let step = prop_oneof![
+            4 => (0u8..3, 0..PATHS.len(), 0u8..3).prop_map(|(n, p, data)| Step::Write { n, p, data }),
+            2 => (0u8..3, 0..PATHS.len()).prop_map(|(n, p)| Step::Delete { n, p }),
+            3 => (0u8..3, 0u8..3).prop_map(|(from, to)| Step::Sync { from, to }),
+        ];
+        proptest::collection::vec(step, 1..30).prop_map(|steps| {
+            let paths: Vec<RelPath> = PATHS.iter().map(|p| RelPath::parse(p).unwrap()).collect();
+            let mut views: Vec<BTreeMap<usize, Versions>> = vec![BTreeMap::new(); 3];
+            let mut out = Vec::new();
+            for (t, s) in steps.into_iter().enumerate() {
+                let now = Timestamp {
+                    secs: 1_000 + t as i64 / 2,
+                    nanos: 0,
+                };
+                match s {
+                    Step::Write { n, p, data } => {
+                        let held = views[n as usize].entry(p).or_default();
+                        let mut r = if p == 0 {
+                            FileRecord::new_dir(OWNER, node(n), now)
+                        } else {
+                            let mut r = FileRecord::new_file(OWNER, node(n), now);
+                            r.content = Some(ContentId::of(&[data]));
+                            r.size = 1;
+                            r.prev_content = held
+                                .records()
+                                .iter()
+                                .rev()
+                                .find(|r| r.is_live())
+                                .and_then(|r| r.content);
+                            r
+                        };
+                        r.version = held.joined_version().incremented(node(n));
+                        held.insert(r.clone());
+                        out.push((paths[p].clone(), r));
+                    }
+                    Step::Delete { n, p } => {
+                        let held = views[n as usize].entry(p).or_default();
+                        let Some(last) = held.records().last().cloned() else {
+                            continue;
+                        };
+                        let mut r = last.tombstone(node(n), now);
+                        r.version = held.joined_version().incremented(node(n));
+                        held.insert(r.clone());
+                        out.push((paths[p].clone(), r));
+                    }
+                    Step::Sync { from, to } => {
+                        let src = views[from as usize].clone();
+                        for (p, v) in src {
+                            views[to as usize].entry(p).or_default().merge(&v);
+                        }
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    fn new_fs() -> (FsHandle<MemBackend>, BtfsFs<MemBackend>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = FsConfig {
+            node: NodeId([9; 32]),
+            passthrough: false,
+            ttl: Duration::from_secs(1),
+            state_dir: dir.path().to_path_buf(),
+            announce: None,
+            signer: None,
+        };
+        let objects = ObjectStore::open(dir.path()).unwrap();
+        let fs = BtfsFs::new(Arc::new(Store::in_memory()), objects, cfg).unwrap();
+        (fs.handle(), fs, dir)
+    }
+
+    type Shown = BTreeMap<String, (btfs_core::FileKind, u64, Option<ContentId>, u32)>;
+
+    fn shown(h: &FsHandle<MemBackend>) -> Shown {
+        let store = h.store();
+        let mut out = BTreeMap::new();
+        let mut stack = vec![RelPath::root()];
+        while let Some(dir) = stack.pop() {
+            for (name, e) in store.live_children(&dir).unwrap() {
+                let p = dir.join(&name).unwrap();
+                if e.record.kind == btfs_core::FileKind::Dir {
+                    stack.push(p.clone());
+                }
+                let r = &e.record;
+                out.insert(p.to_string(), (r.kind, r.size, r.content, r.mode));
+            }
+        }
+        out
+    }
+
+    fn deliver(h: &FsHandle<MemBackend>, records: &[(RelPath, FileRecord)]) {
+        for (p, r) in records {
+            h.apply_remote(
+                p.clone(),
+                Version {
+                    record: r.clone(),
+                    signature: Vec::new(),
+                },
+            )
+            .unwrap();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn the_tree_depends_on_the_records_not_their_order(
+            records in arb_records(),
+            seed in any::<u64>(),
+        ) {
+            let (a, _fa, _da) = new_fs();
+            let (b, _fb, _db) = new_fs();
+            deliver(&a, &records);
+            // Another order, with every other record delivered twice.
+            let mut shuffled: Vec<_> = records.iter().chain(records.iter().step_by(2)).cloned().collect();
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            deliver(&b, &shuffled);
+            let (ta, tb) = (shown(&a), shown(&b));
+            prop_assert_eq!(&ta, &tb);
+            // Every live version that no other supersedes shows somewhere:
+            // nothing is lost.
+            for (p, r) in records.iter().filter(|(_, r)| r.is_live() && r.kind == btfs_core::FileKind::File) {
+                let held: Versions = records.iter().filter(|(q, _)| q == p).map(|(_, r)| r.clone()).collect();
+                if !held.records().contains(r) { continue; }
+                let superseded = held.records().iter().any(|o| o.is_live() && o.prev_content.is_some() && o.prev_content == r.content && o.content != r.content);
+                let visible = ta.values().any(|v| v.2 == r.content);
+                prop_assert!(visible || superseded, "lost {} {:?}\n{:#?}", p, r, ta);
+            }
+        }
+    }
+}
