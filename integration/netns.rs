@@ -206,6 +206,15 @@ impl NsNode {
 
 impl Drop for NsNode {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(300).collect();
+            eprintln!(
+                "--- last lines of the log of the node in {} ---\n{}",
+                self.ns,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         if Command::new("umount")
             .arg(&self.mnt)
             .status()
@@ -293,6 +302,14 @@ fn bootstrap_peers_alone_connect_members_across_subnets() {
         "the hub connected to both spokes",
         || hub.connected_peers() == 2,
     );
+    // Status views refresh every second: wait for each spoke's, then check
+    // that it stays at the hub alone.
+    for s in &spokes {
+        eventually(Duration::from_secs(10), "a spoke sees the hub", || {
+            s.connected_peers() >= 1
+        });
+    }
+    std::thread::sleep(Duration::from_secs(2));
     for s in &spokes {
         assert_eq!(
             s.connected_peers(),
@@ -406,6 +423,24 @@ fn changes_on_one_member_show_on_the_others() {
         .map(|(_, v)| v.1)
         .collect();
     assert_eq!(sizes, [8, 14].into(), "{tree:?}");
+
+    // A deletes a file that B is writing: the write survives, everywhere.
+    std::fs::write(a.join("doomed.txt"), b"v1").unwrap();
+    wait("doomed.txt on B", &|| b.join("doomed.txt").exists());
+    let mut held = std::fs::File::create(b.join("doomed.txt")).unwrap();
+    std::io::Write::write_all(&mut held, b"still wanted").unwrap();
+    std::fs::remove_file(a.join("doomed.txt")).unwrap();
+    wait("the delete on B", &|| !b.join("doomed.txt").exists());
+    std::io::Write::write_all(&mut held, b" after the delete").unwrap();
+    drop(held);
+    wait("B's write back on both nodes", &|| {
+        [a, b].iter().all(|m| {
+            std::fs::metadata(m.join("doomed.txt"))
+                .map(|m| m.len())
+                .ok()
+                == Some(29)
+        })
+    });
 }
 
 /// What a tree shows, path by path: kind, size and permissions (not times:

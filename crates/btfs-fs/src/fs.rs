@@ -184,6 +184,10 @@ struct Shared<B> {
     /// Entries of inodes that were unlinked or replaced while the kernel still
     /// knew them, until it forgets them; their content is kept meanwhile.
     orphans: Mutex<HashMap<u64, Entry>>,
+    /// Orphans made by a remote version (a delete or a replacement) while the
+    /// inode was open, with their path: a write in progress there survives
+    /// as a concurrent version when it is closed.
+    remote_replaced: Mutex<HashMap<u64, RelPath>>,
     /// Releases of writers waiting for a commit worker.
     commit_queue: Mutex<Option<SyncSender<Arc<Handle>>>>,
     commit_workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -279,6 +283,7 @@ impl<B: Backend> BtfsFs<B> {
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashMap::new()),
+            remote_replaced: Mutex::new(HashMap::new()),
             pending_gc: Mutex::new(Vec::new()),
             backed_objects: Mutex::new(HashMap::new()),
             commit_queue: Mutex::new(None),
@@ -451,6 +456,7 @@ impl<B: Backend> Shared<B> {
     /// The kernel dropped inode `ino`: an orphan's content may now be deleted.
     fn forget(&self, ino: u64) {
         let _ns = lock(&self.ns);
+        lock(&self.remote_replaced).remove(&ino);
         let Some(orphan) = lock(&self.orphans).remove(&ino) else {
             return;
         };
@@ -997,11 +1003,25 @@ impl<B: Backend> Shared<B> {
         let Some(staging) = st.staging.take() else {
             return Ok(());
         };
-        if lock(&self.orphans).contains_key(&ino) {
-            // Unlinked while open: the data goes with the last handle.
-            st.staging = Some(staging);
-            return Ok(());
-        }
+        // Unlinked while open: the data goes with the last handle, unless
+        // another node's version removed the file while it was being written
+        // here (then the write survives, see below).
+        let resurrect = match lock(&self.orphans).get(&ino) {
+            None => None,
+            Some(orphan) => match lock(&self.remote_replaced).get(&ino) {
+                Some(path) if st.base.is_some() => Some((path.clone(), orphan.clone())),
+                other => {
+                    debug!(
+                        ino,
+                        remote = other.is_some(),
+                        base = st.base.is_some(),
+                        "commit of an unlinked file skipped"
+                    );
+                    st.staging = Some(staging);
+                    return Ok(());
+                }
+            },
+        };
         let keep_private = shared && st.backing.is_some();
         let meta = staging.file.metadata()?;
         let content = match hash_file(&staging.path, meta.len()) {
@@ -1025,6 +1045,31 @@ impl<B: Backend> Shared<B> {
             st.backing = None;
         }
         installed?;
+        let me = self.node();
+        if let Some((path, orphan)) = resurrect {
+            let (base, base_content) = st.base.clone().unwrap_or_default();
+            if base_content == Some(content) {
+                // Opened for writing but unchanged: the remote version stands.
+                self.gc(vec![content]);
+                return Ok(());
+            }
+            let mut record = orphan.record.next_version(me, Timestamp::now());
+            let mut v = base;
+            while v.get(&me) <= orphan.record.version.get(&me) {
+                v.increment(me);
+            }
+            record.version = v;
+            record.prev_content = base_content;
+            record.content = Some(content);
+            record.size = meta.len();
+            record.mtime = Timestamp::from(meta.modified()?);
+            drop(_ns);
+            lock(&self.remote_replaced).remove(&ino);
+            warn!(%path, "another node removed or replaced this file while it was open for writing here: the write is kept as a concurrent version");
+            self.commit_concurrent(path, record)?;
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let Some((path, entry)) = self.store.get_ino(ino)? else {
             // Removed while we hashed: nothing may reference the object.
             self.gc(vec![content]);
@@ -1039,7 +1084,6 @@ impl<B: Backend> Shared<B> {
         record.content = Some(content);
         record.size = meta.len();
         record.mtime = mtime;
-        let me = self.node();
         if let Some((base, base_content)) = &st.base
             && r.version.iter().any(|(n, c)| *n != me && *c > base.get(n))
         {

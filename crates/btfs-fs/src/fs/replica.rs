@@ -323,9 +323,9 @@ impl<B: Backend> Shared<B> {
                 },
             },
         )];
-        let mut replaced: Vec<Entry> = Vec::new();
+        let mut replaced: Vec<(RelPath, Entry)> = Vec::new();
         if let Some(o) = live_before.filter(|o| o.ino != ino) {
-            replaced.push(o.clone());
+            replaced.push((path.clone(), o.clone()));
         }
         if let Some(o) = live_before {
             inval.inodes.push(o.ino);
@@ -345,7 +345,7 @@ impl<B: Backend> Shared<B> {
                     if e.record.kind == loser.kind {
                         e.ino
                     } else {
-                        replaced.push(e.clone());
+                        replaced.push((copy_path.clone(), e.clone()));
                         self.store.alloc_ino()?
                     }
                 }
@@ -382,7 +382,7 @@ impl<B: Backend> Shared<B> {
                 .get(&copy_path)?
                 .filter(|e| e.sync.derived == Some(Derived::ConflictCopy))
             {
-                replaced.push(e.clone());
+                replaced.push((copy_path.clone(), e.clone()));
                 inval.inodes.push(e.ino);
                 changes.push(Change::Remove(copy_path.clone()));
                 self.inval_name(&copy_path, inval)?;
@@ -391,9 +391,10 @@ impl<B: Backend> Shared<B> {
         let released = self.store.write(changes)?;
         // A replaced inode that is open keeps working until closed (the
         // kernel forgets it then); one that is not open just goes.
-        for o in replaced {
+        for (p, o) in replaced {
             if self.cell(o.ino).is_some() {
                 self.mark_unlinked(&o);
+                lock(&self.remote_replaced).insert(o.ino, p);
             }
         }
         self.gc(released);
