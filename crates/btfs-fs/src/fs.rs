@@ -1054,21 +1054,13 @@ impl<B: Backend> Shared<B> {
                 return Ok(());
             }
             let mut record = orphan.record.next_version(me, Timestamp::now());
-            let mut v = base;
-            while v.get(&me) <= orphan.record.version.get(&me) {
-                v.increment(me);
-            }
-            record.version = v;
-            record.prev_content = base_content;
             record.content = Some(content);
             record.size = meta.len();
             record.mtime = Timestamp::from(meta.modified()?);
             drop(_ns);
             lock(&self.remote_replaced).remove(&ino);
             warn!(%path, "another node removed or replaced this file while it was open for writing here: the write is kept as a concurrent version");
-            self.commit_concurrent(path, record)?;
-            self.commits.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return self.commit_concurrent(path, record, (&base, base_content), &orphan.record);
         }
         let Some((path, entry)) = self.store.get_ino(ino)? else {
             // Removed while we hashed: nothing may reference the object.
@@ -1090,17 +1082,11 @@ impl<B: Backend> Shared<B> {
             // Another node's version arrived while this one was being
             // written: both are kept (the path shows a conflict copy). Local
             // changes meanwhile (a chmod on the open file) are not a conflict.
-            let mut v = base.clone();
-            while v.get(&me) <= r.version.get(&me) {
-                v.increment(me);
-            }
-            record.version = v;
-            record.prev_content = *base_content;
+            let (base, base_content) = (base.clone(), *base_content);
+            let current = r.clone();
             drop(_ns);
             info!(%path, "a remote version arrived while the file was open for writing: keeping both");
-            self.commit_concurrent(path, record)?;
-            self.commits.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return self.commit_concurrent(path, record, (&base, base_content), &current);
         }
         let released = self.write_announced(vec![Change::Put(path, Entry::new(ino, record))], 1)?;
         self.gc(released);

@@ -112,6 +112,18 @@ pub struct Entry {
     pub sync: Replication,
 }
 
+impl Replication {
+    /// Replication state with these versions; the log number is set when
+    /// the entry is written.
+    pub fn new(versions: Vec<Version>, derived: Option<Derived>) -> Self {
+        Self {
+            versions,
+            seq: 0,
+            derived,
+        }
+    }
+}
+
 impl Entry {
     /// An entry with no replication state yet.
     pub fn new(ino: u64, record: FileRecord) -> Self {

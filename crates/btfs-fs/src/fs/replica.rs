@@ -177,18 +177,31 @@ impl<B: Backend> Shared<B> {
             Entry {
                 ino,
                 record,
-                sync: Replication {
-                    versions: vec![version],
-                    seq: 0,
-                    derived: None,
-                },
+                sync: Replication::new(vec![version], None),
             },
         )
     }
 
-    /// Stores a local version that does not descend from everything the path
-    /// holds (written from an older base), next to the others, and announces it.
-    pub(super) fn commit_concurrent(&self, path: RelPath, record: FileRecord) -> Result<()> {
+    /// Commits `record`, written from `base` (the version and content the
+    /// writer started from) while `current` (another node's version, or
+    /// what it replaced) arrived: the record is given a version concurrent
+    /// with `current`, stored next to it and announced, so both are kept.
+    pub(super) fn commit_concurrent(
+        &self,
+        path: RelPath,
+        mut record: FileRecord,
+        (base, base_content): (&VersionVector, Option<btfs_core::ContentId>),
+        current: &FileRecord,
+    ) -> Result<()> {
+        // Above every local version (a chmod of the open file, say), but
+        // not above the other node's.
+        let me = self.node();
+        let mut v = base.clone();
+        while v.get(&me) <= current.version.get(&me) {
+            v.increment(me);
+        }
+        record.version = v;
+        record.prev_content = base_content;
         let version = Version {
             signature: self.sign(&path, &record),
             record,
@@ -200,6 +213,8 @@ impl<B: Backend> Shared<B> {
             self.announce_dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -316,11 +331,7 @@ impl<B: Backend> Shared<B> {
             Entry {
                 ino,
                 record,
-                sync: Replication {
-                    versions: signed.clone(),
-                    seq: 0,
-                    derived,
-                },
+                sync: Replication::new(signed.clone(), derived),
             },
         )];
         let mut replaced: Vec<(RelPath, Entry)> = Vec::new();
@@ -360,11 +371,7 @@ impl<B: Backend> Shared<B> {
                 Entry {
                     ino,
                     record: (*loser).clone(),
-                    sync: Replication {
-                        versions: Vec::new(),
-                        seq: 0,
-                        derived: Some(Derived::ConflictCopy),
-                    },
+                    sync: Replication::new(Vec::new(), Some(Derived::ConflictCopy)),
                 },
             ));
             self.inval_name(&copy_path, inval)?;
@@ -440,11 +447,7 @@ impl<B: Backend> Shared<B> {
             let entry = Entry {
                 ino: self.store.alloc_ino()?,
                 record: implicit_dir(base.as_ref(), child),
-                sync: Replication {
-                    versions,
-                    seq: 0,
-                    derived: Some(Derived::ImplicitDir),
-                },
+                sync: Replication::new(versions, Some(Derived::ImplicitDir)),
             };
             self.store.write(vec![Change::Put(dir.clone(), entry)])?;
             self.inval_name(&dir, inval)?;
@@ -473,11 +476,7 @@ impl<B: Backend> Shared<B> {
                     Entry {
                         ino: NO_INO,
                         record: newest.clone(),
-                        sync: Replication {
-                            versions: e.sync.versions.clone(),
-                            seq: 0,
-                            derived: None,
-                        },
+                        sync: Replication::new(e.sync.versions.clone(), None),
                     },
                 ),
                 None => Change::Remove(dir.clone()),
