@@ -21,7 +21,10 @@ use btfs_store::Store;
 use nix::unistd::ForkResult;
 use tracing::{error, info};
 
+use btfs_torrent::{Engine, EngineConfig};
+
 use crate::{
+    content::{Content, MeshNet},
     control, keys, mesh,
     options::{MountOpts, default_state_dir, validate_cluster_name},
 };
@@ -29,6 +32,23 @@ use crate::{
 /// New record versions waiting to be signed and gossiped; beyond this they are
 /// left to anti-entropy.
 const ANNOUNCE_CAP: usize = 4096;
+/// Whole-file fetches (prefetch policy) running at once.
+const PREFETCH_PARALLEL: usize = 2;
+
+/// Where the BitTorrent listener for standard clients binds: `bt_listen=`,
+/// else the mesh's address with the next port (any port when the mesh's is
+/// chosen by the system).
+fn bt_listen(plan: &MountPlan) -> std::net::SocketAddr {
+    if let Some(a) = plan.opts.bt_listen {
+        return a;
+    }
+    let mesh = plan
+        .opts
+        .listen
+        .unwrap_or_else(|| crate::options::DEFAULT_LISTEN.parse().expect("valid default"));
+    let port = if mesh.port() == 0 { 0 } else { mesh.port().wrapping_add(1) };
+    std::net::SocketAddr::new(mesh.ip(), port)
+}
 /// How often expired tombstones are looked for.
 const TOMBSTONE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often released objects are deleted (after the store is flushed).
@@ -260,9 +280,11 @@ fn start(plan: &MountPlan) -> Result<Started> {
             .map(|s| s.signature)
             .map_err(|e| e.to_string())
     }));
+    let content = Arc::new(Content::new(plan.opts.prefetch.clone()));
     let cfg = FsConfig {
         announce: Some(announce_tx),
         signer: Some(signer),
+        content: Some(content.clone()),
         node,
         passthrough: plan.opts.passthrough,
         ttl: plan.opts.ttl,
@@ -278,10 +300,27 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .thread_name("btfs-rt")
         .enable_all()
         .build()?;
-    let (peers, counters) = {
+    let (peers, counters, net) = {
         let _guard = rt.enter();
-        mesh::start(mesh_cfg, membership, announce_rx, handle.clone())?
+        mesh::start(mesh_cfg, membership, announce_rx, handle.clone(), content.clone())?
     };
+    let objects_handle = handle.clone();
+    let engine_cfg = EngineConfig {
+        dir: state.join("bt"),
+        object_path: Arc::new(move |c| objects_handle.object_path(c)),
+        listen: bt_listen(plan),
+        allow: plan.opts.bt_allow.clone(),
+        read_timeout: plan.opts.read_timeout,
+        up_rate: plan.opts.up_rate,
+        down_rate: plan.opts.down_rate,
+        hash_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        prefetch_parallel: PREFETCH_PARALLEL,
+    };
+    let engine = rt
+        .block_on(Engine::start(engine_cfg, net.clone()))
+        .context("starting the BitTorrent engine")?;
+    content.set(engine.clone(), rt.handle().clone());
+    rt.spawn(MeshNet::serve(net.mesh.clone(), engine.clone()));
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
         fs::DirBuilder::new()
@@ -311,6 +350,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .set_notifier(session.notifier())
         .context("starting the kernel-invalidation thread")?;
     let status_handle = handle.clone();
+    let status_engine = engine.clone();
     let info = serde_json::json!({
         "name": plan.name,
         "mountpoint": plan.mountpoint,
@@ -338,6 +378,11 @@ fn start(plan: &MountPlan) -> Result<Started> {
                         "records_published".into(),
                         counters.published.load(Ordering::Relaxed).into(),
                     );
+                    if let Ok(serde_json::Value::Object(bt)) =
+                        serde_json::to_value(status_engine.status())
+                    {
+                        obj.extend(bt);
+                    }
                     for (name, c) in [
                         ("records_received", &counters.received),
                         ("records_synced", &counters.synced),

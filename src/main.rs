@@ -1,5 +1,6 @@
 //! `btfs`: the command-line front end and daemon of the btfs filesystem.
 
+mod content;
 mod control;
 mod daemon;
 mod keys;

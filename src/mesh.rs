@@ -32,11 +32,24 @@ use btfs_sync::{
     antientropy::{self, Log, Next, Progress, SyncRequest, SyncResponse},
 };
 use libp2p_identity::{Keypair, PeerId, PublicKey, ed25519};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::{daemon::MountPlan, options::DEFAULT_LISTEN};
+use crate::{
+    content::{Content, MeshNet},
+    daemon::MountPlan,
+    options::DEFAULT_LISTEN,
+};
+
+/// Requests between members.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Rpc {
+    /// Anti-entropy: records stored since.
+    Sync(SyncRequest),
+    /// The `.torrent` of an info hash (empty answer: not here).
+    Metainfo([u8; 20]),
+}
 
 /// How often the status view of the mesh is refreshed.
 const PEERS_REFRESH: Duration = Duration::from_secs(1);
@@ -104,7 +117,7 @@ fn read_members(path: &Path) -> Result<HashSet<PeerId>> {
 }
 
 /// The libp2p peer id of a node id (its ed25519 public key).
-fn peer_of(node: &NodeId) -> Option<PeerId> {
+pub(crate) fn peer_of(node: &NodeId) -> Option<PeerId> {
     ed25519::PublicKey::try_from_bytes(&node.0)
         .ok()
         .map(|k| PublicKey::from(k).to_peer_id())
@@ -233,7 +246,8 @@ struct Replicator {
     counters: Arc<Counters>,
     /// Peers with an anti-entropy round under way.
     syncing: std::sync::Mutex<HashSet<PeerId>>,
-    connected: std::sync::Mutex<HashSet<PeerId>>,
+    connected: Arc<std::sync::Mutex<HashSet<PeerId>>>,
+    content: Arc<Content>,
 }
 
 fn progress_key(peer: &PeerId) -> String {
@@ -245,14 +259,19 @@ impl Replicator {
     async fn apply(&self, records: Vec<SignedRecord>) {
         let fs = self.fs.clone();
         let counters = self.counters.clone();
+        let content = self.content.clone();
         let done = tokio::task::spawn_blocking(move || {
             for r in records {
                 let path = r.path.clone();
                 let version = Version {
-                    record: r.record,
+                    record: r.record.clone(),
                     signature: r.signature,
                 };
-                match fs.apply_remote(r.path, version) {
+                let applied = fs.apply_remote(r.path, version);
+                if let Ok(btfs_fs::Applied::Stored | btfs_fs::Applied::Merged) = applied {
+                    content.arrived(&path, &r.record);
+                }
+                match applied {
                     Ok(btfs_fs::Applied::Merged) => {
                         counters.merged.fetch_add(1, Ordering::Relaxed);
                         info!(%path, "concurrent versions: conflict resolved deterministically");
@@ -310,7 +329,7 @@ impl Replicator {
             .unwrap_or_default();
         let mut total = 0;
         loop {
-            let req = postcard::to_allocvec(&progress.request())?;
+            let req = postcard::to_allocvec(&Rpc::Sync(progress.request()))?;
             let bytes = self.mesh.request(peer, req).await?;
             let resp: SyncResponse =
                 postcard::from_bytes(&bytes).context("malformed sync response")?;
@@ -339,8 +358,16 @@ impl Replicator {
 
     /// Answers a peer's sync request from the store's log.
     async fn answer(&self, data: Vec<u8>) -> Vec<u8> {
-        let Ok(req) = postcard::from_bytes::<SyncRequest>(&data) else {
-            return Vec::new();
+        let req = match postcard::from_bytes::<Rpc>(&data) {
+            Ok(Rpc::Sync(req)) => req,
+            Ok(Rpc::Metainfo(ih)) => {
+                return self
+                    .content
+                    .engine()
+                    .and_then(|e| e.local_metainfo(&btfs_core::InfoHash(ih)))
+                    .unwrap_or_default();
+            }
+            Err(_) => return Vec::new(),
         };
         let store = self.fs.store().clone();
         let resp =
@@ -418,7 +445,8 @@ pub(crate) fn start(
     membership: Membership,
     announce: mpsc::Receiver<Announced>,
     fs: FsHandle<SledBackend>,
-) -> Result<(watch::Receiver<PeersView>, Arc<Counters>)> {
+    content: Arc<Content>,
+) -> Result<(watch::Receiver<PeersView>, Arc<Counters>, Arc<MeshNet>)> {
     let cluster = cfg.cluster.clone();
     let (mesh, mut events, _task) = btfs_mesh::start(cfg).context("mesh")?;
     let counters = Arc::new(Counters::default());
@@ -430,7 +458,12 @@ pub(crate) fn start(
         membership,
         counters: counters.clone(),
         syncing: std::sync::Mutex::new(HashSet::new()),
-        connected: std::sync::Mutex::new(HashSet::new()),
+        connected: Arc::new(std::sync::Mutex::new(HashSet::new())),
+        content,
+    });
+    let net = Arc::new(MeshNet {
+        mesh: mesh.clone(),
+        connected: rep.connected.clone(),
     });
     let events_rep = rep.clone();
     tokio::spawn(async move {
@@ -502,5 +535,5 @@ pub(crate) fn start(
             }
         }
     });
-    Ok((rx, counters))
+    Ok((rx, counters, net))
 }

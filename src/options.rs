@@ -1,9 +1,12 @@
 //! The `-o` mount options, as given on the command line, by mount(8) or in fstab.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use anyhow::{Result, bail};
+use btfs_torrent::Cidr;
 use nix::mount::MsFlags;
+
+use crate::content::Prefetch;
 
 /// Options that take a value.
 const VALUED: &[&str] = &[
@@ -18,6 +21,12 @@ const VALUED: &[&str] = &[
     "passthrough",
     "ttl",
     "tombstone_retention",
+    "bt_listen",
+    "bt_allow",
+    "read_timeout",
+    "prefetch",
+    "up_rate",
+    "down_rate",
 ];
 
 /// Options that only mount(8), systemd or the kernel care about.
@@ -80,6 +89,74 @@ pub(crate) struct MountOpts {
     /// `tombstone_retention=DURATION` (`36h`, `7d`…): how long a delete is
     /// remembered so that it can win against older copies; 24 h at least.
     pub tombstone_retention: Duration,
+    /// `bt_listen=IP:PORT`: the BitTorrent listener for standard clients
+    /// from `bt_allow` networks. `None`: the mesh's IP, the mesh's port + 1
+    /// (or any port when the mesh's is 0).
+    pub bt_listen: Option<SocketAddr>,
+    /// `bt_allow=CIDR/CIDR`: networks whose standard BitTorrent clients may
+    /// download. Empty: members only.
+    pub bt_allow: Vec<Cidr>,
+    /// `read_timeout=DURATION`: how long a read of remote content waits.
+    pub read_timeout: Duration,
+    /// `prefetch=none|all|GLOB,GLOB`: files fetched in full on arrival.
+    pub prefetch: Prefetch,
+    /// `up_rate=` / `down_rate=` (bytes/s, `k`, `M`, `G` are powers of 1024).
+    pub up_rate: Option<NonZeroU32>,
+    pub down_rate: Option<NonZeroU32>,
+}
+
+/// librqbit's rate limiter takes 16 KiB at a time: a lower limit stalls.
+pub(crate) const MIN_RATE: u64 = 16 << 10;
+
+/// Parses `512k`, `10M`, `1G` or a bare number of bytes per second.
+pub(crate) fn parse_rate(option: &str, v: &str) -> Result<NonZeroU32> {
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => bail!("mount option {option}={v}: expected bytes per second, e.g. 512k, 10M, 1G"),
+    };
+    let n = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| anyhow::anyhow!("mount option {option}={v}: expected bytes per second, e.g. 512k, 10M, 1G"))?;
+    if n < MIN_RATE {
+        bail!("mount option {option}={v}: at least 16k (16384 bytes/s); lower limits stall BitTorrent transfers");
+    }
+    let n = u32::try_from(n).map_err(|_| anyhow::anyhow!("mount option {option}={v}: at most 3G"))?;
+    NonZeroU32::new(n).ok_or_else(|| anyhow::anyhow!("mount option {option}={v}: must not be 0"))
+}
+
+/// Parses `bt_allow=10.0.0.0/8/192.168.1.0/24` (networks joined by `/`; a
+/// bare address is one host).
+fn parse_allow(v: &str) -> Result<Vec<Cidr>> {
+    let parts: Vec<&str> = v.split('/').filter(|p| !p.is_empty()).collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < parts.len() {
+        let ip = parts[i];
+        let cidr = match parts.get(i + 1) {
+            Some(bits) if bits.parse::<u8>().is_ok() => {
+                i += 2;
+                format!("{ip}/{bits}")
+            }
+            _ => {
+                i += 1;
+                ip.to_owned()
+            }
+        };
+        out.push(cidr.parse::<Cidr>().map_err(|e| {
+            anyhow::anyhow!("mount option bt_allow={v}: {e} (expected CIDR/CIDR, e.g. 10.0.0.0/8/192.168.1.0/24)")
+        })?);
+    }
+    Ok(out)
+}
+
+fn parse_glob(v: &str) -> Result<glob::Pattern> {
+    glob::Pattern::new(v).map_err(|e| anyhow::anyhow!("mount option prefetch: {v:?} is not a glob: {e}"))
 }
 
 /// Where the mesh listens when `listen=` is not given.
@@ -126,6 +203,12 @@ impl Default for MountOpts {
             allow_other: true,
             flags: MsFlags::empty(),
             tombstone_retention: MIN_TOMBSTONE_RETENTION,
+            bt_listen: None,
+            bt_allow: Vec::new(),
+            read_timeout: Duration::from_secs(30),
+            prefetch: Prefetch::None,
+            up_rate: None,
+            down_rate: None,
         }
     }
 }
@@ -142,12 +225,39 @@ impl MountOpts {
     /// Parses a comma-separated option string (several `-o` are joined).
     pub(crate) fn parse(s: &str) -> Result<Self> {
         let mut o = Self::default();
+        // `prefetch=GLOB,GLOB`: the globs after the first are bare options.
+        let mut in_prefetch = false;
         for opt in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
             let (name, value) = match opt.split_once('=') {
                 Some((n, v)) => (n, Some(v)),
                 None => (opt, None),
             };
+            if in_prefetch
+                && value.is_none()
+                && !IGNORED.contains(&name)
+                && !matches!(name, "allow_other" | "noallow_other" | "ro" | "nosuid" | "nodev" | "noexec" | "sync" | "dirsync")
+                && let Prefetch::Globs(g) = &mut o.prefetch
+            {
+                g.push(parse_glob(name)?);
+                continue;
+            }
+            in_prefetch = false;
             match (name, value) {
+                ("bt_listen", Some(v)) => o.bt_listen = Some(socket_addr(name, v)?),
+                ("bt_allow", Some(v)) => o.bt_allow = parse_allow(v)?,
+                ("read_timeout", Some(v)) => {
+                    o.read_timeout = parse_duration(v)
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| anyhow::anyhow!("mount option read_timeout={v}: expected a duration, e.g. 30s or 2m"))?
+                }
+                ("prefetch", Some("none")) => o.prefetch = Prefetch::None,
+                ("prefetch", Some("all")) => o.prefetch = Prefetch::All,
+                ("prefetch", Some(v)) => {
+                    o.prefetch = Prefetch::Globs(vec![parse_glob(v)?]);
+                    in_prefetch = true;
+                }
+                ("up_rate", Some(v)) => o.up_rate = Some(parse_rate(name, v)?),
+                ("down_rate", Some(v)) => o.down_rate = Some(parse_rate(name, v)?),
                 ("key", Some(v)) => o.key = Some(PathBuf::from(v)),
                 ("state", Some(v)) => o.state = Some(PathBuf::from(v)),
                 ("listen", Some(v)) => o.listen = Some(socket_addr(name, v)?),
@@ -271,6 +381,28 @@ mod tests {
     }
 
     #[test]
+    fn parses_content_options() {
+        let o = MountOpts::parse(
+            "bt_listen=10.0.0.1:4411,bt_allow=10.1.0.0/16/192.168.7.9,read_timeout=5s,up_rate=16k,down_rate=10M,prefetch=images/*.iso,*.img,ro",
+        )
+        .unwrap();
+        assert_eq!(o.bt_listen, Some("10.0.0.1:4411".parse().unwrap()));
+        assert_eq!(o.bt_allow.len(), 2);
+        assert!(o.bt_allow[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(o.bt_allow[1].contains("192.168.7.9".parse().unwrap()));
+        assert_eq!(o.read_timeout, Duration::from_secs(5));
+        assert_eq!(o.up_rate.map(|r| r.get()), Some(16 << 10));
+        assert_eq!(o.down_rate.map(|r| r.get()), Some(10 << 20));
+        assert!(o.flags.contains(MsFlags::MS_RDONLY));
+        let path = |p: &str| btfs_core::RelPath::parse(p).unwrap();
+        assert!(o.prefetch.matches(&path("images/a.iso")));
+        assert!(o.prefetch.matches(&path("disks/b.img")));
+        assert!(!o.prefetch.matches(&path("notes.txt")));
+        assert_eq!(MountOpts::parse("prefetch=all").unwrap().prefetch, Prefetch::All);
+        assert!(!MountOpts::parse("").unwrap().prefetch.matches(&path("a")));
+    }
+
+    #[test]
     fn rejects_bad_options_with_a_reason() {
         for (opt, why) in [
             ("frobnicate", "unknown mount option"),
@@ -280,6 +412,14 @@ mod tests {
             ("key", "needs a value"),
             ("tombstone_retention=2h", "at least 24h"),
             ("tombstone_retention=soon", "at least 24h"),
+            ("up_rate=10k", "at least 16k"),
+            ("down_rate=1000", "at least 16k"),
+            ("down_rate=fast", "expected bytes per second"),
+            ("up_rate=5G", "at most 3G"),
+            ("bt_allow=10.0.0.0/40", "prefix length"),
+            ("bt_allow=everyone", "not an IP address"),
+            ("read_timeout=0", "expected a duration"),
+            ("prefetch=[", "not a glob"),
         ] {
             let err = MountOpts::parse(opt).unwrap_err().to_string();
             assert!(err.contains(why), "{opt}: {err}");

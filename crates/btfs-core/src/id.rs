@@ -91,3 +91,28 @@ mod tests {
         assert!(ContentId::from_hex("zz").is_err());
     }
 }
+
+/// Identity of a BitTorrent swarm: the SHA-1 of a torrent's `info` dictionary
+/// (BitTorrent v1). btfs derives it from the content alone, so identical content
+/// written on two nodes is one swarm.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct InfoHash(pub [u8; 20]);
+
+impl InfoHash {
+    /// Full lower-case hex form (40 characters).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for InfoHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for InfoHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InfoHash({})", hex::encode(&self.0[..4]))
+    }
+}

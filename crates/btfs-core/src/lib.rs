@@ -11,7 +11,7 @@ mod path;
 mod record;
 mod version;
 
-pub use id::{ContentId, IdParseError, NodeId};
+pub use id::{ContentId, IdParseError, InfoHash, NodeId};
 pub use merge::{Resolution, Versions, conflict_copy_name, is_conflict_copy, resolve};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, validate_name};
 pub use record::{FileKind, FileRecord, Owner, Timestamp};

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ContentId, NodeId, VersionVector};
+use crate::{ContentId, InfoHash, NodeId, VersionVector};
 
 /// What a path holds. btfs stores regular files, directories and symbolic links
 /// only: hard links, device nodes, FIFOs and sockets are refused at the mount
@@ -83,6 +83,9 @@ pub struct FileRecord {
     /// tell an edit that started from the content another node holds (not a
     /// conflict) from two edits of the same ancestor (a conflict).
     pub prev_content: Option<ContentId>,
+    /// The BitTorrent swarm that carries `content` between nodes (files with
+    /// content, empty files excepted). Set when the content is committed.
+    pub torrent: Option<InfoHash>,
     /// Link target, for symlinks.
     pub target: Option<String>,
     pub version: VersionVector,
@@ -112,6 +115,7 @@ impl FileRecord {
             ctime: now,
             content: None,
             prev_content: None,
+            torrent: None,
             target: None,
             version: VersionVector::new().incremented(author),
             author,
@@ -157,6 +161,7 @@ impl FileRecord {
         let mut r = self.next_version(author, now);
         r.deleted = true;
         r.content = None;
+        r.torrent = None;
         r.target = None;
         r.size = 0;
         r

@@ -1,8 +1,12 @@
 //! Errors of the filesystem layer and their one mapping to errno.
 
+use std::sync::Arc;
+
 use btfs_core::PathError;
 use btfs_store::StoreError;
 use fuser::Errno;
+
+use crate::content::{ContentSource, Wanted};
 
 /// Everything a filesystem operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,10 @@ pub enum FsError {
     Stale,
     #[error("the content of this file is not on this node")]
     ContentUnavailable,
+    /// The operation needs the whole content, which other nodes hold: the
+    /// caller fetches it first (a FUSE handler hands its reply over).
+    #[error("the content of {} must be fetched first", .0.1.path)]
+    Fetch(Box<(Arc<dyn ContentSource>, Wanted)>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("I/O error: {0}")]
@@ -65,6 +73,8 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::BadHandle => Errno::EBADF,
         FsError::Stale => Errno::from_i32(libc::ESTALE),
         FsError::ContentUnavailable => Errno::EIO,
+        // Only reaches an application when the fetch could not be started.
+        FsError::Fetch(_) => Errno::EIO,
         FsError::Store(s) => match s {
             StoreError::Io(io) => io_errno(io),
             StoreError::Locked(_)

@@ -43,7 +43,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use btfs_core::{ContentId, FileKind, FileRecord, NodeId, Owner, RelPath, Timestamp};
+use btfs_core::{ContentId, FileKind, FileRecord, InfoHash, NodeId, Owner, RelPath, Timestamp};
 use btfs_store::{Backend, Change, Entry, NO_INO, ROOT_INO, Stats, Store};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
@@ -65,6 +65,7 @@ mod replica;
 pub use replica::{Announced, Applied};
 
 use crate::{
+    content::{ContentSource, Wanted},
     error::{FsError, Result, errno},
     objects::{ObjectStore, Staging, hash_file},
 };
@@ -86,6 +87,9 @@ pub struct FsConfig {
     pub announce: Option<tokio::sync::mpsc::Sender<Announced>>,
     /// Signs new local versions as this node (`None`: unsigned, no mesh).
     pub signer: Option<Signer>,
+    /// Where content held by other nodes comes from (`None`: nowhere, reads
+    /// of such content fail with EIO).
+    pub content: Option<Arc<dyn ContentSource>>,
 }
 
 /// Signs a record at a path as this node.
@@ -158,10 +162,20 @@ struct InodeCell {
 #[derive(Debug)]
 struct Handle {
     ino: u64,
-    /// For reads: the object opened; for writers: the staging file.
-    file: Arc<File>,
+    /// For reads: the object opened; for writers: the staging file. `None`
+    /// for a reader of content that other nodes hold (`remote`).
+    file: Option<Arc<File>>,
     writable: bool,
     cached: bool,
+    /// Content read through the content source until it arrives here.
+    remote: Option<Wanted>,
+}
+
+/// How a read is answered.
+enum ReadFrom {
+    Here(Vec<u8>),
+    /// By the content source, asynchronously.
+    Remote(Arc<dyn ContentSource>, Wanted),
 }
 
 #[derive(Debug)]
@@ -347,7 +361,12 @@ impl<B: Backend> FsHandle<B> {
     }
 
     /// The store, for replication (its log) and status.
-    pub fn store(&self) -> &Arc<Store<B>> {
+    /// Where the object store keeps (or would keep) `content`.
+    pub fn object_path(&self, content: &ContentId) -> PathBuf {
+        self.shared.objects.object_path(content)
+    }
+
+        pub fn store(&self) -> &Arc<Store<B>> {
         &self.shared.store
     }
 
@@ -773,7 +792,7 @@ impl<B: Backend> Shared<B> {
         let opened = (|| {
             let mut st = lock(&cell.state);
             // Read under the state lock: a commit in progress finishes first.
-            let (_, entry) = self.entry_of(ino)?;
+            let (path, entry) = self.entry_of(ino)?;
             match entry.record.kind {
                 FileKind::File => {}
                 FileKind::Dir => return Err(FsError::IsDir),
@@ -781,13 +800,40 @@ impl<B: Backend> Shared<B> {
             }
             let content = entry.record.content.unwrap_or_else(ContentId::empty);
             // Metadata arrived from another node; its bytes did not. A writer
-            // that truncates needs none of them.
+            // that truncates needs none of them; a reader reads them through
+            // the content source; any other writer waits for all of them.
             if !truncate
                 && content != ContentId::empty()
                 && !self.objects.object_path(&content).exists()
             {
-                warn!(ino, content = %content.short(), "content is not on this node: EIO (fetching it over BitTorrent comes next)");
-                return Err(FsError::ContentUnavailable);
+                let (Some(source), Some(torrent)) = (&self.cfg.content, entry.record.torrent)
+                else {
+                    warn!(ino, content = %content.short(), "content is not on this node and no node can send it: EIO");
+                    return Err(FsError::ContentUnavailable);
+                };
+                let wanted = Wanted {
+                    path: path.as_ref().map_or_else(|| format!("inode {ino}"), |p| p.to_string()),
+                    content,
+                    torrent,
+                    size: entry.record.size,
+                    author: entry.record.author,
+                };
+                if writable || st.backing.is_some() || st.staging.is_some() {
+                    return Err(FsError::Fetch(Box::new((source.clone(), wanted))));
+                }
+                st.cached += 1;
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                lock(&self.handles).insert(
+                    fh,
+                    Arc::new(Handle {
+                        ino,
+                        file: None,
+                        writable,
+                        cached: true,
+                        remote: Some(wanted),
+                    }),
+                );
+                return Ok((fh, FopenFlags::FOPEN_KEEP_CACHE, None));
             }
             let mut passthrough = st.backing.is_some()
                 || (st.cached == 0
@@ -851,9 +897,10 @@ impl<B: Backend> Shared<B> {
                 fh,
                 Arc::new(Handle {
                     ino,
-                    file,
+                    file: Some(file),
                     writable,
                     cached,
+                    remote: None,
                 }),
             );
             Ok((fh, fopen, backing))
@@ -1031,6 +1078,14 @@ impl<B: Backend> Shared<B> {
                 return Err(e.into());
             }
         };
+        // Published from the staging file, before the namespace lock: hashing
+        // a large file must not stall other operations.
+        let unchanged = matches!(&st.base, Some((_, Some(c))) if *c == content);
+        let torrent = if unchanged {
+            None
+        } else {
+            self.publish(ino, &content, &staging.path, meta.len())
+        };
         let _ns = lock(&self.ns);
         let installed = if keep_private {
             self.objects.install_copy(&staging.path, &content)
@@ -1054,6 +1109,7 @@ impl<B: Backend> Shared<B> {
                 return Ok(());
             }
             let mut record = orphan.record.next_version(me, Timestamp::now());
+            record.torrent = torrent;
             record.content = Some(content);
             record.size = meta.len();
             record.mtime = Timestamp::from(meta.modified()?);
@@ -1073,6 +1129,10 @@ impl<B: Backend> Shared<B> {
             return Ok(());
         }
         let mut record = r.next_version(self.node(), Timestamp::now());
+        record.torrent = match r.torrent {
+            Some(t) if r.content == Some(content) => Some(t),
+            _ => torrent,
+        };
         record.content = Some(content);
         record.size = meta.len();
         record.mtime = mtime;
@@ -1094,6 +1154,24 @@ impl<B: Backend> Shared<B> {
         Ok(())
     }
 
+    /// Makes committed content available to other nodes: its swarm, or
+    /// `None` (no content source, empty content, or a failure, logged: the
+    /// version stands, and other nodes cannot read it until it is written
+    /// again).
+    fn publish(&self, ino: u64, content: &ContentId, file: &Path, size: u64) -> Option<InfoHash> {
+        let source = self.cfg.content.as_ref()?;
+        if size == 0 {
+            return None;
+        }
+        match source.publish(content, file, size) {
+            Ok(t) => t,
+            Err(e) => {
+                error!(ino, content = %content.short(), "could not publish new content for other nodes: {e}");
+                None
+            }
+        }
+    }
+
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
         lock(&self.handles)
             .get(&fh)
@@ -1101,13 +1179,29 @@ impl<B: Backend> Shared<B> {
             .ok_or(FsError::BadHandle)
     }
 
-    fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadFrom> {
         let h = self.handle(fh)?;
         // A reader opened before a writer reads the writer's file from then on.
         let current = self
             .cell(h.ino)
             .and_then(|c| c.current.read().unwrap_or_else(|p| p.into_inner()).clone());
-        let file = current.as_ref().unwrap_or(&h.file);
+        let arrived;
+        let file = match (&current, &h.file, &h.remote) {
+            (Some(f), _, _) | (None, Some(f), _) => f,
+            (None, None, Some(wanted)) => match self.objects.open_object(&wanted.content) {
+                // Fetched meanwhile (by this reader or another).
+                Ok(f) => {
+                    arrived = Arc::new(f);
+                    &arrived
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let source = self.cfg.content.clone().ok_or(FsError::ContentUnavailable)?;
+                    return Ok(ReadFrom::Remote(source, wanted.clone()));
+                }
+                Err(e) => return Err(e.into()),
+            },
+            (None, None, None) => return Err(FsError::BadHandle),
+        };
         let mut buf = vec![0u8; size as usize];
         let mut filled = 0;
         while filled < buf.len() {
@@ -1119,7 +1213,7 @@ impl<B: Backend> Shared<B> {
             }
         }
         buf.truncate(filled);
-        Ok(buf)
+        Ok(ReadFrom::Here(buf))
     }
 
     fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
@@ -1127,7 +1221,7 @@ impl<B: Backend> Shared<B> {
         if !h.writable {
             return Err(FsError::BadHandle);
         }
-        h.file.write_all_at(data, offset)?;
+        h.file.as_ref().ok_or(FsError::BadHandle)?.write_all_at(data, offset)?;
         Ok(data.len() as u32)
     }
 
@@ -1284,11 +1378,11 @@ impl<B: Backend> Shared<B> {
     fn fsync(&self, fh: Option<u64>, datasync: bool) -> Result<()> {
         if let Some(fh) = fh {
             let h = self.handle(fh)?;
-            if h.writable {
+            if let (true, Some(file)) = (h.writable, &h.file) {
                 if datasync {
-                    h.file.sync_data()?
+                    file.sync_data()?
                 } else {
-                    h.file.sync_all()?
+                    file.sync_all()?
                 }
             }
         }
@@ -1615,6 +1709,30 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         let s = &self.shared;
         let result = s.open_handle(ino.0, flags.0, &|f| reply.open_backing(f));
         match result {
+            Err(FsError::Fetch(fetch)) => {
+                // A writer of content held elsewhere: open once it is here.
+                let (source, wanted) = *fetch;
+                let s = s.clone();
+                let path = wanted.path.clone();
+                source.fetch(
+                    wanted,
+                    Box::new(move |fetched| {
+                        let opened = fetched.map_err(FsError::Io).and_then(|()| {
+                            s.open_handle(ino.0, flags.0, &|f| reply.open_backing(f))
+                        });
+                        match opened {
+                            Ok((fh, fopen, Some(b))) => {
+                                reply.opened_passthrough(FileHandle(fh), fopen, &b)
+                            }
+                            Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
+                            Err(e) => {
+                                warn!(%path, "open for writing after fetching failed: {e}");
+                                reply.error(fail("open", &e))
+                            }
+                        }
+                    }),
+                );
+            }
             Ok((fh, fopen, Some(backing))) => {
                 reply.opened_passthrough(FileHandle(fh), fopen, &backing)
             }
@@ -1672,7 +1790,16 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         reply: ReplyData,
     ) {
         match self.shared.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(ReadFrom::Here(data)) => reply.data(&data),
+            Ok(ReadFrom::Remote(source, wanted)) => source.read(
+                wanted,
+                offset,
+                size,
+                Box::new(move |r| match r {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(errno(&FsError::Io(e))),
+                }),
+            ),
             Err(e) => reply.error(fail("read", &e)),
         }
     }
@@ -1861,7 +1988,8 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
                 i64::try_from(offset).map_err(|_| FsError::Invalid("offset too large"))?,
                 i64::try_from(length).map_err(|_| FsError::Invalid("length too large"))?,
             );
-            nix::fcntl::fallocate(&*h.file, flags, off, len).map_err(|e| FsError::Io(e.into()))
+            let file = h.file.as_ref().ok_or(FsError::BadHandle)?;
+            nix::fcntl::fallocate(&**file, flags, off, len).map_err(|e| FsError::Io(e.into()))
         });
         match result {
             Ok(()) => reply.ok(),

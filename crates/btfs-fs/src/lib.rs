@@ -9,11 +9,13 @@
 //!   is released the copy is hashed, installed as a new object and the record
 //!   is committed in one store write (see [`fs`]).
 
+pub mod content;
 mod error;
 pub mod fs;
 pub mod mount;
 mod objects;
 
+pub use content::{ContentSource, Done, Wanted};
 pub use error::{FsError, errno};
 pub use fs::{Announced, Applied, BtfsFs, FsConfig, FsHandle, FsStatus, Signer};
 pub use mount::{MountError, MountOptions, check_mountpoint, mount, mounted_at, unmount};

@@ -71,6 +71,8 @@ pub enum MeshError {
     Publish(String),
     #[error("request to {0} failed: {1}")]
     Request(PeerId, String),
+    #[error("stream to {0} failed: {1}")]
+    Stream(PeerId, String),
     #[error("the mesh has stopped")]
     Stopped,
 }
@@ -144,6 +146,8 @@ struct Behaviour {
     rpc: request_response::cbor::Behaviour<Payload, Payload>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    /// Raw byte streams between members (the BitTorrent peer wire).
+    streams: libp2p_stream::Behaviour,
 }
 
 /// What the mesh tells its owner.
@@ -197,10 +201,12 @@ enum Command {
 }
 
 /// Handle on a running mesh.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Mesh {
     local: PeerId,
     commands: mpsc::Sender<Command>,
+    streams: libp2p_stream::Control,
+    stream_protocol: StreamProtocol,
 }
 
 impl std::fmt::Debug for Command {
@@ -211,6 +217,12 @@ impl std::fmt::Debug for Command {
             Command::Peers(..) => "Peers",
             Command::ListenAddrs(..) => "ListenAddrs",
         })
+    }
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("local", &self.local).finish_non_exhaustive()
     }
 }
 
@@ -252,6 +264,24 @@ impl Mesh {
 
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, MeshError> {
         self.call(Command::ListenAddrs).await
+    }
+
+    /// Opens a byte stream to a connected member (encrypted by the mesh's
+    /// connection; the member accepts it through `incoming_streams`).
+    pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, MeshError> {
+        self.streams
+            .clone()
+            .open_stream(peer, self.stream_protocol.clone())
+            .await
+            .map_err(|e| MeshError::Stream(peer, e.to_string()))
+    }
+
+    /// The byte streams members open to this node. Can be taken once.
+    pub fn incoming_streams(&self) -> Result<libp2p_stream::IncomingStreams, MeshError> {
+        self.streams
+            .clone()
+            .accept(self.stream_protocol.clone())
+            .map_err(|_| MeshError::Transport("incoming streams already taken".into()))
     }
 }
 
@@ -380,6 +410,7 @@ fn build_swarm(cfg: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
                             .with_interval(Duration::from_secs(5))
                             .with_timeout(Duration::from_secs(10)),
                     ),
+                    streams: libp2p_stream::Behaviour::new(),
                 })
             },
         )
@@ -407,6 +438,8 @@ pub fn start(
             .map_err(|e| MeshError::Listen(addr.clone(), error_chain(&e)))?;
     }
     let local = *swarm.local_peer_id();
+    let streams = swarm.behaviour().streams.new_control();
+    let stream_protocol = protocol(&cfg.cluster, "bt/1")?;
     info!(peer = %local, psk = %cfg.psk.fingerprint(), cluster = %cfg.cluster, "mesh starting");
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAP);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAP);
@@ -440,6 +473,8 @@ pub fn start(
         Mesh {
             local,
             commands: cmd_tx,
+            streams,
+            stream_protocol,
         },
         ev_rx,
         task,

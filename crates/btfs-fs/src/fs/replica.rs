@@ -70,6 +70,7 @@ fn implicit_dir(base: Option<&FileRecord>, child: &FileRecord) -> FileRecord {
             r.deleted = false;
             r.content = None;
             r.prev_content = None;
+            r.torrent = None;
             r.target = None;
             r.size = 0;
             r
@@ -624,6 +625,7 @@ mod tests {
             state_dir: dir.path().to_path_buf(),
             announce: None,
             signer: None,
+            content: None,
         };
         let objects = ObjectStore::open(dir.path()).unwrap();
         let fs = BtfsFs::new(Arc::new(Store::in_memory()), objects, cfg).unwrap();

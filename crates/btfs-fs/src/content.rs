@@ -1,0 +1,48 @@
+//! Content this node does not hold: the seam between the filesystem and the
+//! transport that carries bytes between nodes (BitTorrent, in the daemon).
+//!
+//! The filesystem never waits on the network in a FUSE handler: a read of
+//! remote bytes hands its reply to the source, which answers it later from
+//! its own tasks, within its deadline.
+
+use std::{fmt, io, path::Path};
+
+use btfs_core::{ContentId, InfoHash, NodeId};
+
+/// What a reader needs to get content from other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// The path, for log lines.
+    pub path: String,
+    pub content: ContentId,
+    pub torrent: InfoHash,
+    pub size: u64,
+    /// The node that wrote this content: it holds it, unless it is down.
+    pub author: NodeId,
+}
+
+/// Receives the answer of an asynchronous content request.
+pub type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;
+
+/// A transport for content, given to the filesystem by the daemon.
+pub trait ContentSource: Send + Sync + 'static {
+    /// Makes new content available to other nodes, on a worker thread at
+    /// commit (`file` holds the bytes and does not change meanwhile). Returns
+    /// the swarm that carries it; `None` for content that needs none.
+    fn publish(&self, content: &ContentId, file: &Path, size: u64) -> io::Result<Option<InfoHash>>;
+
+    /// Reads `len` bytes at `offset` of content held elsewhere and answers
+    /// through `done`: the bytes (short only at the end of the content), or
+    /// an error once the source's deadline has passed. Must not block.
+    fn read(&self, wanted: Wanted, offset: u64, len: u32, done: Done<Vec<u8>>);
+
+    /// Brings the whole content into the object store, then answers through
+    /// `done` (on a thread that may block). Must not block.
+    fn fetch(&self, wanted: Wanted, done: Done<()>);
+}
+
+impl fmt::Debug for dyn ContentSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ContentSource")
+    }
+}

@@ -1,0 +1,239 @@
+//! The peer-wire plumbing between librqbit and the mesh.
+//!
+//! * Outgoing: librqbit connects through a SOCKS5 server on 127.0.0.1 to a
+//!   synthetic address (`127.77.x.y:6881`) that stands for one mesh member;
+//!   the server opens a stream to that member through the daemon's network.
+//! * Incoming: a stream (from a member, or a TCP connection from a network
+//!   allowed by `bt_allow=`) starts with the BitTorrent handshake. Its info
+//!   hash says which torrent is wanted; the engine brings it up if this node
+//!   holds the content, then splices the stream into librqbit's loopback
+//!   listener, handshake included.
+//!
+//! Only the SOCKS5 `CONNECT` command with no authentication is served: it is
+//! all librqbit uses, and the server listens on loopback.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    str::FromStr,
+};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A byte stream to or from a peer.
+pub trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> PeerIo for T {}
+pub type BoxIo = Box<dyn PeerIo>;
+
+/// The BitTorrent v1 handshake: length byte, protocol name, 8 reserved
+/// bytes, info hash, peer id.
+pub(crate) const HANDSHAKE_LEN: usize = 68;
+const PROTOCOL: &[u8] = b"BitTorrent protocol";
+
+/// Reads the handshake that opens a peer connection; returns it whole and
+/// the info hash it names.
+pub(crate) async fn read_handshake(
+    io: &mut (impl AsyncRead + Unpin),
+) -> io::Result<([u8; HANDSHAKE_LEN], [u8; 20])> {
+    let mut hs = [0u8; HANDSHAKE_LEN];
+    io.read_exact(&mut hs).await?;
+    if usize::from(hs[0]) != PROTOCOL.len() || &hs[1..20] != PROTOCOL {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a BitTorrent handshake",
+        ));
+    }
+    let mut ih = [0u8; 20];
+    ih.copy_from_slice(&hs[28..48]);
+    Ok((hs, ih))
+}
+
+/// Serves one SOCKS5 client: returns the address it asked to connect to,
+/// once the reply is up to `answer`. Called by the engine, which dials.
+pub(crate) async fn socks5_request(io: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> io::Result<SocketAddr> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("SOCKS5: {what}"));
+    let mut head = [0u8; 2];
+    io.read_exact(&mut head).await?;
+    if head[0] != 5 {
+        return Err(bad("not version 5"));
+    }
+    let mut methods = vec![0u8; usize::from(head[1])];
+    io.read_exact(&mut methods).await?;
+    if !methods.contains(&0) {
+        io.write_all(&[5, 0xff]).await?;
+        return Err(bad("client offers no unauthenticated method"));
+    }
+    io.write_all(&[5, 0]).await?;
+    let mut req = [0u8; 4];
+    io.read_exact(&mut req).await?;
+    if req[0] != 5 || req[1] != 1 {
+        socks5_reply(io, 7).await?;
+        return Err(bad("only CONNECT is served"));
+    }
+    let ip = match req[3] {
+        1 => {
+            let mut a = [0u8; 4];
+            io.read_exact(&mut a).await?;
+            IpAddr::from(a)
+        }
+        4 => {
+            let mut a = [0u8; 16];
+            io.read_exact(&mut a).await?;
+            IpAddr::from(a)
+        }
+        _ => {
+            socks5_reply(io, 8).await?;
+            return Err(bad("only IP addresses are served"));
+        }
+    };
+    let port = io.read_u16().await?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Answers a SOCKS5 request: 0 succeeded, 5 refused, 7 bad command, 8 bad
+/// address type.
+pub(crate) async fn socks5_reply(io: &mut (impl AsyncWrite + Unpin), code: u8) -> io::Result<()> {
+    io.write_all(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
+    io.flush().await
+}
+
+/// Synthetic loopback addresses for mesh members, so that librqbit can name
+/// them: `127.77.x.y:6881` with `x.y` a per-run member number.
+#[derive(Debug, Default)]
+pub(crate) struct PeerTable {
+    by_member: HashMap<String, SocketAddr>,
+    by_addr: HashMap<SocketAddr, String>,
+}
+
+pub(crate) const SYNTHETIC_PORT: u16 = 6881;
+
+impl PeerTable {
+    pub(crate) fn addr_of(&mut self, member: &str) -> Option<SocketAddr> {
+        if let Some(a) = self.by_member.get(member) {
+            return Some(*a);
+        }
+        let n = u16::try_from(self.by_member.len() + 1).ok()?;
+        let [x, y] = n.to_be_bytes();
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 77, x, y), SYNTHETIC_PORT));
+        self.by_member.insert(member.to_owned(), addr);
+        self.by_addr.insert(addr, member.to_owned());
+        Some(addr)
+    }
+
+    pub(crate) fn member_at(&self, addr: &SocketAddr) -> Option<&str> {
+        self.by_addr.get(addr).map(String::as_str)
+    }
+}
+
+/// An IPv4 or IPv6 network, `ADDR/BITS` (a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(&n.octets(), &a.octets(), self.bits),
+            (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(&n.octets(), &a.octets(), self.bits),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let (full, rest) = (usize::from(bits / 8), bits % 8);
+    a[..full] == b[..full] && (rest == 0 || (a[full] ^ b[full]) >> (8 - rest) == 0)
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, bits) = match s.split_once('/') {
+            Some((ip, bits)) => (ip, Some(bits)),
+            None => (s, None),
+        };
+        let net: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{s:?}: {ip:?} is not an IP address"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            None => max,
+            Some(b) => b
+                .parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?,
+        };
+        Ok(Self { net, bits })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let host: Cidr = "192.168.1.7".parse().unwrap();
+        assert!(host.contains("192.168.1.7".parse().unwrap()));
+        assert!(!host.contains("192.168.1.8".parse().unwrap()));
+        let odd: Cidr = "172.16.0.0/12".parse().unwrap();
+        assert!(odd.contains("172.31.255.1".parse().unwrap()));
+        assert!(!odd.contains("172.32.0.1".parse().unwrap()));
+        assert!("fd00::/8".parse::<Cidr>().unwrap().contains("fd12::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope/8", "10.0.0.0/x", ""] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn members_get_stable_distinct_loopback_addresses() {
+        let mut t = PeerTable::default();
+        let a = t.addr_of("A").unwrap();
+        let b = t.addr_of("B").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(t.addr_of("A"), Some(a));
+        assert!(a.ip().is_loopback());
+        assert_eq!(t.member_at(&b), Some("B"));
+    }
+
+    #[tokio::test]
+    async fn socks5_connect_requests_are_understood() {
+        let (mut client, mut server) = tokio::io::duplex(256);
+        let c = tokio::spawn(async move {
+            client.write_all(&[5, 1, 0]).await.unwrap();
+            let mut r = [0u8; 2];
+            client.read_exact(&mut r).await.unwrap();
+            assert_eq!(r, [5, 0]);
+            client
+                .write_all(&[5, 1, 0, 1, 127, 77, 0, 1, 0x1a, 0xe1])
+                .await
+                .unwrap();
+            let mut r = [0u8; 10];
+            client.read_exact(&mut r).await.unwrap();
+            r[1]
+        });
+        let addr = socks5_request(&mut server).await.unwrap();
+        assert_eq!(addr, "127.77.0.1:6881".parse().unwrap());
+        socks5_reply(&mut server, 0).await.unwrap();
+        assert_eq!(c.await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,907 @@
+//! The BitTorrent engine: one librqbit session, torrents brought up on
+//! demand and retired when idle.
+//!
+//! Invariants:
+//! * A torrent is live only while it is used: a read, a fetch, a bridged
+//!   peer connection, or use within the last `IDLE_LIVE`. Each live torrent
+//!   costs librqbit a 100 ms stats loop and an open file; a node may hold
+//!   100,000 files.
+//! * Content lives in the object store only once complete and checked
+//!   against its content id (blake3); partial content lives in
+//!   `bt/partial/<content>`. Objects never change: a torrent seeds an object
+//!   in place.
+//! * What a partial torrent has survives its retirement and restarts: its
+//!   bitfield is kept in `bt/resume/` and handed back to librqbit's
+//!   fastresume when it is added again (librqbit deletes its own copy with
+//!   the torrent).
+//! * No read waits longer than `read_timeout`: it fails with a log line
+//!   naming the file.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    io::{self, SeekFrom},
+    net::{Ipv4Addr, SocketAddr},
+    num::NonZeroU32,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use btfs_core::{ContentId, InfoHash, NodeId};
+use librqbit::{
+    AddTorrent, AddTorrentOptions, ConnectionOptions, ListenerMode, ListenerOptions,
+    ManagedTorrent, Session, SessionOptions, SessionPersistenceConfig, api::TorrentIdOrHash,
+    limits::LimitsConfig,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncSeekExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    TorrentError,
+    bridge::{self, BoxIo, Cidr, PeerTable},
+    meta::Metainfo,
+};
+
+/// A torrent unused for this long is retired.
+const IDLE_LIVE: Duration = Duration::from_secs(30);
+/// How often idle torrents are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(5);
+/// Bytes a sequential reader is read ahead of (on top of librqbit's own
+/// 32 MiB window while a stream is open).
+const READAHEAD: u64 = 32 << 20;
+/// Sequential bytes read before read-ahead starts.
+const SEQUENTIAL_AFTER: u64 = 1 << 20;
+/// A read-ahead with no reader progress for this long stops.
+const READAHEAD_IDLE: Duration = Duration::from_secs(2);
+/// Prefetches waiting for a worker; more are dropped with a log line (the
+/// file is still fetched when it is first read).
+const PREFETCH_QUEUE: usize = 4096;
+/// Time for a peer to send its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// librqbit's blocking-work semaphore: every open stream and every add holds
+/// a permit (its default, 8, stalls a busy node).
+const WORKER_PERMITS: usize = 256;
+
+/// Where the object store keeps content (the fs crate decides the layout).
+pub type ObjectPath = Arc<dyn Fn(&ContentId) -> PathBuf + Send + Sync>;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What the engine needs from the mesh.
+pub trait Network: Send + Sync + 'static {
+    /// The members connected now.
+    fn members(&self) -> Vec<String>;
+    /// The member name of a node (the author of a record).
+    fn member_of(&self, node: &NodeId) -> Option<String>;
+    /// Opens a byte stream to a member's BitTorrent bridge.
+    fn dial(&self, member: String) -> BoxFuture<io::Result<BoxIo>>;
+    /// Asks members, `first` first, for the `.torrent` of `torrent`.
+    fn metainfo(&self, torrent: InfoHash, first: Option<String>) -> BoxFuture<Option<Vec<u8>>>;
+}
+
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// The engine's state directory (`STATE/bt`).
+    pub dir: PathBuf,
+    pub object_path: ObjectPath,
+    /// The listener for standard BitTorrent clients from `allow` networks
+    /// (`bt_listen=`); members always come over the mesh.
+    pub listen: SocketAddr,
+    pub allow: Vec<Cidr>,
+    pub read_timeout: Duration,
+    pub up_rate: Option<NonZeroU32>,
+    pub down_rate: Option<NonZeroU32>,
+    pub hash_threads: usize,
+    pub prefetch_parallel: usize,
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("dir", &self.dir)
+            .field("listen", &self.listen)
+            .field("allow", &self.allow)
+            .field("read_timeout", &self.read_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One wanted file: what `read`, `fetch` and `prefetch` work on.
+#[derive(Debug, Clone)]
+pub struct Want {
+    pub label: String,
+    pub content: ContentId,
+    pub torrent: InfoHash,
+    pub size: u64,
+    pub author: NodeId,
+}
+
+/// A live torrent.
+type ManagedTorrentHandle = Arc<ManagedTorrent>;
+
+struct Live {
+    handle: ManagedTorrentHandle,
+    meta: Arc<Metainfo>,
+    /// The file librqbit reads and writes.
+    data: Mutex<PathBuf>,
+    complete: AtomicBool,
+    /// Pieces known to be verified here (a subset of librqbit's bitfield).
+    have: Mutex<Vec<bool>>,
+    last_used: Mutex<Instant>,
+    users: AtomicUsize,
+    label: Mutex<String>,
+    fetching: AtomicBool,
+    /// Where the last read ended, and how many bytes were read in sequence.
+    sequential: Mutex<(u64, u64)>,
+    readahead: Mutex<Option<watch::Sender<u64>>>,
+}
+
+impl Live {
+    fn touch(&self) {
+        *lock(&self.last_used) = Instant::now();
+    }
+
+    fn pieces_of(&self, offset: u64, end: u64) -> std::ops::Range<usize> {
+        let pl = u64::from(self.meta.piece_length);
+        (offset / pl) as usize..end.div_ceil(pl) as usize
+    }
+
+    fn has(&self, r: std::ops::Range<usize>) -> bool {
+        self.complete.load(Ordering::Acquire) || lock(&self.have).get(r).is_some_and(|h| h.iter().all(|b| *b))
+    }
+
+    fn mark(&self, r: std::ops::Range<usize>) {
+        let mut have = lock(&self.have);
+        for p in r {
+            if let Some(h) = have.get_mut(p) {
+                *h = true;
+            }
+        }
+    }
+}
+
+/// Counts a user of a live torrent for as long as it is held.
+struct InUse(Arc<Live>);
+
+impl InUse {
+    fn new(l: Arc<Live>) -> Self {
+        l.users.fetch_add(1, Ordering::AcqRel);
+        l.touch();
+        Self(l)
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.users.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What `btfs status` shows.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    pub bittorrent_listen: Option<String>,
+    pub bytes_downloaded: u64,
+    pub bytes_uploaded: u64,
+    pub live_torrents: usize,
+    pub fetches: Vec<FetchStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FetchStatus {
+    pub path: String,
+    pub size: u64,
+    pub have: u64,
+    pub full: bool,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    session: Arc<Session>,
+    net: Arc<dyn Network>,
+    /// librqbit's loopback listener, where bridged connections go.
+    local: SocketAddr,
+    public: Option<SocketAddr>,
+    peers: Mutex<PeerTable>,
+    live: Mutex<HashMap<InfoHash, Arc<Live>>>,
+    adding: tokio::sync::Mutex<()>,
+    prefetch_tx: mpsc::Sender<Want>,
+    retired_down: AtomicU64,
+    retired_up: AtomicU64,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("local", &self.local).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    /// Starts the session, the SOCKS5 bridge, the public listener and the
+    /// background tasks. Must run inside a multi-thread tokio runtime.
+    pub async fn start(cfg: EngineConfig, net: Arc<dyn Network>) -> Result<Arc<Self>, TorrentError> {
+        for sub in ["torrents", "partial", "resume", "session"] {
+            fs::create_dir_all(cfg.dir.join(sub))?;
+        }
+        // Torrents are brought up on demand: nothing is restored.
+        let session_dir = cfg.dir.join("session");
+        for e in fs::read_dir(&session_dir)? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                fs::remove_file(e.path())?;
+            }
+        }
+        let socks = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let socks_addr = socks.local_addr()?;
+        let session = Session::new_with_opts(
+            cfg.dir.join("partial"),
+            SessionOptions {
+                dht: None,
+                disable_trackers: true,
+                disable_local_service_discovery: true,
+                listen: Some(ListenerOptions {
+                    mode: ListenerMode::TcpOnly,
+                    listen_addr: (Ipv4Addr::LOCALHOST, 0).into(),
+                    enable_upnp_port_forwarding: false,
+                    ipv4_only: true,
+                    ..Default::default()
+                }),
+                connect: Some(ConnectionOptions {
+                    proxy_url: Some(format!("socks5://{socks_addr}")),
+                    enable_tcp: true,
+                    peer_opts: None,
+                }),
+                persistence: Some(SessionPersistenceConfig::Json {
+                    folder: Some(session_dir),
+                }),
+                fastresume: true,
+                runtime_worker_threads: Some(WORKER_PERMITS),
+                ratelimits: LimitsConfig {
+                    upload_bps: cfg.up_rate,
+                    download_bps: cfg.down_rate,
+                },
+                ipv4_only: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(TorrentError::session)?;
+        let local = session
+            .listen_addr()
+            .ok_or_else(|| TorrentError::Session("librqbit has no listener".into()))?;
+        let public = TcpListener::bind(cfg.listen).await.map_err(|e| {
+            io::Error::new(e.kind(), format!("BitTorrent listener on {}: {e}", cfg.listen))
+        })?;
+        let public_addr = public.local_addr()?;
+        let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
+        let engine = Arc::new(Self {
+            session,
+            net,
+            local,
+            public: Some(public_addr),
+            peers: Mutex::new(PeerTable::default()),
+            live: Mutex::new(HashMap::new()),
+            adding: tokio::sync::Mutex::new(()),
+            prefetch_tx,
+            retired_down: AtomicU64::new(0),
+            retired_up: AtomicU64::new(0),
+            cancel: CancellationToken::new(),
+            cfg,
+        });
+        tokio::spawn(engine.clone().serve_socks(socks));
+        tokio::spawn(engine.clone().serve_public(public));
+        tokio::spawn(engine.clone().reap());
+        let prefetch_rx = Arc::new(tokio::sync::Mutex::new(prefetch_rx));
+        for _ in 0..engine.cfg.prefetch_parallel.max(1) {
+            tokio::spawn(engine.clone().prefetcher(prefetch_rx.clone()));
+        }
+        info!(bittorrent = %public_addr, loopback = %local, "BitTorrent engine started");
+        Ok(engine)
+    }
+
+    /// Stops the background tasks and the session.
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let ids: Vec<_> = lock(&self.live).drain().map(|(_, l)| l).collect();
+        for l in ids {
+            self.retire(&l).await;
+        }
+        self.session.cancellation_token().cancel();
+    }
+
+    // ----- publish ------------------------------------------------------------
+
+    /// Builds and keeps the torrent of new content (blocking: it hashes the
+    /// file). Nothing goes live: a member that wants the content brings it up.
+    pub fn publish(&self, content: &ContentId, file: &Path, size: u64) -> Result<InfoHash, TorrentError> {
+        let meta = Metainfo::build(content, file, size, self.cfg.hash_threads)?;
+        let path = self.torrent_path(&meta.info_hash);
+        if !path.exists() {
+            write_atomic(&path, &meta.bytes)?;
+        }
+        Ok(meta.info_hash)
+    }
+
+    fn torrent_path(&self, ih: &InfoHash) -> PathBuf {
+        self.cfg.dir.join("torrents").join(format!("{ih}.torrent"))
+    }
+
+    /// The `.torrent` of `ih` if this node has it (to answer members).
+    pub fn local_metainfo(&self, ih: &InfoHash) -> Option<Vec<u8>> {
+        fs::read(self.torrent_path(ih)).ok()
+    }
+
+    /// The `.torrent` of a file: kept here, or asked from members.
+    pub async fn metainfo(&self, want: &Want) -> Result<Arc<Metainfo>, TorrentError> {
+        let path = self.torrent_path(&want.torrent);
+        let meta = match fs::read(&path) {
+            Ok(bytes) => Metainfo::parse(bytes, &want.torrent)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let bytes = self
+                    .net
+                    .metainfo(want.torrent, self.net.member_of(&want.author))
+                    .await
+                    .ok_or(TorrentError::NoMetainfo(want.torrent))?;
+                let meta = Metainfo::parse(bytes, &want.torrent)?;
+                write_atomic(&path, &meta.bytes)?;
+                meta
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if meta.content != want.content || meta.size != want.size {
+            return Err(TorrentError::BadMetainfo(format!(
+                "torrent {} carries {} ({} bytes), not {} ({} bytes)",
+                want.torrent, meta.content, meta.size, want.content, want.size
+            )));
+        }
+        Ok(Arc::new(meta))
+    }
+
+    // ----- live torrents ----------------------------------------------------------
+
+    fn live_of(&self, ih: &InfoHash) -> Option<Arc<Live>> {
+        lock(&self.live).get(ih).cloned()
+    }
+
+    /// The live torrent of `meta`, added if needed: seeding the object when
+    /// it is here, else lazily fetching into `bt/partial/`.
+    async fn bring_up(&self, meta: Arc<Metainfo>, label: &str, first: Option<String>) -> Result<Arc<Live>, TorrentError> {
+        if let Some(l) = self.live_of(&meta.info_hash) {
+            l.touch();
+            return Ok(l);
+        }
+        let _adding = self.adding.lock().await;
+        if let Some(l) = self.live_of(&meta.info_hash) {
+            return Ok(l);
+        }
+        let ih = meta.info_hash;
+        let object = (self.cfg.object_path)(&meta.content);
+        let complete = object.exists();
+        let folder = if complete {
+            object.parent().map(Path::to_path_buf).unwrap_or_default()
+        } else {
+            self.cfg.dir.join("partial")
+        };
+        let data = folder.join(meta.content.to_hex());
+        // Fastresume: librqbit loads `<infohash>.bitv` and spot-checks it.
+        let bitv = self.cfg.dir.join("session").join(format!("{ih}.bitv"));
+        let resume = self.cfg.dir.join("resume").join(format!("{ih}.bitv"));
+        let bytes = meta.pieces().div_ceil(8) as usize;
+        let mut have = vec![false; meta.pieces() as usize];
+        if complete {
+            let mut bits = vec![0xffu8; bytes];
+            let extra = (bytes as u64 * 8 - meta.pieces()) as u32;
+            if let Some(last) = bits.last_mut() {
+                *last = 0xffu8.checked_shl(extra).unwrap_or(0);
+            }
+            fs::write(&bitv, bits)?;
+        } else {
+            match fs::read(&resume) {
+                Ok(bits) if bits.len() == bytes && data.exists() => {
+                    for (p, h) in have.iter_mut().enumerate() {
+                        *h = bits[p / 8] & (0x80 >> (p % 8)) != 0;
+                    }
+                    fs::write(&bitv, bits)?
+                }
+                _ => {
+                    let _ = fs::remove_file(&bitv);
+                }
+            }
+        }
+        let mut peers = Vec::new();
+        {
+            let mut table = lock(&self.peers);
+            let members = self.net.members();
+            for m in first.iter().chain(members.iter().filter(|m| Some(*m) != first.as_ref())) {
+                peers.extend(table.addr_of(m));
+            }
+        }
+        debug!(torrent = %ih, %label, complete, peers = peers.len(), "bringing up");
+        let added = self
+            .session
+            .add_torrent(
+                AddTorrent::from_bytes(meta.bytes.clone()),
+                Some(AddTorrentOptions {
+                    paused: false,
+                    // Lazy: nothing selected, reads fetch what they touch.
+                    only_files: if complete { None } else { Some(vec![]) },
+                    overwrite: true,
+                    output_folder: Some(folder.to_string_lossy().into_owned()),
+                    initial_peers: Some(peers),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(TorrentError::session)?;
+        let handle = added
+            .into_handle()
+            .ok_or_else(|| TorrentError::Session("torrent added as list-only".into()))?;
+        handle.wait_until_initialized().await.map_err(TorrentError::session)?;
+        let live = Arc::new(Live {
+            handle,
+            meta,
+            data: Mutex::new(data),
+            complete: AtomicBool::new(complete),
+            have: Mutex::new(have),
+            last_used: Mutex::new(Instant::now()),
+            users: AtomicUsize::new(0),
+            label: Mutex::new(label.to_owned()),
+            fetching: AtomicBool::new(false),
+            sequential: Mutex::new((u64::MAX, 0)),
+            readahead: Mutex::new(None),
+        });
+        lock(&self.live).insert(ih, live.clone());
+        Ok(live)
+    }
+
+    /// Takes a torrent out of the session, keeping what it fetched.
+    async fn retire(&self, l: &Live) {
+        let ih = l.meta.info_hash;
+        if let Some(s) = l.handle.live() {
+            self.retired_down.fetch_add(s.get_downloaded_bytes(), Ordering::Relaxed);
+            self.retired_up.fetch_add(s.get_uploaded_bytes(), Ordering::Relaxed);
+        }
+        if !l.complete.load(Ordering::Acquire) {
+            // librqbit's bitfield (flushed lazily) joined with the pieces
+            // reads saw verified: both only claim verified pieces.
+            let bitv = self.cfg.dir.join("session").join(format!("{ih}.bitv"));
+            let mut bits = fs::read(&bitv).unwrap_or_default();
+            let have = lock(&l.have);
+            bits.resize(have.len().div_ceil(8), 0);
+            for (p, h) in have.iter().enumerate() {
+                if *h {
+                    bits[p / 8] |= 0x80 >> (p % 8);
+                }
+            }
+            drop(have);
+            let resume = self.cfg.dir.join("resume").join(format!("{ih}.bitv"));
+            if let Err(e) = write_atomic(&resume, &bits) {
+                warn!(torrent = %ih, "could not keep the pieces fetched so far: {e}");
+            }
+        }
+        if let Err(e) = self.session.delete(TorrentIdOrHash::Id(l.handle.id()), false).await {
+            warn!(torrent = %ih, "retiring: {e:#}");
+        }
+    }
+
+    async fn reap(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REAP_EVERY);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let idle: Vec<Arc<Live>> = {
+                let mut live = lock(&self.live);
+                let idle: Vec<InfoHash> = live
+                    .iter()
+                    .filter(|(_, l)| {
+                        l.users.load(Ordering::Acquire) == 0
+                            && !l.fetching.load(Ordering::Acquire)
+                            && lock(&l.last_used).elapsed() > IDLE_LIVE
+                    })
+                    .map(|(ih, _)| *ih)
+                    .collect();
+                idle.iter().filter_map(|ih| live.remove(ih)).collect()
+            };
+            for l in idle {
+                debug!(torrent = %l.meta.info_hash, "retiring an idle torrent");
+                self.retire(&l).await;
+            }
+        }
+    }
+
+    // ----- reads --------------------------------------------------------------------
+
+    /// Reads `len` bytes at `offset` of content held elsewhere, fetching only
+    /// the pieces needed, within the read deadline.
+    pub async fn read(&self, want: Want, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let deadline = self.cfg.read_timeout;
+        match tokio::time::timeout(deadline, self.read_inner(&want, offset, len)).await {
+            Ok(Ok(data)) => Ok(data),
+            Ok(Err(e)) => {
+                warn!(path = %want.label, offset, "read failed: {e}");
+                Err(e.into())
+            }
+            Err(_) => {
+                warn!(path = %want.label, offset, "read timed out after {deadline:?}: no reachable member sent the bytes");
+                Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out"))
+            }
+        }
+    }
+
+    async fn read_inner(&self, want: &Want, offset: u64, len: u32) -> Result<Vec<u8>, TorrentError> {
+        let end = want.size.min(offset.saturating_add(u64::from(len)));
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let object = (self.cfg.object_path)(&want.content);
+        if object.exists() {
+            return pread(object, offset, end).await;
+        }
+        let meta = self.metainfo(want).await?;
+        let live = self
+            .bring_up(meta, &want.label, self.net.member_of(&want.author))
+            .await?;
+        let _use = InUse::new(live.clone());
+        let pieces = live.pieces_of(offset, end);
+        let data = if live.has(pieces.clone()) {
+            let path = lock(&live.data).clone();
+            pread(path, offset, end).await?
+        } else {
+            let mut s = live.handle.clone().stream(0).await.map_err(TorrentError::session)?;
+            s.seek(SeekFrom::Start(offset)).await?;
+            let mut buf = vec![0u8; (end - offset) as usize];
+            s.read_exact(&mut buf).await?;
+            // Dropped at once: an open stream keeps librqbit's 32 MiB
+            // read-ahead going, and idle peers connected make the next read
+            // wait for its 5 s request loop.
+            drop(s);
+            live.mark(pieces);
+            buf
+        };
+        self.follow(&live, offset, end);
+        Ok(data)
+    }
+
+    /// Read-ahead for sequential readers: after `SEQUENTIAL_AFTER` bytes
+    /// read in order, a task keeps up to `READAHEAD` bytes ahead of them.
+    fn follow(&self, live: &Arc<Live>, offset: u64, end: u64) {
+        let run = {
+            let mut seq = lock(&live.sequential);
+            seq.1 = if seq.0 == offset { seq.1 + (end - offset) } else { 0 };
+            seq.0 = end;
+            seq.1
+        };
+        if run < SEQUENTIAL_AFTER || live.complete.load(Ordering::Acquire) {
+            return;
+        }
+        let mut ra = lock(&live.readahead);
+        if let Some(tx) = ra.as_ref()
+            && tx.send(end).is_ok()
+        {
+            return;
+        }
+        let (tx, rx) = watch::channel(end);
+        *ra = Some(tx);
+        tokio::spawn(read_ahead(live.clone(), rx));
+    }
+
+    // ----- whole files ----------------------------------------------------------
+
+    /// Fetches the whole content into the object store.
+    pub async fn fetch(&self, want: Want) -> Result<(), TorrentError> {
+        let object = (self.cfg.object_path)(&want.content);
+        if object.exists() {
+            return Ok(());
+        }
+        let meta = self.metainfo(&want).await?;
+        let live = self
+            .bring_up(meta, &want.label, self.net.member_of(&want.author))
+            .await?;
+        if live.complete.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _use = InUse::new(live.clone());
+        live.fetching.store(true, Ordering::Release);
+        let result = self.fetch_live(&live).await;
+        live.fetching.store(false, Ordering::Release);
+        result
+    }
+
+    async fn fetch_live(&self, live: &Arc<Live>) -> Result<(), TorrentError> {
+        self.session
+            .update_only_files(&live.handle, &HashSet::from([0usize]))
+            .await
+            .map_err(TorrentError::session)?;
+        // No deadline on the whole file, only on progress.
+        let stall = self.cfg.read_timeout;
+        let mut last = (Instant::now(), 0u64);
+        loop {
+            tokio::select! {
+                done = live.handle.wait_until_completed() => {
+                    done.map_err(TorrentError::session)?;
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let have = live.handle.live().map_or(0, |l| l.get_approx_have_bytes());
+                    if have != last.1 {
+                        last = (Instant::now(), have);
+                    } else if last.0.elapsed() > stall {
+                        return Err(TorrentError::Stalled(stall));
+                    }
+                }
+            }
+        }
+        self.install(live).await
+    }
+
+    /// Moves complete, verified content into the object store.
+    async fn install(&self, live: &Arc<Live>) -> Result<(), TorrentError> {
+        if live.complete.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let from = lock(&live.data).clone();
+        let content = live.meta.content;
+        let to = (self.cfg.object_path)(&content);
+        let installed = to.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), TorrentError> {
+            let mut h = blake3::Hasher::new();
+            h.update_mmap_rayon(&from)?;
+            let got = ContentId::from(h.finalize());
+            if got != content {
+                return Err(TorrentError::Mismatch(content.to_hex()));
+            }
+            if let Some(dir) = to.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            // librqbit keeps its descriptor: it seeds the object from now on.
+            fs::rename(&from, &to)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| TorrentError::Io(io::Error::other(e)))??;
+        *lock(&live.data) = installed;
+        live.complete.store(true, Ordering::Release);
+        let _ = fs::remove_file(self.cfg.dir.join("resume").join(format!("{}.bitv", live.meta.info_hash)));
+        info!(path = %lock(&live.label), content = %content.short(), "fetched in full: seeding it");
+        Ok(())
+    }
+
+    /// Queues a whole-file fetch (prefetch policy); never blocks.
+    pub fn prefetch(&self, want: Want) {
+        if (self.cfg.object_path)(&want.content).exists() {
+            return;
+        }
+        if let Err(e) = self.prefetch_tx.try_send(want) {
+            let label = match &e {
+                mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w) => w.label.clone(),
+            };
+            warn!(path = %label, "prefetch queue full: fetched when first read instead");
+        }
+    }
+
+    async fn prefetcher(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Want>>>) {
+        loop {
+            let next = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                w = async { rx.lock().await.recv().await } => w,
+            };
+            let Some(want) = next else { return };
+            let label = want.label.clone();
+            match self.fetch(want).await {
+                Ok(()) => debug!(path = %label, "prefetched"),
+                Err(e) => warn!(path = %label, "prefetch failed: {e}"),
+            }
+        }
+    }
+
+    // ----- peer connections ----------------------------------------------------------
+
+    /// Serves a peer connection that arrived over the mesh (or from an
+    /// allowed network): brings its torrent up if this node holds it, then
+    /// hands the connection to librqbit.
+    pub async fn accept(self: Arc<Self>, mut io: BoxIo, from: String) {
+        let (hs, ih) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, bridge::read_handshake(&mut io)).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return debug!(%from, "peer connection refused: {e}"),
+            Err(_) => return debug!(%from, "peer connection refused: no handshake"),
+        };
+        let ih = InfoHash(ih);
+        let live = match self.live_of(&ih) {
+            Some(l) => l,
+            None => {
+                let Some(bytes) = self.local_metainfo(&ih) else {
+                    return debug!(%from, torrent = %ih, "peer wants a torrent unknown here");
+                };
+                let meta = match Metainfo::parse(bytes, &ih) {
+                    Ok(m) => Arc::new(m),
+                    Err(e) => return warn!(torrent = %ih, "kept metainfo unusable: {e}"),
+                };
+                let object = (self.cfg.object_path)(&meta.content);
+                let partial = self.cfg.dir.join("partial").join(meta.content.to_hex());
+                if !object.exists() && !partial.exists() {
+                    return debug!(%from, torrent = %ih, "peer wants content not held here");
+                }
+                match self.bring_up(meta, &format!("torrent {ih}"), None).await {
+                    Ok(l) => l,
+                    Err(e) => return warn!(torrent = %ih, "could not serve a peer: {e}"),
+                }
+            }
+        };
+        let _use = InUse::new(live);
+        let mut local = match TcpStream::connect(self.local).await {
+            Ok(s) => s,
+            Err(e) => return warn!("librqbit listener unreachable: {e}"),
+        };
+        use tokio::io::AsyncWriteExt;
+        if local.write_all(&hs).await.is_err() {
+            return;
+        }
+        match tokio::io::copy_bidirectional(&mut io, &mut local).await {
+            Ok((up, down)) => debug!(%from, torrent = %ih, up, down, "peer connection closed"),
+            Err(e) => debug!(%from, torrent = %ih, "peer connection ended: {e}"),
+        }
+    }
+
+    /// librqbit's outgoing connections: SOCKS5 to a synthetic member address.
+    async fn serve_socks(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (mut conn, _) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                c = listener.accept() => match c {
+                    Ok(c) => c,
+                    Err(e) => { warn!("SOCKS5 bridge: {e}"); continue; }
+                },
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let target = match bridge::socks5_request(&mut conn).await {
+                    Ok(t) => t,
+                    Err(e) => return debug!("SOCKS5: {e}"),
+                };
+                let member = lock(&this.peers).member_at(&target).map(str::to_owned);
+                let Some(member) = member else {
+                    let _ = bridge::socks5_reply(&mut conn, 5).await;
+                    return debug!(%target, "librqbit dialled an address that is not a member");
+                };
+                let mut remote = match this.net.dial(member.clone()).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = bridge::socks5_reply(&mut conn, 5).await;
+                        return debug!(%member, "no stream to member: {e}");
+                    }
+                };
+                if bridge::socks5_reply(&mut conn, 0).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut remote).await;
+            });
+        }
+    }
+
+    /// Standard BitTorrent clients from `bt_allow=` networks.
+    async fn serve_public(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (conn, peer) = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                c = listener.accept() => match c {
+                    Ok(c) => c,
+                    Err(e) => { warn!("BitTorrent listener: {e}"); continue; }
+                },
+            };
+            if !self.cfg.allow.iter().any(|c| c.contains(peer.ip())) {
+                debug!(%peer, "BitTorrent connection from outside bt_allow refused");
+                continue;
+            }
+            tokio::spawn(self.clone().accept(Box::new(conn), peer.to_string()));
+        }
+    }
+
+    // ----- status ----------------------------------------------------------------
+
+    pub fn status(&self) -> Status {
+        let live: Vec<Arc<Live>> = lock(&self.live).values().cloned().collect();
+        let mut s = Status {
+            bittorrent_listen: self.public.map(|a| a.to_string()),
+            bytes_downloaded: self.retired_down.load(Ordering::Relaxed),
+            bytes_uploaded: self.retired_up.load(Ordering::Relaxed),
+            live_torrents: live.len(),
+            fetches: Vec::new(),
+        };
+        for l in live {
+            let stats = l.handle.live();
+            if let Some(st) = &stats {
+                s.bytes_downloaded += st.get_downloaded_bytes();
+                s.bytes_uploaded += st.get_uploaded_bytes();
+            }
+            let fetching = l.fetching.load(Ordering::Acquire);
+            if !l.complete.load(Ordering::Acquire) && (fetching || l.users.load(Ordering::Acquire) > 0) {
+                s.fetches.push(FetchStatus {
+                    path: lock(&l.label).clone(),
+                    size: l.meta.size,
+                    have: stats.map_or(0, |st| st.get_approx_have_bytes()),
+                    full: fetching,
+                });
+            }
+        }
+        s
+    }
+}
+
+/// Keeps a stream reading ahead of a sequential reader until it stops.
+async fn read_ahead(live: Arc<Live>, mut reader: watch::Receiver<u64>) {
+    let _use = InUse::new(live.clone());
+    let size = live.meta.size;
+    let pl = u64::from(live.meta.piece_length);
+    let mut pos = *reader.borrow() / pl * pl;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut stream = match live.handle.clone().stream(0).await {
+        Ok(s) => s,
+        Err(e) => return debug!("read-ahead: {e:#}"),
+    };
+    loop {
+        let target = size.min(reader.borrow().saturating_add(READAHEAD));
+        if pos >= target {
+            match tokio::time::timeout(READAHEAD_IDLE, reader.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => break,
+            }
+        }
+        let first = (pos / pl) as usize;
+        if live.has(first..first + 1) {
+            pos = (pos / pl + 1) * pl;
+            continue;
+        }
+        if stream.seek(SeekFrom::Start(pos)).await.is_err() {
+            break;
+        }
+        let want = ((pos / pl + 1) * pl).min(size) - pos;
+        let n = (want as usize).min(buf.len());
+        match stream.read(&mut buf[..n]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                pos += n as u64;
+                if pos % pl == 0 || pos == size {
+                    live.mark(first..first + 1);
+                }
+            }
+        }
+    }
+    *lock(&live.readahead) = None;
+}
+
+async fn pread(path: PathBuf, offset: u64, end: u64) -> Result<Vec<u8>, TorrentError> {
+    tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+        let f = fs::File::open(&path)?;
+        let mut buf = vec![0u8; (end - offset) as usize];
+        f.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    })
+    .await
+    .map_err(io::Error::other)?
+    .map_err(TorrentError::Io)
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, data)?;
+    fs::rename(&tmp, path)
+}
