@@ -42,7 +42,7 @@ use librqbit::{
 use tokio::{
     io::{AsyncReadExt, AsyncSeekExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::mpsc,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -57,13 +57,21 @@ use crate::{
 const IDLE_LIVE: Duration = Duration::from_secs(30);
 /// How often idle torrents are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
-/// Bytes a sequential reader is read ahead of (on top of librqbit's own
-/// 32 MiB window while a stream is open).
-const READAHEAD: u64 = 32 << 20;
-/// Sequential bytes read before read-ahead starts.
+/// Bytes read in order after which a reader counts as sequential: the rest
+/// of the file is then fetched in the background (at full speed, as a
+/// whole-file fetch) for as long as the reader keeps reading.
 const SEQUENTIAL_AFTER: u64 = 1 << 20;
-/// A read-ahead with no reader progress for this long stops.
-const READAHEAD_IDLE: Duration = Duration::from_secs(2);
+/// A sequential reader idle this long stops its background fetch. (Keeping
+/// a librqbit stream open for read-ahead instead stalls: once its 32 MiB
+/// window is fetched, idle peers stay connected and librqbit's request loop
+/// sleeps up to 5 s before serving the next read.)
+const FOLLOW_IDLE: Duration = Duration::from_secs(3);
+/// A stream read with no answer for this long brings the torrent up again,
+/// with the members connected now. librqbit's request loop sleeps up to 5 s
+/// when a read arrives while an idle peer is still connected, and it can
+/// give up on a peer for the life of a torrent; adding the torrent again
+/// (fastresume keeps its pieces) costs about 100 ms.
+const STALL_RETRY: Duration = Duration::from_millis(1500);
 /// Prefetches waiting for a worker; more are dropped with a log line (the
 /// file is still fetched when it is first read).
 const PREFETCH_QUEUE: usize = 4096;
@@ -142,9 +150,11 @@ struct Live {
     users: AtomicUsize,
     label: Mutex<String>,
     fetching: AtomicBool,
-    /// Where the last read ended, and how many bytes were read in sequence.
-    sequential: Mutex<(u64, u64)>,
-    readahead: Mutex<Option<watch::Sender<u64>>>,
+    /// Where the last read ended, the bytes read in order up to it, and
+    /// when.
+    sequential: Mutex<(u64, u64, Instant)>,
+    /// A background fetch follows a sequential reader.
+    following: AtomicBool,
 }
 
 impl Live {
@@ -464,8 +474,8 @@ impl Engine {
             users: AtomicUsize::new(0),
             label: Mutex::new(label.to_owned()),
             fetching: AtomicBool::new(false),
-            sequential: Mutex::new((u64::MAX, 0)),
-            readahead: Mutex::new(None),
+            sequential: Mutex::new((u64::MAX, 0, Instant::now())),
+            following: AtomicBool::new(false),
         });
         lock(&self.live).insert(ih, live.clone());
         Ok(live)
@@ -508,6 +518,7 @@ impl Engine {
                 _ = self.cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let _adding = self.adding.lock().await;
             let idle: Vec<Arc<Live>> = {
                 let mut live = lock(&self.live);
                 let idle: Vec<InfoHash> = live
@@ -532,7 +543,7 @@ impl Engine {
 
     /// Reads `len` bytes at `offset` of content held elsewhere, fetching only
     /// the pieces needed, within the read deadline.
-    pub async fn read(&self, want: Want, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+    pub async fn read(self: Arc<Self>, want: Want, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let deadline = self.cfg.read_timeout;
         match tokio::time::timeout(deadline, self.read_inner(&want, offset, len)).await {
             Ok(Ok(data)) => Ok(data),
@@ -547,7 +558,7 @@ impl Engine {
         }
     }
 
-    async fn read_inner(&self, want: &Want, offset: u64, len: u32) -> Result<Vec<u8>, TorrentError> {
+    async fn read_inner(self: &Arc<Self>, want: &Want, offset: u64, len: u32) -> Result<Vec<u8>, TorrentError> {
         let end = want.size.min(offset.saturating_add(u64::from(len)));
         if offset >= end {
             return Ok(Vec::new());
@@ -557,51 +568,115 @@ impl Engine {
             return pread(object, offset, end).await;
         }
         let meta = self.metainfo(want).await?;
-        let live = self
-            .bring_up(meta, &want.label, self.net.member_of(&want.author))
-            .await?;
-        let _use = InUse::new(live.clone());
-        let pieces = live.pieces_of(offset, end);
-        let data = if live.has(pieces.clone()) {
-            let path = lock(&live.data).clone();
-            pread(path, offset, end).await?
-        } else {
-            let mut s = live.handle.clone().stream(0).await.map_err(TorrentError::session)?;
-            s.seek(SeekFrom::Start(offset)).await?;
-            let mut buf = vec![0u8; (end - offset) as usize];
-            s.read_exact(&mut buf).await?;
-            // Dropped at once: an open stream keeps librqbit's 32 MiB
-            // read-ahead going, and idle peers connected make the next read
-            // wait for its 5 s request loop.
-            drop(s);
-            live.mark(pieces);
-            buf
-        };
-        self.follow(&live, offset, end);
-        Ok(data)
+        loop {
+            let live = self
+                .bring_up(meta.clone(), &want.label, self.net.member_of(&want.author))
+                .await?;
+            let _use = InUse::new(live.clone());
+            self.note_read(&live, offset, end);
+            let pieces = live.pieces_of(offset, end);
+            if live.has(pieces.clone()) {
+                let path = lock(&live.data).clone();
+                return pread(path, offset, end).await;
+            }
+            let read = async {
+                let mut s = live.handle.clone().stream(0).await.map_err(TorrentError::session)?;
+                s.seek(SeekFrom::Start(offset)).await?;
+                let mut buf = vec![0u8; (end - offset) as usize];
+                s.read_exact(&mut buf).await?;
+                // Dropped at once: an open stream keeps librqbit fetching
+                // 32 MiB ahead, and keeps idle peers connected.
+                Ok::<_, TorrentError>(buf)
+            };
+            match tokio::time::timeout(STALL_RETRY, read).await {
+                Ok(Ok(buf)) => {
+                    live.mark(pieces);
+                    return Ok(buf);
+                }
+                // The torrent was brought up again by another reader.
+                Ok(Err(_)) if !self.is_current(&live) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    debug!(path = %want.label, offset, "read stalled: bringing the torrent up again");
+                    self.restart(&live).await;
+                }
+            }
+        }
     }
 
-    /// Read-ahead for sequential readers: after `SEQUENTIAL_AFTER` bytes
-    /// read in order, a task keeps up to `READAHEAD` bytes ahead of them.
-    fn follow(&self, live: &Arc<Live>, offset: u64, end: u64) {
+    fn is_current(&self, live: &Arc<Live>) -> bool {
+        lock(&self.live)
+            .get(&live.meta.info_hash)
+            .is_some_and(|l| Arc::ptr_eq(l, live))
+    }
+
+    /// Tracks sequential reading; past `SEQUENTIAL_AFTER` bytes in order,
+    /// starts a background fetch that follows the reader.
+    fn note_read(self: &Arc<Self>, live: &Arc<Live>, offset: u64, end: u64) {
         let run = {
             let mut seq = lock(&live.sequential);
             seq.1 = if seq.0 == offset { seq.1 + (end - offset) } else { 0 };
             seq.0 = end;
+            seq.2 = Instant::now();
             seq.1
         };
-        if run < SEQUENTIAL_AFTER || live.complete.load(Ordering::Acquire) {
-            return;
-        }
-        let mut ra = lock(&live.readahead);
-        if let Some(tx) = ra.as_ref()
-            && tx.send(end).is_ok()
+        if run >= SEQUENTIAL_AFTER
+            && !live.complete.load(Ordering::Acquire)
+            && !live.fetching.load(Ordering::Acquire)
+            && !live.following.swap(true, Ordering::AcqRel)
         {
-            return;
+            tokio::spawn(self.clone().follow(live.clone()));
         }
-        let (tx, rx) = watch::channel(end);
-        *ra = Some(tx);
-        tokio::spawn(read_ahead(live.clone(), rx));
+    }
+
+    /// Fetches the rest of the file while its sequential reader keeps
+    /// reading; stops `FOLLOW_IDLE` after its last read.
+    async fn follow(self: Arc<Self>, live: Arc<Live>) {
+        let _use = InUse::new(live.clone());
+        debug!(path = %lock(&live.label), "sequential reader: fetching ahead in the background");
+        let all = HashSet::from([0usize]);
+        if let Err(e) = self.session.update_only_files(&live.handle, &all).await {
+            live.following.store(false, Ordering::Release);
+            return debug!("background fetch: {e:#}");
+        }
+        let completed = loop {
+            tokio::select! {
+                done = live.handle.wait_until_completed() => break done.is_ok(),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if lock(&live.sequential).2.elapsed() > FOLLOW_IDLE {
+                        break false;
+                    }
+                }
+            }
+        };
+        if completed {
+            if let Err(e) = self.install(&live).await {
+                warn!(path = %lock(&live.label), "fetched content not installed: {e}");
+            }
+        } else if !live.fetching.load(Ordering::Acquire)
+            && let Err(e) = self.session.update_only_files(&live.handle, &HashSet::new()).await
+        {
+            debug!("stopping a background fetch: {e:#}");
+        }
+        live.following.store(false, Ordering::Release);
+    }
+
+    /// Retires `live` (if still the live torrent of its hash) so that the
+    /// next use adds it again.
+    async fn restart(&self, live: &Arc<Live>) {
+        // Held until librqbit has let go of it: adding the same torrent
+        // meanwhile would give back the handle being deleted.
+        let _adding = self.adding.lock().await;
+        let removed = {
+            let mut map = lock(&self.live);
+            match map.get(&live.meta.info_hash) {
+                Some(l) if Arc::ptr_eq(l, live) => map.remove(&live.meta.info_hash),
+                _ => None,
+            }
+        };
+        if let Some(l) = removed {
+            self.retire(&l).await;
+        }
     }
 
     // ----- whole files ----------------------------------------------------------
@@ -751,7 +826,7 @@ impl Engine {
             Ok(s) => s,
             Err(e) => return warn!("librqbit listener unreachable: {e}"),
         };
-        use tokio::io::AsyncWriteExt;
+        use tokio::io::AsyncWriteExt as _;
         if local.write_all(&hs).await.is_err() {
             return;
         }
@@ -844,48 +919,6 @@ impl Engine {
         }
         s
     }
-}
-
-/// Keeps a stream reading ahead of a sequential reader until it stops.
-async fn read_ahead(live: Arc<Live>, mut reader: watch::Receiver<u64>) {
-    let _use = InUse::new(live.clone());
-    let size = live.meta.size;
-    let pl = u64::from(live.meta.piece_length);
-    let mut pos = *reader.borrow() / pl * pl;
-    let mut buf = vec![0u8; 256 << 10];
-    let mut stream = match live.handle.clone().stream(0).await {
-        Ok(s) => s,
-        Err(e) => return debug!("read-ahead: {e:#}"),
-    };
-    loop {
-        let target = size.min(reader.borrow().saturating_add(READAHEAD));
-        if pos >= target {
-            match tokio::time::timeout(READAHEAD_IDLE, reader.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => break,
-            }
-        }
-        let first = (pos / pl) as usize;
-        if live.has(first..first + 1) {
-            pos = (pos / pl + 1) * pl;
-            continue;
-        }
-        if stream.seek(SeekFrom::Start(pos)).await.is_err() {
-            break;
-        }
-        let want = ((pos / pl + 1) * pl).min(size) - pos;
-        let n = (want as usize).min(buf.len());
-        match stream.read(&mut buf[..n]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                pos += n as u64;
-                if pos % pl == 0 || pos == size {
-                    live.mark(first..first + 1);
-                }
-            }
-        }
-    }
-    *lock(&live.readahead) = None;
 }
 
 async fn pread(path: PathBuf, offset: u64, end: u64) -> Result<Vec<u8>, TorrentError> {
