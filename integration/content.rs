@@ -69,3 +69,205 @@ fn a_read_on_another_node_fetches_only_the_pieces_it_touches() {
         eprintln!("{}", b.log());
     }
 }
+
+/// Where a node keeps the object of `data` once it holds it in full.
+fn object_of(node: &NsNode, data: &[u8]) -> PathBuf {
+    let hex = blake3::hash(data).to_hex().to_string();
+    node.dir.path().join("state/objects").join(&hex[..2]).join(hex)
+}
+
+#[test]
+fn a_read_with_no_holder_online_fails_with_eio_in_time_and_nothing_else_waits() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path(), "cluster.key");
+    let mut net = Net::new();
+    let nodes = net.start_nodes(2, &key, ",mdns=on,read_timeout=5s");
+    eventually(Duration::from_secs(30), "connected", || {
+        nodes.iter().all(|m| m.connected_peers() == 1)
+    });
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let data = common::pattern(7, 3 << 20);
+    write_file(&a.mnt.join("only-on-a.bin"), &data);
+    std::fs::write(b.mnt.join("local.txt"), b"here").unwrap();
+    wait_listed(&b.mnt.join("only-on-a.bin"), data.len() as u64);
+    set_link(&a.ns, false);
+
+    let path = b.mnt.join("only-on-a.bin");
+    let reader = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = std::fs::read(&path);
+        (r.map(|d| d.len()), started.elapsed())
+    });
+    // Meanwhile the mount answers everything else at once.
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..5 {
+        let t = Instant::now();
+        let names: Vec<_> = std::fs::read_dir(&b.mnt).unwrap().collect();
+        assert!(names.len() >= 2);
+        assert_eq!(std::fs::read(b.mnt.join("local.txt")).unwrap(), b"here");
+        assert!(t.elapsed() < Duration::from_secs(1), "ls took {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (result, took) = reader.join().unwrap();
+    let err = result.unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(20),
+        "EIO after {took:?}"
+    );
+    assert!(b.log().contains("only-on-a.bin"), "no log line names the file");
+    set_link(&a.ns, true);
+}
+
+#[test]
+fn prefetch_all_brings_a_new_file_to_every_node_without_a_read() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path(), "cluster.key");
+    let mut net = Net::new();
+    let nodes = net.start_nodes(3, &key, ",mdns=on,prefetch=all");
+    eventually(Duration::from_secs(30), "connected", || {
+        nodes.iter().all(|m| m.connected_peers() == 2)
+    });
+    let data = common::pattern(11, 24 << 20);
+    write_file(&nodes[0].mnt.join("image.bin"), &data);
+    for n in &nodes[1..] {
+        eventually(Duration::from_secs(60), "the whole file fetched", || {
+            std::fs::metadata(object_of(n, &data)).map(|m| m.len()).ok() == Some(data.len() as u64)
+        });
+    }
+    // Held in full: readable with the writer gone.
+    set_link(&nodes[0].ns, false);
+    for n in &nodes[1..] {
+        assert!(same_bytes(&n.mnt.join("image.bin"), &data));
+    }
+    set_link(&nodes[0].ns, true);
+}
+
+#[test]
+fn a_reader_completes_from_another_holder_when_the_writer_dies() {
+    let (_keys, _net, mut nodes) = connected_cluster(3);
+    let data = common::pattern(13, 64 << 20);
+    write_file(&nodes[0].mnt.join("artefact.tar"), &data);
+    wait_listed(&nodes[1].mnt.join("artefact.tar"), data.len() as u64);
+    assert!(same_bytes(&nodes[1].mnt.join("artefact.tar"), &data));
+    eventually(Duration::from_secs(30), "B holds the file in full", || {
+        object_of(&nodes[1], &data).exists()
+    });
+    // C starts reading, then A is killed.
+    wait_listed(&nodes[2].mnt.join("artefact.tar"), data.len() as u64);
+    let f = std::fs::File::open(nodes[2].mnt.join("artefact.tar")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, data[..1 << 20]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nodes[0].pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_exit(nodes[0].pid, Duration::from_secs(10));
+    assert!(same_bytes(&nodes[2].mnt.join("artefact.tar"), &data), "C's copy differs");
+    // The dead node's mount goes with it.
+    run_ok("umount", &["-l", nodes[0].mnt.to_str().unwrap()]);
+    nodes.remove(0);
+}
+
+#[test]
+fn a_corrupt_piece_from_one_holder_is_refetched_from_another() {
+    let (_keys, _net, nodes) = connected_cluster(3);
+    let data = common::pattern(17, 16 << 20);
+    write_file(&nodes[0].mnt.join("data.bin"), &data);
+    wait_listed(&nodes[1].mnt.join("data.bin"), data.len() as u64);
+    assert!(same_bytes(&nodes[1].mnt.join("data.bin"), &data));
+    let on_b = object_of(&nodes[1], &data);
+    eventually(Duration::from_secs(30), "B holds the file", || on_b.exists());
+    // Fault injection: every 256 KiB piece of B's copy gets a flipped byte.
+    let f = std::fs::OpenOptions::new().write(true).open(&on_b).unwrap();
+    for off in (0..data.len()).step_by(256 << 10) {
+        f.write_all_at(&[!data[off + 100]], (off + 100) as u64).unwrap();
+    }
+    drop(f);
+    let c = &nodes[2];
+    wait_listed(&c.mnt.join("data.bin"), data.len() as u64);
+    assert!(same_bytes(&c.mnt.join("data.bin"), &data), "C's copy is corrupt");
+    assert!(object_of(c, &data).exists(), "C did not keep a verified copy");
+}
+
+/// Runs libtorrent (Debian's python3-libtorrent) in namespace `ns`: it
+/// downloads `torrent` from `peer` into `dir` for at most `secs` seconds and
+/// prints the bytes it has.
+fn libtorrent_download(ns: &str, torrent: &Path, dir: &Path, peer: &str, secs: u32) -> u64 {
+    const SCRIPT: &str = r#"
+import sys, time
+import libtorrent as lt
+torrent, save, ip, port, secs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+ses = lt.session({'listen_interfaces': '0.0.0.0:0', 'enable_dht': False, 'enable_lsd': False,
+                  'enable_upnp': False, 'enable_natpmp': False,
+                  # btfs listens on TCP only.
+                  'enable_outgoing_utp': False, 'enable_incoming_utp': False})
+h = ses.add_torrent({'ti': lt.torrent_info(torrent), 'save_path': save})
+deadline = time.time() + secs
+last = 0
+while time.time() < deadline and not h.status().is_seeding:
+    if time.time() - last > 2:
+        h.connect_peer((ip, port))
+        last = time.time()
+    time.sleep(0.2)
+print(h.status().total_wanted_done)
+"#;
+    let (ip, port) = peer.rsplit_once(':').unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "/usr/bin/python3", "-c", SCRIPT])
+        .arg(torrent)
+        .arg(dir)
+        .args([ip, port, &secs.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "libtorrent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn standard_clients_download_only_from_allowed_networks_and_get_identical_bytes() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path(), "cluster.key");
+    let mut net = Net::new();
+    // Namespace 0 runs a node; 1 is allowed in, 2 is not.
+    let allowed = format!("10.231.{}.2", net.subnet % 250);
+    let nodes = net.start_nodes(1, &key, &format!(",bt_allow={allowed}/32"));
+    let (allowed_ns, _) = net.add();
+    let (stranger_ns, _) = net.add();
+    let a = &nodes[0];
+    let data = common::pattern(19, (5 << 20) + 12345);
+    write_file(&a.mnt.join("release.iso"), &data);
+    let work = tempfile::tempdir().unwrap();
+    let torrent = work.path().join("release.torrent");
+    // The version is committed when the writer's handle is released.
+    eventually(Duration::from_secs(10), "btfs torrent exports the file", || {
+        btfs(&[
+            "torrent",
+            a.mnt.join("release.iso").to_str().unwrap(),
+            "-o",
+            torrent.to_str().unwrap(),
+        ])
+        .status
+        .success()
+    });
+    let listen = a.status()["bittorrent_listen"].as_str().unwrap().to_owned();
+
+    // Knowing the torrent is not enough from outside bt_allow.
+    let stranger_dir = work.path().join("stranger");
+    std::fs::create_dir(&stranger_dir).unwrap();
+    let got = libtorrent_download(&stranger_ns, &torrent, &stranger_dir, &listen, 8);
+    assert_eq!(got, 0, "a client outside bt_allow downloaded {got} bytes");
+
+    let allowed_dir = work.path().join("allowed");
+    std::fs::create_dir(&allowed_dir).unwrap();
+    let got = libtorrent_download(&allowed_ns, &torrent, &allowed_dir, &listen, 60);
+    assert_eq!(got, data.len() as u64);
+    let hex = blake3::hash(&data).to_hex().to_string();
+    assert_eq!(std::fs::read(allowed_dir.join(hex)).unwrap(), data);
+}

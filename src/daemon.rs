@@ -259,6 +259,34 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     Ok(())
 }
 
+/// What `btfs torrent` exports for a path in the mount.
+fn export_want(
+    fs: &btfs_fs::FsHandle<btfs_store::SledBackend>,
+    path: &str,
+) -> std::result::Result<btfs_torrent::Want, String> {
+    let rel = RelPath::parse(path).map_err(|e| format!("{path}: {e}"))?;
+    let entry = fs
+        .store()
+        .get_live(&rel)
+        .map_err(|e| format!("{path}: {e}"))?
+        .ok_or_else(|| format!("{path}: no such file"))?;
+    let r = &entry.record;
+    match (r.kind, r.content, r.torrent) {
+        (btfs_core::FileKind::File, Some(content), Some(torrent)) => Ok(btfs_torrent::Want {
+            label: path.to_owned(),
+            content,
+            torrent,
+            size: r.size,
+            author: r.author,
+        }),
+        (btfs_core::FileKind::File, _, None) if r.size == 0 => {
+            Err(format!("{path}: an empty file has no torrent"))
+        }
+        (btfs_core::FileKind::File, _, None) => Err(format!("{path}: this version has no torrent")),
+        _ => Err(format!("{path}: not a regular file")),
+    }
+}
+
 type Started = (
     fuser::Session<BtfsFs<btfs_store::SledBackend>>,
     btfs_fs::FsHandle<btfs_store::SledBackend>,
@@ -398,7 +426,21 @@ fn start(plan: &MountPlan) -> Result<Started> {
         }
         v
     };
-    rt.spawn(control::serve(listener, Arc::new(status)));
+    let (torrent_fs, torrent_engine) = (handle.clone(), engine.clone());
+    let torrent: control::TorrentFn = Arc::new(move |path: String| {
+        let (fs, engine) = (torrent_fs.clone(), torrent_engine.clone());
+        Box::pin(async move {
+            let want = match export_want(&fs, &path) {
+                Ok(w) => w,
+                Err(e) => return serde_json::json!({ "error": e }),
+            };
+            match engine.metainfo(&want).await {
+                Ok(m) => serde_json::json!({ "torrent": hex::encode(&m.bytes) }),
+                Err(e) => serde_json::json!({ "error": format!("{path}: {e}") }),
+            }
+        })
+    });
+    rt.spawn(control::serve(listener, Arc::new(status), torrent));
     let gc_handle = handle.clone();
     let retention = plan.opts.tombstone_retention;
     rt.spawn(async move {

@@ -9,7 +9,7 @@ mod options;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 const EXAMPLES: &str = "\
@@ -71,6 +71,15 @@ enum Command {
         /// Stay in the foreground and log to stderr.
         #[arg(short, long, env = "BTFS_FOREGROUND")]
         foreground: bool,
+    },
+    /// Write the .torrent of a file in a mount, for standard BitTorrent
+    /// clients (allowed with the bt_allow= mount option).
+    Torrent {
+        /// A file in a btfs mount.
+        path: PathBuf,
+        /// Where to write the .torrent.
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// Show what the daemon serving MOUNTPOINT is doing.
     Status {
@@ -204,6 +213,13 @@ fn run(cli: Cli) -> Result<()> {
             let opts = options::MountOpts::parse(&options.join(","))?;
             let plan = daemon::prepare(&name, &mountpoint, opts)?;
             daemon::run(plan, foreground)
+        }
+        Command::Torrent { path, output } => {
+            let bytes = control::query_torrent(&path)?;
+            std::fs::write(&output, &bytes)
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!("wrote {} ({} bytes)", output.display(), bytes.len());
+            Ok(())
         }
         Command::Status { mountpoint, json } => {
             let v = control::query_status(&mountpoint)?;
