@@ -271,3 +271,116 @@ fn standard_clients_download_only_from_allowed_networks_and_get_identical_bytes(
     let hex = blake3::hash(&data).to_hex().to_string();
     assert_eq!(std::fs::read(allowed_dir.join(hex)).unwrap(), data);
 }
+
+/// Reads a whole file, returning how many bytes it had.
+fn drain(path: &Path) -> u64 {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        match f.read(&mut buf).unwrap() {
+            0 => return n,
+            k => n += k as u64,
+        }
+    }
+}
+
+/// Prints `BENCH` lines for docs/BENCHMARKS.md: first byte of a remote
+/// 1 GiB file, full-file throughput against a plain TCP copy over the same
+/// link, and the cost of publishing 1 GiB against mktorrent.
+#[test]
+fn bench_content_first_byte_throughput_and_publish() {
+    const GIB: usize = 1 << 30;
+    let (_keys, _net, nodes) = connected_cluster(2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let data = common::pattern(23, GIB);
+
+    // Publish: the torrent of 1 GiB (what a commit adds to hashing it).
+    let work = tempfile::tempdir_in(a.dir.path()).unwrap();
+    let file = work.path().join("publish.bin");
+    std::fs::write(&file, &data).unwrap();
+    let content = btfs_core::ContentId::of(&data);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let t = Instant::now();
+    let meta = btfs_torrent::Metainfo::build(&content, &file, GIB as u64, threads).unwrap();
+    let ours = t.elapsed();
+    assert_eq!(meta.pieces(), 1024);
+    let t = Instant::now();
+    let out = Command::new("mktorrent")
+        .args(["-l", "20", "-p", "-o"])
+        .arg(work.path().join("mk.torrent"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    let theirs = t.elapsed();
+    assert!(out.status.success(), "mktorrent: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "BENCH publish 1 GiB: btfs {:.2} s, mktorrent {:.2} s, ratio (mktorrent/btfs) {:.2}",
+        ours.as_secs_f64(),
+        theirs.as_secs_f64(),
+        theirs.as_secs_f64() / ours.as_secs_f64()
+    );
+    drop(work);
+
+    write_file(&a.mnt.join("image.raw"), &data);
+    wait_listed(&b.mnt.join("image.raw"), GIB as u64);
+    eventually(Duration::from_secs(60), "the version committed", || {
+        btfs(&["torrent", a.mnt.join("image.raw").to_str().unwrap(), "-o", "/dev/null"])
+            .status
+            .success()
+    });
+
+    // First byte: 4 KiB in the middle, cold.
+    let f = std::fs::File::open(b.mnt.join("image.raw")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let t = Instant::now();
+    f.read_exact_at(&mut buf, (GIB / 2) as u64).unwrap();
+    let first = t.elapsed();
+    assert_eq!(buf, data[GIB / 2..GIB / 2 + 4096]);
+    eprintln!("BENCH first byte, 4 KiB at 512 MiB of a remote 1 GiB file: {:.1} ms", first.as_secs_f64() * 1e3);
+    drop(f);
+    // Let librqbit settle (its idle peer disconnects) before the full read.
+    std::thread::sleep(Duration::from_secs(6));
+
+    // Throughput: the whole file through the mount on B.
+    let t = Instant::now();
+    assert_eq!(drain(&b.mnt.join("image.raw")), GIB as u64);
+    let bt = t.elapsed();
+
+    // Baseline: the same bytes over one plain TCP connection, A to B.
+    let object = object_of(a, &data);
+    let listener_ns = b.ns.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = in_namespace(&listener_ns, move || {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut sink = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            match s.read(&mut sink).unwrap() {
+                0 => return n,
+                k => n += k as u64,
+            }
+        }
+    });
+    let port = rx.recv().unwrap();
+    let target = format!("{}:{port}", b.addr);
+    let t = Instant::now();
+    let client = in_namespace(&a.ns, move || {
+        let mut s = std::net::TcpStream::connect(&target).unwrap();
+        let mut f = std::fs::File::open(object).unwrap();
+        std::io::copy(&mut f, &mut s).unwrap()
+    });
+    assert_eq!(client.join().unwrap(), GIB as u64);
+    assert_eq!(server.join().unwrap(), GIB as u64);
+    let tcp = t.elapsed();
+    eprintln!(
+        "BENCH full 1 GiB: btfs {:.2} s ({:.0} MB/s), plain TCP {:.2} s ({:.0} MB/s), ratio {:.2}",
+        bt.as_secs_f64(),
+        GIB as f64 / bt.as_secs_f64() / 1e6,
+        tcp.as_secs_f64(),
+        GIB as f64 / tcp.as_secs_f64() / 1e6,
+        tcp.as_secs_f64() / bt.as_secs_f64()
+    );
+}
