@@ -35,8 +35,9 @@ impl Prefetch {
             Prefetch::All => true,
             Prefetch::Globs(g) => {
                 let p = path.to_string();
-                let name = p.rsplit('/').next().unwrap_or(&p);
-                g.iter().any(|g| g.matches(&p) || g.matches(name))
+                let p = p.trim_start_matches('/');
+                let name = p.rsplit('/').next().unwrap_or(p);
+                g.iter().any(|g| g.matches(p) || g.matches(name))
             }
         }
     }

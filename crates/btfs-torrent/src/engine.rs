@@ -167,8 +167,26 @@ impl Live {
         (offset / pl) as usize..end.div_ceil(pl) as usize
     }
 
-    fn has(&self, r: std::ops::Range<usize>) -> bool {
-        self.complete.load(Ordering::Acquire) || lock(&self.have).get(r).is_some_and(|h| h.iter().all(|b| *b))
+    /// Whether pieces `r` are verified here: known from earlier reads, or
+    /// asked of librqbit (a background fetch brings pieces no read saw).
+    fn has(&self, session: &Arc<Session>, r: std::ops::Range<usize>) -> bool {
+        if self.complete.load(Ordering::Acquire)
+            || lock(&self.have).get(r.clone()).is_some_and(|h| h.iter().all(|b| *b))
+        {
+            return true;
+        }
+        let api = librqbit::Api::new(session.clone(), None);
+        let Ok((bits, _)) = api.api_dump_haves(TorrentIdOrHash::Id(self.handle.id())) else {
+            return false;
+        };
+        let raw = bits.as_raw_slice();
+        let all = r
+            .clone()
+            .all(|p| raw.get(p / 8).is_some_and(|b| b & (0x80 >> (p % 8)) != 0));
+        if all {
+            self.mark(r);
+        }
+        all
     }
 
     fn mark(&self, r: std::ops::Range<usize>) {
@@ -567,15 +585,20 @@ impl Engine {
         if object.exists() {
             return pread(object, offset, end).await;
         }
-        let meta = self.metainfo(want).await?;
+        let started = Instant::now();
+        let meta = match self.live_of(&want.torrent) {
+            Some(l) if l.meta.content == want.content => l.meta.clone(),
+            _ => self.metainfo(want).await?,
+        };
         loop {
             let live = self
                 .bring_up(meta.clone(), &want.label, self.net.member_of(&want.author))
                 .await?;
+            let up = started.elapsed();
             let _use = InUse::new(live.clone());
             self.note_read(&live, offset, end);
             let pieces = live.pieces_of(offset, end);
-            if live.has(pieces.clone()) {
+            if live.has(&self.session, pieces.clone()) {
                 let path = lock(&live.data).clone();
                 return pread(path, offset, end).await;
             }
@@ -591,6 +614,7 @@ impl Engine {
             match tokio::time::timeout(STALL_RETRY, read).await {
                 Ok(Ok(buf)) => {
                     live.mark(pieces);
+                    debug!(path = %want.label, offset, ?up, total = ?started.elapsed(), "fetched a range");
                     return Ok(buf);
                 }
                 // The torrent was brought up again by another reader.
