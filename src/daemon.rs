@@ -32,6 +32,10 @@ use crate::{
 /// New record versions waiting to be signed and gossiped; beyond this they are
 /// left to anti-entropy.
 const ANNOUNCE_CAP: usize = 4096;
+/// Runtime worker threads. librqbit verifies pieces and writes them with
+/// `block_in_place` on these threads, so a few more than the cores keep the
+/// mesh and the bridges moving meanwhile.
+const RUNTIME_THREADS: usize = 2;
 /// Whole-file fetches (prefetch policy) running at once.
 const PREFETCH_PARALLEL: usize = 2;
 
@@ -324,7 +328,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
     let (mesh_cfg, membership) = mesh::config(plan, keypair)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(RUNTIME_THREADS)
         .thread_name("btfs-rt")
         .enable_all()
         .build()?;

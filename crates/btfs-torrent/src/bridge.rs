@@ -99,7 +99,10 @@ pub(crate) async fn socks5_reply(io: &mut (impl AsyncWrite + Unpin), code: u8) -
 }
 
 /// Synthetic loopback addresses for mesh members, so that librqbit can name
-/// them: `127.77.x.y:6881` with `x.y` a per-run member number.
+/// them: `127.77.x.y:6881…` with `x.y` a per-run member number, and
+/// `CONNECTIONS_PER_MEMBER` ports, so that librqbit opens that many peer
+/// connections (each its own mesh stream, with its own flow-control window)
+/// to a member.
 #[derive(Debug, Default)]
 pub(crate) struct PeerTable {
     by_member: HashMap<String, SocketAddr>,
@@ -107,22 +110,33 @@ pub(crate) struct PeerTable {
 }
 
 pub(crate) const SYNTHETIC_PORT: u16 = 6881;
+pub(crate) const CONNECTIONS_PER_MEMBER: u16 = 4;
 
 impl PeerTable {
-    pub(crate) fn addr_of(&mut self, member: &str) -> Option<SocketAddr> {
-        if let Some(a) = self.by_member.get(member) {
-            return Some(*a);
-        }
-        let n = u16::try_from(self.by_member.len() + 1).ok()?;
-        let [x, y] = n.to_be_bytes();
-        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 77, x, y), SYNTHETIC_PORT));
-        self.by_member.insert(member.to_owned(), addr);
-        self.by_addr.insert(addr, member.to_owned());
-        Some(addr)
+    /// The addresses that stand for `member`.
+    pub(crate) fn addrs_of(&mut self, member: &str) -> Vec<SocketAddr> {
+        let ip = match self.by_member.get(member) {
+            Some(a) => a.ip(),
+            None => {
+                let Ok(n) = u16::try_from(self.by_member.len() + 1) else {
+                    return Vec::new();
+                };
+                let [x, y] = n.to_be_bytes();
+                let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 77, x, y), SYNTHETIC_PORT));
+                self.by_member.insert(member.to_owned(), addr);
+                self.by_addr.insert(addr, member.to_owned());
+                addr.ip()
+            }
+        };
+        (0..CONNECTIONS_PER_MEMBER)
+            .map(|i| SocketAddr::new(ip, SYNTHETIC_PORT + i))
+            .collect()
     }
 
     pub(crate) fn member_at(&self, addr: &SocketAddr) -> Option<&str> {
-        self.by_addr.get(addr).map(String::as_str)
+        self.by_addr
+            .get(&SocketAddr::new(addr.ip(), SYNTHETIC_PORT))
+            .map(String::as_str)
     }
 }
 
@@ -207,12 +221,14 @@ mod tests {
     #[test]
     fn members_get_stable_distinct_loopback_addresses() {
         let mut t = PeerTable::default();
-        let a = t.addr_of("A").unwrap();
-        let b = t.addr_of("B").unwrap();
-        assert_ne!(a, b);
-        assert_eq!(t.addr_of("A"), Some(a));
-        assert!(a.ip().is_loopback());
-        assert_eq!(t.member_at(&b), Some("B"));
+        let a = t.addrs_of("A");
+        let b = t.addrs_of("B");
+        assert_eq!(a.len(), usize::from(CONNECTIONS_PER_MEMBER));
+        assert!(a.iter().all(|x| !b.contains(x)));
+        assert_eq!(t.addrs_of("A"), a);
+        assert!(a[0].ip().is_loopback());
+        assert!(b.iter().all(|x| t.member_at(x) == Some("B")));
+        assert_eq!(t.member_at(&"127.77.0.9:6881".parse().unwrap()), None);
     }
 
     #[tokio::test]

@@ -75,6 +75,10 @@ const STALL_RETRY: Duration = Duration::from_millis(1500);
 /// Prefetches waiting for a worker; more are dropped with a log line (the
 /// file is still fetched when it is first read).
 const PREFETCH_QUEUE: usize = 4096;
+/// Buffer of each direction of a bridged peer connection: large writes make
+/// large mesh frames (tokio's default, 8 KiB, costs a frame and its
+/// encryption per 8 KiB).
+const SPLICE_BUF: usize = 256 << 10;
 /// Time for a peer to send its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// librqbit's blocking-work semaphore: every open stream and every add holds
@@ -458,7 +462,7 @@ impl Engine {
             let mut table = lock(&self.peers);
             let members = self.net.members();
             for m in first.iter().chain(members.iter().filter(|m| Some(*m) != first.as_ref())) {
-                peers.extend(table.addr_of(m));
+                peers.extend(table.addrs_of(m));
             }
         }
         debug!(torrent = %ih, %label, complete, peers = peers.len(), "bringing up");
@@ -850,11 +854,14 @@ impl Engine {
             Ok(s) => s,
             Err(e) => return warn!("librqbit listener unreachable: {e}"),
         };
+        // Nagle with delayed ACKs holds small messages (requests, haves)
+        // for up to 40 ms on loopback.
+        let _ = local.set_nodelay(true);
         use tokio::io::AsyncWriteExt as _;
         if local.write_all(&hs).await.is_err() {
             return;
         }
-        match tokio::io::copy_bidirectional(&mut io, &mut local).await {
+        match tokio::io::copy_bidirectional_with_sizes(&mut io, &mut local, SPLICE_BUF, SPLICE_BUF).await {
             Ok((up, down)) => debug!(%from, torrent = %ih, up, down, "peer connection closed"),
             Err(e) => debug!(%from, torrent = %ih, "peer connection ended: {e}"),
         }
@@ -870,6 +877,7 @@ impl Engine {
                     Err(e) => { warn!("SOCKS5 bridge: {e}"); continue; }
                 },
             };
+            let _ = conn.set_nodelay(true);
             let this = self.clone();
             tokio::spawn(async move {
                 let target = match bridge::socks5_request(&mut conn).await {
@@ -891,7 +899,7 @@ impl Engine {
                 if bridge::socks5_reply(&mut conn, 0).await.is_err() {
                     return;
                 }
-                let _ = tokio::io::copy_bidirectional(&mut conn, &mut remote).await;
+                let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut remote, SPLICE_BUF, SPLICE_BUF).await;
             });
         }
     }
@@ -910,6 +918,7 @@ impl Engine {
                 debug!(%peer, "BitTorrent connection from outside bt_allow refused");
                 continue;
             }
+            let _ = conn.set_nodelay(true);
             tokio::spawn(self.clone().accept(Box::new(conn), peer.to_string()));
         }
     }

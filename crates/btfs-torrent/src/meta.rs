@@ -8,7 +8,7 @@
 //! its bencode crate and hashed by its SHA-1 wrapper; only the pieces are
 //! hashed on several threads.
 
-use std::{fs::File, os::unix::fs::FileExt, path::Path, thread};
+use std::{fs::File, path::Path, thread};
 
 use btfs_core::{ContentId, InfoHash};
 use librqbit::{ByteBufOwned, TorrentMetaV1Info, TorrentMetaV1Owned, torrent_from_bytes};
@@ -25,12 +25,16 @@ pub const MAX_PIECE: u32 = 4 << 20;
 /// Pieces a torrent aims at (more only for files over 8 GiB).
 pub const TARGET_PIECES: u64 = 2000;
 
-/// The piece length for content of `size` bytes: a power of two between
-/// `MIN_PIECE` and `MAX_PIECE`, giving at most `TARGET_PIECES` pieces when it
-/// can.
+/// The piece length for content of `size` bytes: the power of two between
+/// `MIN_PIECE` and `MAX_PIECE` that gives the number of pieces nearest to
+/// `TARGET_PIECES` (at most 1.5 times as many). Smaller pieces make a lazy
+/// read fetch less; the count bounds the metainfo (20 bytes a piece).
 pub fn piece_length(size: u64) -> u32 {
-    let want = size.div_ceil(TARGET_PIECES).next_power_of_two();
-    want.clamp(u64::from(MIN_PIECE), u64::from(MAX_PIECE)) as u32
+    let want = size.div_ceil(TARGET_PIECES).max(1);
+    let upper = want.next_power_of_two();
+    let lower = upper / 2;
+    let pick = if lower > 0 && want * 2 <= lower * 3 { lower } else { upper };
+    pick.clamp(u64::from(MIN_PIECE), u64::from(MAX_PIECE)) as u32
 }
 
 /// A torrent of one piece of content.
@@ -159,19 +163,22 @@ fn hash_pieces(
     let n = size.div_ceil(pl);
     let threads = (threads.max(1) as u64).min(n);
     let per = n.div_ceil(threads);
+    // SAFETY: the file is content being committed or an object: nothing
+    // writes it while it is hashed (a change of length is caught above and
+    // a change of bytes would only give a torrent that fails verification).
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    let _ = map.advise(memmap2::Advice::Sequential);
     let hashes = thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let file = &file;
+                let map = &map;
                 scope.spawn(move || -> std::io::Result<Vec<u8>> {
                     let (first, last) = (t * per, ((t + 1) * per).min(n));
                     let mut out = Vec::with_capacity(((last - first) * 20) as usize);
-                    let mut buf = vec![0u8; piece_length as usize];
                     for p in first..last {
-                        let off = p * pl;
-                        let this = (size - off).min(pl) as usize;
-                        file.read_exact_at(&mut buf[..this], off)?;
-                        out.extend_from_slice(&sha1(&buf[..this]));
+                        let off = (p * pl) as usize;
+                        let this = (size - p * pl).min(pl) as usize;
+                        out.extend_from_slice(&sha1(&map[off..off + this]));
                     }
                     Ok(out)
                 })
@@ -195,12 +202,13 @@ mod tests {
     fn piece_length_keeps_pieces_near_the_target() {
         assert_eq!(piece_length(1), MIN_PIECE);
         assert_eq!(piece_length(256 << 20), 256 << 10);
-        assert_eq!(piece_length(1 << 30), 1 << 20);
+        assert_eq!(piece_length(1 << 30), 512 << 10);
+        assert_eq!(piece_length(3 << 29), 1 << 20);
         assert_eq!(piece_length(20 << 30), MAX_PIECE);
         for size in [1u64, 4095, 1 << 20, 3 << 28, 1 << 32, 7 << 30] {
             let pl = u64::from(piece_length(size));
             assert!(pl.is_power_of_two());
-            assert!(size.div_ceil(pl) <= TARGET_PIECES || pl == u64::from(MAX_PIECE));
+            assert!(size.div_ceil(pl) <= TARGET_PIECES * 3 / 2 || pl == u64::from(MAX_PIECE));
         }
     }
 
