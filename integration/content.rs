@@ -387,3 +387,36 @@ fn bench_content_first_byte_throughput_and_publish() {
         eprintln!("--- A ---\n{}\n--- B ---\n{}", a.log(), b.log());
     }
 }
+
+#[test]
+fn cache_size_evicts_the_least_recently_used_content_that_another_member_holds() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path(), "cluster.key");
+    let mut net = Net::new();
+    let a = net.start_nodes(1, &key, ",mdns=on").pop().unwrap();
+    let b = net.start_nodes(1, &key, ",mdns=on,cache_size=20M").pop().unwrap();
+    eventually(Duration::from_secs(30), "connected", || b.connected_peers() == 1);
+    let files: Vec<Vec<u8>> = (0..3).map(|i| common::pattern(30 + i, 8 << 20)).collect();
+    for (i, data) in files.iter().enumerate() {
+        write_file(&a.mnt.join(format!("f{i}")), data);
+    }
+    // A file written on B is held only by B: never evicted.
+    let own = common::pattern(40, 8 << 20);
+    write_file(&b.mnt.join("own"), &own);
+    for (i, data) in files.iter().enumerate() {
+        let p = b.mnt.join(format!("f{i}"));
+        wait_listed(&p, data.len() as u64);
+        assert!(same_bytes(&p, data));
+        eventually(Duration::from_secs(20), "fetched in full", || object_of(&b, data).exists());
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    eventually(Duration::from_secs(30), "the oldest fetched file evicted", || {
+        !object_of(&b, &files[0]).exists()
+    });
+    assert!(object_of(&b, &files[2]).exists(), "the newest went first");
+    assert!(object_of(&b, &own).exists(), "content held only here was evicted");
+    // Evicted content is fetched again when read.
+    assert!(same_bytes(&b.mnt.join("f0"), &files[0]));
+    drop(b);
+    drop(a);
+}

@@ -114,6 +114,12 @@ impl ContentSource for Content {
         rt.spawn(async move { done(engine.read(want(wanted), offset, len).await) });
     }
 
+    fn opened(&self, content: &ContentId) {
+        if let Some(engine) = self.engine() {
+            engine.touch(content);
+        }
+    }
+
     fn fetch(&self, wanted: Wanted, done: Done<()>) {
         let Some((engine, rt)) = self.engine.get() else {
             return done(Err(not_started()));

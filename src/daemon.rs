@@ -347,6 +347,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         down_rate: plan.opts.down_rate,
         hash_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         prefetch_parallel: PREFETCH_PARALLEL,
+        cache_size: plan.opts.cache_size,
     };
     let engine = rt
         .block_on(Engine::start(engine_cfg, net.clone()))

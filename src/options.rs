@@ -27,6 +27,7 @@ const VALUED: &[&str] = &[
     "prefetch",
     "up_rate",
     "down_rate",
+    "cache_size",
 ];
 
 /// Options that only mount(8), systemd or the kernel care about.
@@ -103,6 +104,26 @@ pub(crate) struct MountOpts {
     /// `up_rate=` / `down_rate=` (bytes/s, `k`, `M`, `G` are powers of 1024).
     pub up_rate: Option<NonZeroU32>,
     pub down_rate: Option<NonZeroU32>,
+    /// `cache_size=SIZE` (`k`, `M`, `G`, `T`): fetched content kept before
+    /// the least recently used goes. `None`: everything is kept.
+    pub cache_size: Option<u64>,
+}
+
+/// Parses `500M`, `20G`, `1T` or a bare number of bytes.
+fn parse_size(option: &str, v: &str) -> Result<u64> {
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let shift = match unit {
+        "" => 0,
+        "k" | "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => bail!("mount option {option}={v}: expected a size, e.g. 500M, 20G, 1T"),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| anyhow::anyhow!("mount option {option}={v}: expected a size, e.g. 500M, 20G, 1T"))
 }
 
 /// librqbit's rate limiter takes 16 KiB at a time: a lower limit stalls.
@@ -209,6 +230,7 @@ impl Default for MountOpts {
             prefetch: Prefetch::None,
             up_rate: None,
             down_rate: None,
+            cache_size: None,
         }
     }
 }
@@ -258,6 +280,7 @@ impl MountOpts {
                 }
                 ("up_rate", Some(v)) => o.up_rate = Some(parse_rate(name, v)?),
                 ("down_rate", Some(v)) => o.down_rate = Some(parse_rate(name, v)?),
+                ("cache_size", Some(v)) => o.cache_size = Some(parse_size(name, v)?),
                 ("key", Some(v)) => o.key = Some(PathBuf::from(v)),
                 ("state", Some(v)) => o.state = Some(PathBuf::from(v)),
                 ("listen", Some(v)) => o.listen = Some(socket_addr(name, v)?),
@@ -393,6 +416,7 @@ mod tests {
         assert_eq!(o.read_timeout, Duration::from_secs(5));
         assert_eq!(o.up_rate.map(|r| r.get()), Some(16 << 10));
         assert_eq!(o.down_rate.map(|r| r.get()), Some(10 << 20));
+        assert_eq!(MountOpts::parse("cache_size=20G").unwrap().cache_size, Some(20 << 30));
         assert!(o.flags.contains(MsFlags::MS_RDONLY));
         let path = |p: &str| btfs_core::RelPath::parse(p).unwrap();
         assert!(o.prefetch.matches(&path("images/a.iso")));
@@ -420,6 +444,7 @@ mod tests {
             ("bt_allow=everyone", "not an IP address"),
             ("read_timeout=0", "expected a duration"),
             ("prefetch=[", "not a glob"),
+            ("cache_size=lots", "expected a size"),
         ] {
             let err = MountOpts::parse(opt).unwrap_err().to_string();
             assert!(err.contains(why), "{opt}: {err}");

@@ -39,6 +39,9 @@ pub trait ContentSource: Send + Sync + 'static {
     /// Brings the whole content into the object store, then answers through
     /// `done` (on a thread that may block). Must not block.
     fn fetch(&self, wanted: Wanted, done: Done<()>);
+
+    /// Content held here was opened for reading (a cache's last use).
+    fn opened(&self, _content: &ContentId) {}
 }
 
 impl fmt::Debug for dyn ContentSource {

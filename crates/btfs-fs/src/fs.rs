@@ -835,6 +835,9 @@ impl<B: Backend> Shared<B> {
                 );
                 return Ok((fh, FopenFlags::FOPEN_KEEP_CACHE, None));
             }
+            if let (false, Some(source)) = (writable, &self.cfg.content) {
+                source.opened(&content);
+            }
             let mut passthrough = st.backing.is_some()
                 || (st.cached == 0
                     && self.passthrough.load(Ordering::Relaxed)

@@ -23,7 +23,7 @@ use std::{
     io::{self, SeekFrom},
     net::{Ipv4Addr, SocketAddr},
     num::NonZeroU32,
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
     pin::Pin,
     sync::{
@@ -55,6 +55,8 @@ use crate::{
 
 /// A torrent unused for this long is retired.
 const IDLE_LIVE: Duration = Duration::from_secs(30);
+/// How often the cache is measured against `cache_size`.
+const CACHE_EVERY: Duration = Duration::from_secs(5);
 /// How often idle torrents are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 /// Bytes read in order after which a reader counts as sequential: the rest
@@ -116,6 +118,9 @@ pub struct EngineConfig {
     pub down_rate: Option<NonZeroU32>,
     pub hash_threads: usize,
     pub prefetch_parallel: usize,
+    /// `cache_size=`: bytes of fetched content kept; beyond it the least
+    /// recently used goes, if another member holds it. `None`: all kept.
+    pub cache_size: Option<u64>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -159,6 +164,8 @@ struct Live {
     sequential: Mutex<(u64, u64, Instant)>,
     /// A background fetch follows a sequential reader.
     following: AtomicBool,
+    /// The member known to hold the content (its author), if any.
+    holder: Option<String>,
 }
 
 impl Live {
@@ -269,7 +276,7 @@ impl Engine {
     /// Starts the session, the SOCKS5 bridge, the public listener and the
     /// background tasks. Must run inside a multi-thread tokio runtime.
     pub async fn start(cfg: EngineConfig, net: Arc<dyn Network>) -> Result<Arc<Self>, TorrentError> {
-        for sub in ["torrents", "partial", "resume", "session"] {
+        for sub in ["torrents", "partial", "resume", "session", "fetched"] {
             fs::create_dir_all(cfg.dir.join(sub))?;
         }
         // Torrents are brought up on demand: nothing is restored.
@@ -340,6 +347,9 @@ impl Engine {
         tokio::spawn(engine.clone().serve_socks(socks));
         tokio::spawn(engine.clone().serve_public(public));
         tokio::spawn(engine.clone().reap());
+        if let Some(limit) = engine.cfg.cache_size {
+            tokio::spawn(engine.clone().keep_cache(limit));
+        }
         let prefetch_rx = Arc::new(tokio::sync::Mutex::new(prefetch_rx));
         for _ in 0..engine.cfg.prefetch_parallel.max(1) {
             tokio::spawn(engine.clone().prefetcher(prefetch_rx.clone()));
@@ -498,6 +508,7 @@ impl Engine {
             fetching: AtomicBool::new(false),
             sequential: Mutex::new((u64::MAX, 0, Instant::now())),
             following: AtomicBool::new(false),
+            holder: first,
         });
         lock(&self.live).insert(ih, live.clone());
         Ok(live)
@@ -559,6 +570,95 @@ impl Engine {
                 self.retire(&l).await;
             }
         }
+    }
+
+    // ----- cache --------------------------------------------------------------------
+
+    /// Marks fetched content as just used (a local open of its object).
+    pub fn touch(&self, content: &ContentId) {
+        let marker = self.cfg.dir.join("fetched").join(content.to_hex());
+        if let Ok(f) = fs::File::options().write(true).open(&marker) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Keeps fetched content (objects fetched here, and partial content)
+    /// under `limit` bytes: least recently used first, only content that a
+    /// connected member holds, never content in use.
+    async fn keep_cache(self: Arc<Self>, limit: u64) {
+        let mut tick = tokio::time::interval(CACHE_EVERY);
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let this = self.clone();
+            let members: HashSet<String> = self.net.members().into_iter().collect();
+            let in_use: HashSet<ContentId> = lock(&self.live).values().map(|l| l.meta.content).collect();
+            let r = tokio::task::spawn_blocking(move || this.evict(limit, &members, &in_use)).await;
+            match r {
+                Ok(Ok(over)) if over > 0 && !warned => {
+                    warned = true;
+                    warn!(over, "fetched content exceeds cache_size, but the rest is in use or held by no connected member");
+                }
+                Ok(Ok(over)) if over == 0 => warned = false,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!("cache: {e}"),
+                Err(e) => warn!("cache task: {e}"),
+            }
+        }
+    }
+
+    /// One eviction pass; returns the bytes still over `limit`.
+    fn evict(&self, limit: u64, members: &HashSet<String>, in_use: &HashSet<ContentId>) -> io::Result<u64> {
+        // (last use, bytes, content, object or partial file, marker, holder known)
+        let mut items = Vec::new();
+        for e in fs::read_dir(self.cfg.dir.join("fetched"))? {
+            let e = e?;
+            let Some(c) = e.file_name().to_str().and_then(|n| ContentId::from_hex(n).ok()) else {
+                continue;
+            };
+            let object = (self.cfg.object_path)(&c);
+            let Ok(meta) = fs::metadata(&object) else {
+                // Collected by the filesystem (no record uses it any more).
+                let _ = fs::remove_file(e.path());
+                continue;
+            };
+            let holder = fs::read_to_string(e.path()).unwrap_or_default();
+            let used = e.metadata()?.modified()?;
+            items.push((used, meta.len(), c, object, Some(e.path()), members.contains(holder.trim())));
+        }
+        for e in fs::read_dir(self.cfg.dir.join("partial"))? {
+            let e = e?;
+            let Some(c) = e.file_name().to_str().and_then(|n| ContentId::from_hex(n).ok()) else {
+                continue;
+            };
+            let meta = e.metadata()?;
+            // Partial content was fetched from members: they hold it.
+            items.push((meta.modified()?, meta.blocks() * 512, c, e.path(), None, true));
+        }
+        let mut total: u64 = items.iter().map(|i| i.1).sum();
+        items.sort_by_key(|i| i.0);
+        for (_, bytes, c, file, marker, held) in items {
+            if total <= limit {
+                break;
+            }
+            if !held || in_use.contains(&c) {
+                continue;
+            }
+            match fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(m) = marker {
+                let _ = fs::remove_file(m);
+            }
+            total -= bytes;
+            info!(content = %c.short(), bytes, "evicted from the cache (another member holds it)");
+        }
+        Ok(total.saturating_sub(limit))
     }
 
     // ----- reads --------------------------------------------------------------------
@@ -783,6 +883,12 @@ impl Engine {
         .map_err(|e| TorrentError::Io(io::Error::other(e)))??;
         *lock(&live.data) = installed;
         live.complete.store(true, Ordering::Release);
+        // Fetched content is cache: its marker names who else holds it, and
+        // its mtime is its last use.
+        let marker = self.cfg.dir.join("fetched").join(content.to_hex());
+        if let Err(e) = fs::write(&marker, live.holder.as_deref().unwrap_or("")) {
+            warn!("could not record fetched content for the cache: {e}");
+        }
         let _ = fs::remove_file(self.cfg.dir.join("resume").join(format!("{}.bitv", live.meta.info_hash)));
         info!(path = %lock(&live.label), content = %content.short(), "fetched in full: seeding it");
         Ok(())
