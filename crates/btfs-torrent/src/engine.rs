@@ -602,7 +602,7 @@ impl Engine {
                     warned = true;
                     warn!(over, "fetched content exceeds cache_size, but the rest is in use or held by no connected member");
                 }
-                Ok(Ok(over)) if over == 0 => warned = false,
+                Ok(Ok(0)) => warned = false,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => warn!("cache: {e}"),
                 Err(e) => warn!("cache task: {e}"),
