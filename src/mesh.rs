@@ -361,11 +361,15 @@ impl Replicator {
         let req = match postcard::from_bytes::<Rpc>(&data) {
             Ok(Rpc::Sync(req)) => req,
             Ok(Rpc::Metainfo(ih)) => {
-                return self
-                    .content
-                    .engine()
-                    .and_then(|e| e.local_metainfo(&btfs_core::InfoHash(ih)))
-                    .unwrap_or_default();
+                let Some(engine) = self.content.engine() else {
+                    return Vec::new();
+                };
+                let ih = btfs_core::InfoHash(ih);
+                let bytes = engine.local_metainfo(&ih).unwrap_or_default();
+                if !bytes.is_empty() {
+                    engine.warm(ih, "metainfo request".into());
+                }
+                return bytes;
             }
             Err(_) => return Vec::new(),
         };

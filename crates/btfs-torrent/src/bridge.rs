@@ -110,7 +110,7 @@ pub(crate) struct PeerTable {
 }
 
 pub(crate) const SYNTHETIC_PORT: u16 = 6881;
-pub(crate) const CONNECTIONS_PER_MEMBER: u16 = 4;
+pub(crate) const CONNECTIONS_PER_MEMBER: u16 = 2;
 
 impl PeerTable {
     /// The addresses that stand for `member`.

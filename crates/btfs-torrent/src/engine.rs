@@ -467,8 +467,10 @@ impl Engine {
                 }
             }
         }
+        // A complete torrent waits for members to come (dialling them too
+        // would double every connection); a partial one dials them.
         let mut peers = Vec::new();
-        {
+        if !complete {
             let mut table = lock(&self.peers);
             let members = self.net.members();
             for m in first.iter().chain(members.iter().filter(|m| Some(*m) != first.as_ref())) {
@@ -934,26 +936,8 @@ impl Engine {
             Err(_) => return debug!(%from, "peer connection refused: no handshake"),
         };
         let ih = InfoHash(ih);
-        let live = match self.live_of(&ih) {
-            Some(l) => l,
-            None => {
-                let Some(bytes) = self.local_metainfo(&ih) else {
-                    return debug!(%from, torrent = %ih, "peer wants a torrent unknown here");
-                };
-                let meta = match Metainfo::parse(bytes, &ih) {
-                    Ok(m) => Arc::new(m),
-                    Err(e) => return warn!(torrent = %ih, "kept metainfo unusable: {e}"),
-                };
-                let object = (self.cfg.object_path)(&meta.content);
-                let partial = self.cfg.dir.join("partial").join(meta.content.to_hex());
-                if !object.exists() && !partial.exists() {
-                    return debug!(%from, torrent = %ih, "peer wants content not held here");
-                }
-                match self.bring_up(meta, &format!("torrent {ih}"), None).await {
-                    Ok(l) => l,
-                    Err(e) => return warn!(torrent = %ih, "could not serve a peer: {e}"),
-                }
-            }
+        let Some(live) = self.held(ih, &from).await else {
+            return;
         };
         let _use = InUse::new(live);
         let mut local = match TcpStream::connect(self.local).await {
@@ -971,6 +955,49 @@ impl Engine {
             Ok((up, down)) => debug!(%from, torrent = %ih, up, down, "peer connection closed"),
             Err(e) => debug!(%from, torrent = %ih, "peer connection ended: {e}"),
         }
+    }
+
+    /// The live torrent of `ih`, brought up if this node holds its content
+    /// (in full or in part).
+    async fn held(&self, ih: InfoHash, from: &str) -> Option<Arc<Live>> {
+        if let Some(l) = self.live_of(&ih) {
+            return Some(l);
+        }
+        let Some(bytes) = self.local_metainfo(&ih) else {
+            debug!(%from, torrent = %ih, "peer wants a torrent unknown here");
+            return None;
+        };
+        let meta = match Metainfo::parse(bytes, &ih) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                warn!(torrent = %ih, "kept metainfo unusable: {e}");
+                return None;
+            }
+        };
+        let object = (self.cfg.object_path)(&meta.content);
+        let partial = self.cfg.dir.join("partial").join(meta.content.to_hex());
+        if !object.exists() && !partial.exists() {
+            debug!(%from, torrent = %ih, "peer wants content not held here");
+            return None;
+        }
+        match self.bring_up(meta, &format!("torrent {ih}"), None).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(torrent = %ih, "could not serve a peer: {e}");
+                None
+            }
+        }
+    }
+
+    /// A member asked for the metainfo of `ih`: it is about to connect for
+    /// pieces, so the torrent is brought up now if this node holds them.
+    pub fn warm(self: &Arc<Self>, ih: InfoHash, from: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Some(l) = this.held(ih, &from).await {
+                l.touch();
+            }
+        });
     }
 
     /// librqbit's outgoing connections: SOCKS5 to a synthetic member address.
