@@ -211,7 +211,7 @@ pub(crate) fn run(plan: MountPlan, foreground: bool) -> Result<()> {
 
 fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     let started = start(plan);
-    let (session, fs, listener_path, rt, node) = match started {
+    let (session, fs, listener_path, rt, node, engine) = match started {
         Ok(s) => s,
         Err(e) => {
             let r = Err(e);
@@ -253,6 +253,9 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     let fuse_result = fuse
         .join()
         .map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
+    // Keeps what partial torrents fetched (their bitfields) for the next
+    // start.
+    rt.block_on(engine.stop());
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = fs::remove_file(&listener_path);
     fs.collect_garbage()
@@ -297,6 +300,7 @@ type Started = (
     PathBuf,
     tokio::runtime::Runtime,
     NodeId,
+    Arc<Engine>,
 );
 
 fn start(plan: &MountPlan) -> Result<Started> {
@@ -476,5 +480,5 @@ fn start(plan: &MountPlan) -> Result<Started> {
             }
         }
     });
-    Ok((session, handle, sock, rt, node))
+    Ok((session, handle, sock, rt, node, engine))
 }

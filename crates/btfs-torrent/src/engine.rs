@@ -57,6 +57,8 @@ use crate::{
 const IDLE_LIVE: Duration = Duration::from_secs(30);
 /// How often the cache is measured against `cache_size`.
 const CACHE_EVERY: Duration = Duration::from_secs(5);
+/// How often the pieces reads verified are written down.
+const KEEP_HAVES_EVERY: Duration = Duration::from_secs(1);
 /// How often idle torrents are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 /// Bytes read in order after which a reader counts as sequential: the rest
@@ -166,6 +168,12 @@ struct Live {
     following: AtomicBool,
     /// The member known to hold the content (its author), if any.
     holder: Option<String>,
+    /// Pieces were marked since the bitfield was last kept.
+    have_dirty: AtomicBool,
+    /// An install into the object store is under way (`install_if_whole`);
+    /// `install_lock` serializes installs from every path.
+    installing: AtomicBool,
+    install_lock: tokio::sync::Mutex<()>,
 }
 
 impl Live {
@@ -203,10 +211,25 @@ impl Live {
     fn mark(&self, r: std::ops::Range<usize>) {
         let mut have = lock(&self.have);
         for p in r {
-            if let Some(h) = have.get_mut(p) {
+            if let Some(h) = have.get_mut(p)
+                && !*h
+            {
                 *h = true;
+                self.have_dirty.store(true, Ordering::Release);
             }
         }
+    }
+
+    /// The pieces known here as a BitTorrent bitfield.
+    fn have_bits(&self) -> Vec<u8> {
+        let have = lock(&self.have);
+        let mut bits = vec![0u8; have.len().div_ceil(8)];
+        for (p, h) in have.iter().enumerate() {
+            if *h {
+                bits[p / 8] |= 0x80 >> (p % 8);
+            }
+        }
+        bits
     }
 }
 
@@ -279,11 +302,28 @@ impl Engine {
         for sub in ["torrents", "partial", "resume", "session", "fetched"] {
             fs::create_dir_all(cfg.dir.join(sub))?;
         }
-        // Torrents are brought up on demand: nothing is restored.
+        // Torrents are brought up on demand: nothing is restored. The
+        // bitfields librqbit last flushed (a crash left them there) join the
+        // kept ones.
         let session_dir = cfg.dir.join("session");
         for e in fs::read_dir(&session_dir)? {
             let e = e?;
-            if e.file_type()?.is_file() {
+            if !e.file_type()?.is_file() {
+                continue;
+            }
+            let name = e.file_name();
+            if name.to_string_lossy().ends_with(".bitv") {
+                // Both only claim verified pieces: keep their union.
+                let kept = cfg.dir.join("resume").join(&name);
+                let mut bits = fs::read(e.path())?;
+                if let Ok(old) = fs::read(&kept) {
+                    if old.len() == bits.len() {
+                        bits.iter_mut().zip(old).for_each(|(b, o)| *b |= o);
+                    }
+                }
+                write_atomic(&kept, &bits)?;
+                fs::remove_file(e.path())?;
+            } else {
                 fs::remove_file(e.path())?;
             }
         }
@@ -347,6 +387,7 @@ impl Engine {
         tokio::spawn(engine.clone().serve_socks(socks));
         tokio::spawn(engine.clone().serve_public(public));
         tokio::spawn(engine.clone().reap());
+        tokio::spawn(engine.clone().keep_haves());
         if let Some(limit) = engine.cfg.cache_size {
             tokio::spawn(engine.clone().keep_cache(limit));
         }
@@ -511,6 +552,9 @@ impl Engine {
             sequential: Mutex::new((u64::MAX, 0, Instant::now())),
             following: AtomicBool::new(false),
             holder: first,
+            installing: AtomicBool::new(false),
+            have_dirty: AtomicBool::new(false),
+            install_lock: tokio::sync::Mutex::new(()),
         });
         lock(&self.live).insert(ih, live.clone());
         Ok(live)
@@ -528,14 +572,9 @@ impl Engine {
             // reads saw verified: both only claim verified pieces.
             let bitv = self.cfg.dir.join("session").join(format!("{ih}.bitv"));
             let mut bits = fs::read(&bitv).unwrap_or_default();
-            let have = lock(&l.have);
-            bits.resize(have.len().div_ceil(8), 0);
-            for (p, h) in have.iter().enumerate() {
-                if *h {
-                    bits[p / 8] |= 0x80 >> (p % 8);
-                }
-            }
-            drop(have);
+            let ours = l.have_bits();
+            bits.resize(ours.len(), 0);
+            bits.iter_mut().zip(ours).for_each(|(b, o)| *b |= o);
             let resume = self.cfg.dir.join("resume").join(format!("{ih}.bitv"));
             if let Err(e) = write_atomic(&resume, &bits) {
                 warn!(torrent = %ih, "could not keep the pieces fetched so far: {e}");
@@ -543,6 +582,36 @@ impl Engine {
         }
         if let Err(e) = self.session.delete(TorrentIdOrHash::Id(l.handle.id()), false).await {
             warn!(torrent = %ih, "retiring: {e:#}");
+        }
+    }
+
+    /// Keeps the pieces reads verified, every `KEEP_HAVES_EVERY`, so that a
+    /// crash loses at most that much (librqbit flushes its own bitfield
+    /// only every 16 MiB).
+    async fn keep_haves(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(KEEP_HAVES_EVERY);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let dirty: Vec<Arc<Live>> = lock(&self.live)
+                .values()
+                .filter(|l| !l.complete.load(Ordering::Acquire) && l.have_dirty.swap(false, Ordering::AcqRel))
+                .cloned()
+                .collect();
+            for l in dirty {
+                let path = self.cfg.dir.join("resume").join(format!("{}.bitv", l.meta.info_hash));
+                let mut bits = l.have_bits();
+                if let Ok(old) = fs::read(&path)
+                    && old.len() == bits.len()
+                {
+                    bits.iter_mut().zip(old).for_each(|(b, o)| *b |= o);
+                }
+                if let Err(e) = write_atomic(&path, &bits) {
+                    warn!(torrent = %l.meta.info_hash, "could not keep the pieces fetched so far: {e}");
+                }
+            }
         }
     }
 
@@ -706,6 +775,7 @@ impl Engine {
             let pieces = live.pieces_of(offset, end);
             if live.has(&self.session, pieces.clone()) {
                 let path = lock(&live.data).clone();
+                self.install_if_whole(&live);
                 return pread(path, offset, end).await;
             }
             let read = async {
@@ -721,6 +791,7 @@ impl Engine {
                 Ok(Ok(buf)) => {
                     live.mark(pieces);
                     debug!(path = %want.label, offset, ?up, total = ?started.elapsed(), "fetched a range");
+                    self.install_if_whole(&live);
                     return Ok(buf);
                 }
                 // The torrent was brought up again by another reader.
@@ -858,8 +929,27 @@ impl Engine {
         self.install(live).await
     }
 
+    /// Installs content whose every piece reads have seen (readers that
+    /// read it all, in whatever order, leave a whole object behind).
+    fn install_if_whole(self: &Arc<Self>, live: &Arc<Live>) {
+        if live.complete.load(Ordering::Acquire) || !lock(&live.have).iter().all(|h| *h) {
+            return;
+        }
+        if live.installing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (this, live) = (self.clone(), live.clone());
+        tokio::spawn(async move {
+            if let Err(e) = this.install(&live).await {
+                warn!(path = %lock(&live.label), "fetched content not installed: {e}");
+            }
+            live.installing.store(false, Ordering::Release);
+        });
+    }
+
     /// Moves complete, verified content into the object store.
     async fn install(&self, live: &Arc<Live>) -> Result<(), TorrentError> {
+        let _one = live.install_lock.lock().await;
         if live.complete.load(Ordering::Acquire) {
             return Ok(());
         }
