@@ -316,10 +316,10 @@ impl Engine {
                 // Both only claim verified pieces: keep their union.
                 let kept = cfg.dir.join("resume").join(&name);
                 let mut bits = fs::read(e.path())?;
-                if let Ok(old) = fs::read(&kept) {
-                    if old.len() == bits.len() {
-                        bits.iter_mut().zip(old).for_each(|(b, o)| *b |= o);
-                    }
+                if let Ok(old) = fs::read(&kept)
+                    && old.len() == bits.len()
+                {
+                    bits.iter_mut().zip(old).for_each(|(b, o)| *b |= o);
                 }
                 write_atomic(&kept, &bits)?;
                 fs::remove_file(e.path())?;
