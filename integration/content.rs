@@ -12,7 +12,12 @@ use super::*;
 /// Bytes the node's namespace received on its link (counted by the kernel,
 /// at the host end of its veth).
 fn rx_bytes(node: &NsNode) -> u64 {
-    let (id, i) = node.ns.strip_prefix("btfs-").unwrap().split_once('-').unwrap();
+    let (id, i) = node
+        .ns
+        .strip_prefix("btfs-")
+        .unwrap()
+        .split_once('-')
+        .unwrap();
     let host_end = format!("btfs-v{id}-{i}");
     std::fs::read_to_string(format!("/sys/class/net/{host_end}/statistics/tx_bytes"))
         .unwrap()
@@ -26,9 +31,11 @@ fn write_file(path: &Path, data: &[u8]) {
 }
 
 fn wait_listed(path: &Path, size: u64) {
-    eventually(Duration::from_secs(20), "the file listed with its size", || {
-        std::fs::metadata(path).map(|m| m.len()).ok() == Some(size)
-    });
+    eventually(
+        Duration::from_secs(20),
+        "the file listed with its size",
+        || std::fs::metadata(path).map(|m| m.len()).ok() == Some(size),
+    );
 }
 
 fn same_bytes(path: &Path, want: &[u8]) -> bool {
@@ -60,10 +67,16 @@ fn a_read_on_another_node_fetches_only_the_pieces_it_touches() {
     let received = rx_bytes(b) - before;
     eprintln!("4 KiB read at 128 MiB: {latency:?}, {received} bytes received by B");
     // Pieces are 256 KiB here: a few pieces, far from the file.
-    assert!(received < 4 << 20, "B received {received} bytes for a 4 KiB read");
+    assert!(
+        received < 4 << 20,
+        "B received {received} bytes for a 4 KiB read"
+    );
 
     let started = Instant::now();
-    assert!(same_bytes(&b.mnt.join("big.bin"), &data), "the whole file differs on B");
+    assert!(
+        same_bytes(&b.mnt.join("big.bin"), &data),
+        "the whole file differs on B"
+    );
     eprintln!("full read: {:?}", started.elapsed());
     if std::env::var_os("BTFS_TEST_LOGS").is_some() {
         eprintln!("{}", b.log());
@@ -73,7 +86,11 @@ fn a_read_on_another_node_fetches_only_the_pieces_it_touches() {
 /// Where a node keeps the object of `data` once it holds it in full.
 fn object_of(node: &NsNode, data: &[u8]) -> PathBuf {
     let hex = blake3::hash(data).to_hex().to_string();
-    node.dir.path().join("state/objects").join(&hex[..2]).join(hex)
+    node.dir
+        .path()
+        .join("state/objects")
+        .join(&hex[..2])
+        .join(hex)
 }
 
 #[test]
@@ -105,7 +122,11 @@ fn a_read_with_no_holder_online_fails_with_eio_in_time_and_nothing_else_waits() 
         let names: Vec<_> = std::fs::read_dir(&b.mnt).unwrap().collect();
         assert!(names.len() >= 2);
         assert_eq!(std::fs::read(b.mnt.join("local.txt")).unwrap(), b"here");
-        assert!(t.elapsed() < Duration::from_secs(1), "ls took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "ls took {:?}",
+            t.elapsed()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let (result, took) = reader.join().unwrap();
@@ -115,7 +136,10 @@ fn a_read_with_no_holder_online_fails_with_eio_in_time_and_nothing_else_waits() 
         took >= Duration::from_secs(4) && took < Duration::from_secs(20),
         "EIO after {took:?}"
     );
-    assert!(b.log().contains("only-on-a.bin"), "no log line names the file");
+    assert!(
+        b.log().contains("only-on-a.bin"),
+        "no log line names the file"
+    );
     set_link(&a.ns, true);
 }
 
@@ -165,7 +189,10 @@ fn a_reader_completes_from_another_holder_when_the_writer_dies() {
     )
     .unwrap();
     wait_exit(nodes[0].pid, Duration::from_secs(10));
-    assert!(same_bytes(&nodes[2].mnt.join("artefact.tar"), &data), "C's copy differs");
+    assert!(
+        same_bytes(&nodes[2].mnt.join("artefact.tar"), &data),
+        "C's copy differs"
+    );
     // The dead node's mount goes with it.
     run_ok("umount", &["-l", nodes[0].mnt.to_str().unwrap()]);
     nodes.remove(0);
@@ -179,17 +206,26 @@ fn a_corrupt_piece_from_one_holder_is_refetched_from_another() {
     wait_listed(&nodes[1].mnt.join("data.bin"), data.len() as u64);
     assert!(same_bytes(&nodes[1].mnt.join("data.bin"), &data));
     let on_b = object_of(&nodes[1], &data);
-    eventually(Duration::from_secs(30), "B holds the file", || on_b.exists());
+    eventually(Duration::from_secs(30), "B holds the file", || {
+        on_b.exists()
+    });
     // Fault injection: every 256 KiB piece of B's copy gets a flipped byte.
     let f = std::fs::OpenOptions::new().write(true).open(&on_b).unwrap();
     for off in (0..data.len()).step_by(256 << 10) {
-        f.write_all_at(&[!data[off + 100]], (off + 100) as u64).unwrap();
+        f.write_all_at(&[!data[off + 100]], (off + 100) as u64)
+            .unwrap();
     }
     drop(f);
     let c = &nodes[2];
     wait_listed(&c.mnt.join("data.bin"), data.len() as u64);
-    assert!(same_bytes(&c.mnt.join("data.bin"), &data), "C's copy is corrupt");
-    assert!(object_of(c, &data).exists(), "C did not keep a verified copy");
+    assert!(
+        same_bytes(&c.mnt.join("data.bin"), &data),
+        "C's copy is corrupt"
+    );
+    assert!(
+        object_of(c, &data).exists(),
+        "C did not keep a verified copy"
+    );
 }
 
 /// Runs libtorrent (Debian's python3-libtorrent) in namespace `ns`: it
@@ -246,16 +282,20 @@ fn standard_clients_download_only_from_allowed_networks_and_get_identical_bytes(
     let work = tempfile::tempdir().unwrap();
     let torrent = work.path().join("release.torrent");
     // The version is committed when the writer's handle is released.
-    eventually(Duration::from_secs(10), "btfs torrent exports the file", || {
-        btfs(&[
-            "torrent",
-            a.mnt.join("release.iso").to_str().unwrap(),
-            "-o",
-            torrent.to_str().unwrap(),
-        ])
-        .status
-        .success()
-    });
+    eventually(
+        Duration::from_secs(10),
+        "btfs torrent exports the file",
+        || {
+            btfs(&[
+                "torrent",
+                a.mnt.join("release.iso").to_str().unwrap(),
+                "-o",
+                torrent.to_str().unwrap(),
+            ])
+            .status
+            .success()
+        },
+    );
     let listen = a.status()["bittorrent_listen"].as_str().unwrap().to_owned();
 
     // Knowing the torrent is not enough from outside bt_allow.
@@ -313,7 +353,11 @@ fn bench_content_first_byte_throughput_and_publish() {
         .output()
         .unwrap();
     let theirs = t.elapsed();
-    assert!(out.status.success(), "mktorrent: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mktorrent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!(
         "BENCH publish 1 GiB: btfs {:.2} s, mktorrent {:.2} s, ratio (mktorrent/btfs) {:.2}",
         ours.as_secs_f64(),
@@ -325,9 +369,14 @@ fn bench_content_first_byte_throughput_and_publish() {
     write_file(&a.mnt.join("image.raw"), &data);
     wait_listed(&b.mnt.join("image.raw"), GIB as u64);
     eventually(Duration::from_secs(60), "the version committed", || {
-        btfs(&["torrent", a.mnt.join("image.raw").to_str().unwrap(), "-o", "/dev/null"])
-            .status
-            .success()
+        btfs(&[
+            "torrent",
+            a.mnt.join("image.raw").to_str().unwrap(),
+            "-o",
+            "/dev/null",
+        ])
+        .status
+        .success()
     });
 
     // First byte: 4 KiB in the middle, cold.
@@ -337,7 +386,10 @@ fn bench_content_first_byte_throughput_and_publish() {
     f.read_exact_at(&mut buf, (GIB / 2) as u64).unwrap();
     let first = t.elapsed();
     assert_eq!(buf, data[GIB / 2..GIB / 2 + 4096]);
-    eprintln!("BENCH first byte, 4 KiB at 512 MiB of a remote 1 GiB file: {:.1} ms", first.as_secs_f64() * 1e3);
+    eprintln!(
+        "BENCH first byte, 4 KiB at 512 MiB of a remote 1 GiB file: {:.1} ms",
+        first.as_secs_f64() * 1e3
+    );
     drop(f);
     // Let librqbit settle (its idle peer disconnects) before the full read.
     std::thread::sleep(Duration::from_secs(6));
@@ -394,8 +446,13 @@ fn cache_size_evicts_the_least_recently_used_content_that_another_member_holds()
     let key = keygen(keys.path(), "cluster.key");
     let mut net = Net::new();
     let a = net.start_nodes(1, &key, ",mdns=on").pop().unwrap();
-    let b = net.start_nodes(1, &key, ",mdns=on,cache_size=20M").pop().unwrap();
-    eventually(Duration::from_secs(30), "connected", || b.connected_peers() == 1);
+    let b = net
+        .start_nodes(1, &key, ",mdns=on,cache_size=20M")
+        .pop()
+        .unwrap();
+    eventually(Duration::from_secs(30), "connected", || {
+        b.connected_peers() == 1
+    });
     let files: Vec<Vec<u8>> = (0..3).map(|i| common::pattern(30 + i, 8 << 20)).collect();
     for (i, data) in files.iter().enumerate() {
         write_file(&a.mnt.join(format!("f{i}")), data);
@@ -407,14 +464,21 @@ fn cache_size_evicts_the_least_recently_used_content_that_another_member_holds()
         let p = b.mnt.join(format!("f{i}"));
         wait_listed(&p, data.len() as u64);
         assert!(same_bytes(&p, data));
-        eventually(Duration::from_secs(20), "fetched in full", || object_of(&b, data).exists());
+        eventually(Duration::from_secs(20), "fetched in full", || {
+            object_of(&b, data).exists()
+        });
         std::thread::sleep(Duration::from_millis(1100));
     }
-    eventually(Duration::from_secs(30), "the oldest fetched file evicted", || {
-        !object_of(&b, &files[0]).exists()
-    });
+    eventually(
+        Duration::from_secs(30),
+        "the oldest fetched file evicted",
+        || !object_of(&b, &files[0]).exists(),
+    );
     assert!(object_of(&b, &files[2]).exists(), "the newest went first");
-    assert!(object_of(&b, &own).exists(), "content held only here was evicted");
+    assert!(
+        object_of(&b, &own).exists(),
+        "content held only here was evicted"
+    );
     // Evicted content is fetched again when read.
     assert!(same_bytes(&b.mnt.join("f0"), &files[0]));
     drop(b);
@@ -430,7 +494,10 @@ fn fetched_pieces_survive_a_crash_of_the_reader() {
     wait_listed(&on_b, data.len() as u64);
     let off = 20 << 20;
     let mut buf = vec![0u8; 64 << 10];
-    std::fs::File::open(&on_b).unwrap().read_exact_at(&mut buf, off as u64).unwrap();
+    std::fs::File::open(&on_b)
+        .unwrap()
+        .read_exact_at(&mut buf, off as u64)
+        .unwrap();
     assert_eq!(buf, data[off..off + buf.len()]);
 
     // Records that arrive are flushed within sled's 500 ms, and the pieces
@@ -441,7 +508,10 @@ fn fetched_pieces_survive_a_crash_of_the_reader() {
     // The writer is gone: the range read before comes from B's own pieces.
     set_link(&nodes[0].ns, false);
     let mut again = vec![0u8; 64 << 10];
-    std::fs::File::open(&on_b).unwrap().read_exact_at(&mut again, off as u64).unwrap();
+    std::fs::File::open(&on_b)
+        .unwrap()
+        .read_exact_at(&mut again, off as u64)
+        .unwrap();
     assert_eq!(again, data[off..off + again.len()]);
     set_link(&nodes[0].ns, true);
 }

@@ -353,7 +353,10 @@ fn changes_on_one_member_show_on_the_others() {
             == Some(12)
     });
     // Its bytes are on A only: B fetches them over BitTorrent when read.
-    assert_eq!(std::fs::read(b.join("dir/file.txt")).unwrap(), b"twelve bytes");
+    assert_eq!(
+        std::fs::read(b.join("dir/file.txt")).unwrap(),
+        b"twelve bytes"
+    );
 
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(

@@ -161,7 +161,11 @@ impl MeshNet {
         };
         while let Some((peer, stream)) = incoming.next().await {
             debug!(%peer, "member opened a peer-wire stream");
-            tokio::spawn(engine.clone().accept(Box::new(stream.compat()), peer.to_string()));
+            tokio::spawn(
+                engine
+                    .clone()
+                    .accept(Box::new(stream.compat()), peer.to_string()),
+            );
         }
     }
 }

@@ -46,11 +46,16 @@ fn bt_listen(plan: &MountPlan) -> std::net::SocketAddr {
     if let Some(a) = plan.opts.bt_listen {
         return a;
     }
-    let mesh = plan
-        .opts
-        .listen
-        .unwrap_or_else(|| crate::options::DEFAULT_LISTEN.parse().expect("valid default"));
-    let port = if mesh.port() == 0 { 0 } else { mesh.port().wrapping_add(1) };
+    let mesh = plan.opts.listen.unwrap_or_else(|| {
+        crate::options::DEFAULT_LISTEN
+            .parse()
+            .expect("valid default")
+    });
+    let port = if mesh.port() == 0 {
+        0
+    } else {
+        mesh.port().wrapping_add(1)
+    };
     std::net::SocketAddr::new(mesh.ip(), port)
 }
 /// How often expired tombstones are looked for.
@@ -338,7 +343,13 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .build()?;
     let (peers, counters, net) = {
         let _guard = rt.enter();
-        mesh::start(mesh_cfg, membership, announce_rx, handle.clone(), content.clone())?
+        mesh::start(
+            mesh_cfg,
+            membership,
+            announce_rx,
+            handle.clone(),
+            content.clone(),
+        )?
     };
     let objects_handle = handle.clone();
     let engine_cfg = EngineConfig {

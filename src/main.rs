@@ -107,7 +107,11 @@ fn human_bytes(n: u64) -> String {
 
 /// `[#######.........]  43%`
 fn progress_bar(done: u64, total: u64, width: usize) -> String {
-    let frac = if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
+    let frac = if total == 0 {
+        1.0
+    } else {
+        (done as f64 / total as f64).min(1.0)
+    };
     let filled = (frac * width as f64).round() as usize;
     format!(
         "[{}{}] {:>3}%",
@@ -210,14 +214,21 @@ fn print_status(v: &serde_json::Value) {
         human_bytes(n("bytes_uploaded"))
     );
     for f in v["fetches"].as_array().into_iter().flatten() {
-        let (have, size) = (f["have"].as_u64().unwrap_or(0), f["size"].as_u64().unwrap_or(0));
+        let (have, size) = (
+            f["have"].as_u64().unwrap_or(0),
+            f["size"].as_u64().unwrap_or(0),
+        );
         println!(
             "    {} {} {}/{}{}",
             progress_bar(have, size, 24),
             f["path"].as_str().unwrap_or("-"),
             human_bytes(have),
             human_bytes(size),
-            if f["full"] == true { " (whole file)" } else { "" }
+            if f["full"] == true {
+                " (whole file)"
+            } else {
+                ""
+            }
         );
     }
     println!("  daemon       pid {}, version {}", n("pid"), s("version"));

@@ -123,7 +123,9 @@ fn parse_size(option: &str, v: &str) -> Result<u64> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| anyhow::anyhow!("mount option {option}={v}: expected a size, e.g. 500M, 20G, 1T"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("mount option {option}={v}: expected a size, e.g. 500M, 20G, 1T")
+        })
 }
 
 /// librqbit's rate limiter takes 16 KiB at a time: a lower limit stalls.
@@ -143,11 +145,18 @@ pub(crate) fn parse_rate(option: &str, v: &str) -> Result<NonZeroU32> {
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| anyhow::anyhow!("mount option {option}={v}: expected bytes per second, e.g. 512k, 10M, 1G"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "mount option {option}={v}: expected bytes per second, e.g. 512k, 10M, 1G"
+            )
+        })?;
     if n < MIN_RATE {
-        bail!("mount option {option}={v}: at least 16k (16384 bytes/s); lower limits stall BitTorrent transfers");
+        bail!(
+            "mount option {option}={v}: at least 16k (16384 bytes/s); lower limits stall BitTorrent transfers"
+        );
     }
-    let n = u32::try_from(n).map_err(|_| anyhow::anyhow!("mount option {option}={v}: at most 3G"))?;
+    let n =
+        u32::try_from(n).map_err(|_| anyhow::anyhow!("mount option {option}={v}: at most 3G"))?;
     NonZeroU32::new(n).ok_or_else(|| anyhow::anyhow!("mount option {option}={v}: must not be 0"))
 }
 
@@ -177,7 +186,8 @@ fn parse_allow(v: &str) -> Result<Vec<Cidr>> {
 }
 
 fn parse_glob(v: &str) -> Result<glob::Pattern> {
-    glob::Pattern::new(v).map_err(|e| anyhow::anyhow!("mount option prefetch: {v:?} is not a glob: {e}"))
+    glob::Pattern::new(v)
+        .map_err(|e| anyhow::anyhow!("mount option prefetch: {v:?} is not a glob: {e}"))
 }
 
 /// Where the mesh listens when `listen=` is not given.
@@ -257,7 +267,17 @@ impl MountOpts {
             if in_prefetch
                 && value.is_none()
                 && !IGNORED.contains(&name)
-                && !matches!(name, "allow_other" | "noallow_other" | "ro" | "nosuid" | "nodev" | "noexec" | "sync" | "dirsync")
+                && !matches!(
+                    name,
+                    "allow_other"
+                        | "noallow_other"
+                        | "ro"
+                        | "nosuid"
+                        | "nodev"
+                        | "noexec"
+                        | "sync"
+                        | "dirsync"
+                )
                 && let Prefetch::Globs(g) = &mut o.prefetch
             {
                 g.push(parse_glob(name)?);
@@ -416,13 +436,19 @@ mod tests {
         assert_eq!(o.read_timeout, Duration::from_secs(5));
         assert_eq!(o.up_rate.map(|r| r.get()), Some(16 << 10));
         assert_eq!(o.down_rate.map(|r| r.get()), Some(10 << 20));
-        assert_eq!(MountOpts::parse("cache_size=20G").unwrap().cache_size, Some(20 << 30));
+        assert_eq!(
+            MountOpts::parse("cache_size=20G").unwrap().cache_size,
+            Some(20 << 30)
+        );
         assert!(o.flags.contains(MsFlags::MS_RDONLY));
         let path = |p: &str| btfs_core::RelPath::parse(p).unwrap();
         assert!(o.prefetch.matches(&path("images/a.iso")));
         assert!(o.prefetch.matches(&path("disks/b.img")));
         assert!(!o.prefetch.matches(&path("notes.txt")));
-        assert_eq!(MountOpts::parse("prefetch=all").unwrap().prefetch, Prefetch::All);
+        assert_eq!(
+            MountOpts::parse("prefetch=all").unwrap().prefetch,
+            Prefetch::All
+        );
         assert!(!MountOpts::parse("").unwrap().prefetch.matches(&path("a")));
     }
 

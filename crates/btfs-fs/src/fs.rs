@@ -366,7 +366,7 @@ impl<B: Backend> FsHandle<B> {
         self.shared.objects.object_path(content)
     }
 
-        pub fn store(&self) -> &Arc<Store<B>> {
+    pub fn store(&self) -> &Arc<Store<B>> {
         &self.shared.store
     }
 
@@ -812,7 +812,9 @@ impl<B: Backend> Shared<B> {
                     return Err(FsError::ContentUnavailable);
                 };
                 let wanted = Wanted {
-                    path: path.as_ref().map_or_else(|| format!("inode {ino}"), |p| p.to_string()),
+                    path: path
+                        .as_ref()
+                        .map_or_else(|| format!("inode {ino}"), |p| p.to_string()),
                     content,
                     torrent,
                     size: entry.record.size,
@@ -1198,7 +1200,11 @@ impl<B: Backend> Shared<B> {
                     &arrived
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let source = self.cfg.content.clone().ok_or(FsError::ContentUnavailable)?;
+                    let source = self
+                        .cfg
+                        .content
+                        .clone()
+                        .ok_or(FsError::ContentUnavailable)?;
                     return Ok(ReadFrom::Remote(source, wanted.clone()));
                 }
                 Err(e) => return Err(e.into()),
@@ -1224,7 +1230,10 @@ impl<B: Backend> Shared<B> {
         if !h.writable {
             return Err(FsError::BadHandle);
         }
-        h.file.as_ref().ok_or(FsError::BadHandle)?.write_all_at(data, offset)?;
+        h.file
+            .as_ref()
+            .ok_or(FsError::BadHandle)?
+            .write_all_at(data, offset)?;
         Ok(data.len() as u32)
     }
 

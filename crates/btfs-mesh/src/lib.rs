@@ -222,7 +222,9 @@ impl std::fmt::Debug for Command {
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mesh").field("local", &self.local).finish_non_exhaustive()
+        f.debug_struct("Mesh")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
     }
 }
 

@@ -51,7 +51,9 @@ pub(crate) async fn read_handshake(
 
 /// Serves one SOCKS5 client: returns the address it asked to connect to,
 /// once the reply is up to `answer`. Called by the engine, which dials.
-pub(crate) async fn socks5_request(io: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> io::Result<SocketAddr> {
+pub(crate) async fn socks5_request(
+    io: &mut (impl AsyncRead + AsyncWrite + Unpin),
+) -> io::Result<SocketAddr> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("SOCKS5: {what}"));
     let mut head = [0u8; 2];
     io.read_exact(&mut head).await?;
@@ -122,7 +124,10 @@ impl PeerTable {
                     return Vec::new();
                 };
                 let [x, y] = n.to_be_bytes();
-                let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 77, x, y), SYNTHETIC_PORT));
+                let addr = SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::new(127, 77, x, y),
+                    SYNTHETIC_PORT,
+                ));
                 self.by_member.insert(member.to_owned(), addr);
                 self.by_addr.insert(addr, member.to_owned());
                 addr.ip()
@@ -212,7 +217,12 @@ mod tests {
         let odd: Cidr = "172.16.0.0/12".parse().unwrap();
         assert!(odd.contains("172.31.255.1".parse().unwrap()));
         assert!(!odd.contains("172.32.0.1".parse().unwrap()));
-        assert!("fd00::/8".parse::<Cidr>().unwrap().contains("fd12::1".parse().unwrap()));
+        assert!(
+            "fd00::/8"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("fd12::1".parse().unwrap())
+        );
         for bad in ["10.0.0.0/33", "nope/8", "10.0.0.0/x", ""] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }

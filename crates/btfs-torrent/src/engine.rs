@@ -190,7 +190,9 @@ impl Live {
     /// asked of librqbit (a background fetch brings pieces no read saw).
     fn has(&self, session: &Arc<Session>, r: std::ops::Range<usize>) -> bool {
         if self.complete.load(Ordering::Acquire)
-            || lock(&self.have).get(r.clone()).is_some_and(|h| h.iter().all(|b| *b))
+            || lock(&self.have)
+                .get(r.clone())
+                .is_some_and(|h| h.iter().all(|b| *b))
         {
             return true;
         }
@@ -287,7 +289,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("local", &self.local).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
     }
 }
 
@@ -298,7 +302,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Engine {
     /// Starts the session, the SOCKS5 bridge, the public listener and the
     /// background tasks. Must run inside a multi-thread tokio runtime.
-    pub async fn start(cfg: EngineConfig, net: Arc<dyn Network>) -> Result<Arc<Self>, TorrentError> {
+    pub async fn start(
+        cfg: EngineConfig,
+        net: Arc<dyn Network>,
+    ) -> Result<Arc<Self>, TorrentError> {
         for sub in ["torrents", "partial", "resume", "session", "fetched"] {
             fs::create_dir_all(cfg.dir.join(sub))?;
         }
@@ -366,7 +373,10 @@ impl Engine {
             .listen_addr()
             .ok_or_else(|| TorrentError::Session("librqbit has no listener".into()))?;
         let public = TcpListener::bind(cfg.listen).await.map_err(|e| {
-            io::Error::new(e.kind(), format!("BitTorrent listener on {}: {e}", cfg.listen))
+            io::Error::new(
+                e.kind(),
+                format!("BitTorrent listener on {}: {e}", cfg.listen),
+            )
         })?;
         let public_addr = public.local_addr()?;
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
@@ -413,7 +423,12 @@ impl Engine {
 
     /// Builds and keeps the torrent of new content (blocking: it hashes the
     /// file). Nothing goes live: a member that wants the content brings it up.
-    pub fn publish(&self, content: &ContentId, file: &Path, size: u64) -> Result<InfoHash, TorrentError> {
+    pub fn publish(
+        &self,
+        content: &ContentId,
+        file: &Path,
+        size: u64,
+    ) -> Result<InfoHash, TorrentError> {
         let meta = Metainfo::build(content, file, size, self.cfg.hash_threads)?;
         let path = self.torrent_path(&meta.info_hash);
         if !path.exists() {
@@ -465,7 +480,12 @@ impl Engine {
 
     /// The live torrent of `meta`, added if needed: seeding the object when
     /// it is here, else lazily fetching into `bt/partial/`.
-    async fn bring_up(&self, meta: Arc<Metainfo>, label: &str, first: Option<String>) -> Result<Arc<Live>, TorrentError> {
+    async fn bring_up(
+        &self,
+        meta: Arc<Metainfo>,
+        label: &str,
+        first: Option<String>,
+    ) -> Result<Arc<Live>, TorrentError> {
         if let Some(l) = self.live_of(&meta.info_hash) {
             l.touch();
             return Ok(l);
@@ -514,7 +534,10 @@ impl Engine {
         if !complete {
             let mut table = lock(&self.peers);
             let members = self.net.members();
-            for m in first.iter().chain(members.iter().filter(|m| Some(*m) != first.as_ref())) {
+            for m in first
+                .iter()
+                .chain(members.iter().filter(|m| Some(*m) != first.as_ref()))
+            {
                 peers.extend(table.addrs_of(m));
             }
         }
@@ -538,7 +561,10 @@ impl Engine {
         let handle = added
             .into_handle()
             .ok_or_else(|| TorrentError::Session("torrent added as list-only".into()))?;
-        handle.wait_until_initialized().await.map_err(TorrentError::session)?;
+        handle
+            .wait_until_initialized()
+            .await
+            .map_err(TorrentError::session)?;
         let live = Arc::new(Live {
             handle,
             meta,
@@ -564,8 +590,10 @@ impl Engine {
     async fn retire(&self, l: &Live) {
         let ih = l.meta.info_hash;
         if let Some(s) = l.handle.live() {
-            self.retired_down.fetch_add(s.get_downloaded_bytes(), Ordering::Relaxed);
-            self.retired_up.fetch_add(s.get_uploaded_bytes(), Ordering::Relaxed);
+            self.retired_down
+                .fetch_add(s.get_downloaded_bytes(), Ordering::Relaxed);
+            self.retired_up
+                .fetch_add(s.get_uploaded_bytes(), Ordering::Relaxed);
         }
         if !l.complete.load(Ordering::Acquire) {
             // librqbit's bitfield (flushed lazily) joined with the pieces
@@ -580,7 +608,11 @@ impl Engine {
                 warn!(torrent = %ih, "could not keep the pieces fetched so far: {e}");
             }
         }
-        if let Err(e) = self.session.delete(TorrentIdOrHash::Id(l.handle.id()), false).await {
+        if let Err(e) = self
+            .session
+            .delete(TorrentIdOrHash::Id(l.handle.id()), false)
+            .await
+        {
             warn!(torrent = %ih, "retiring: {e:#}");
         }
     }
@@ -597,11 +629,18 @@ impl Engine {
             }
             let dirty: Vec<Arc<Live>> = lock(&self.live)
                 .values()
-                .filter(|l| !l.complete.load(Ordering::Acquire) && l.have_dirty.swap(false, Ordering::AcqRel))
+                .filter(|l| {
+                    !l.complete.load(Ordering::Acquire)
+                        && l.have_dirty.swap(false, Ordering::AcqRel)
+                })
                 .cloned()
                 .collect();
             for l in dirty {
-                let path = self.cfg.dir.join("resume").join(format!("{}.bitv", l.meta.info_hash));
+                let path = self
+                    .cfg
+                    .dir
+                    .join("resume")
+                    .join(format!("{}.bitv", l.meta.info_hash));
                 let mut bits = l.have_bits();
                 if let Ok(old) = fs::read(&path)
                     && old.len() == bits.len()
@@ -666,12 +705,16 @@ impl Engine {
             }
             let this = self.clone();
             let members: HashSet<String> = self.net.members().into_iter().collect();
-            let in_use: HashSet<ContentId> = lock(&self.live).values().map(|l| l.meta.content).collect();
+            let in_use: HashSet<ContentId> =
+                lock(&self.live).values().map(|l| l.meta.content).collect();
             let r = tokio::task::spawn_blocking(move || this.evict(limit, &members, &in_use)).await;
             match r {
                 Ok(Ok(over)) if over > 0 && !warned => {
                     warned = true;
-                    warn!(over, "fetched content exceeds cache_size, but the rest is in use or held by no connected member");
+                    warn!(
+                        over,
+                        "fetched content exceeds cache_size, but the rest is in use or held by no connected member"
+                    );
                 }
                 Ok(Ok(0)) => warned = false,
                 Ok(Ok(_)) => {}
@@ -682,12 +725,21 @@ impl Engine {
     }
 
     /// One eviction pass; returns the bytes still over `limit`.
-    fn evict(&self, limit: u64, members: &HashSet<String>, in_use: &HashSet<ContentId>) -> io::Result<u64> {
+    fn evict(
+        &self,
+        limit: u64,
+        members: &HashSet<String>,
+        in_use: &HashSet<ContentId>,
+    ) -> io::Result<u64> {
         // (last use, bytes, content, object or partial file, marker, holder known)
         let mut items = Vec::new();
         for e in fs::read_dir(self.cfg.dir.join("fetched"))? {
             let e = e?;
-            let Some(c) = e.file_name().to_str().and_then(|n| ContentId::from_hex(n).ok()) else {
+            let Some(c) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| ContentId::from_hex(n).ok())
+            else {
                 continue;
             };
             let object = (self.cfg.object_path)(&c);
@@ -698,16 +750,34 @@ impl Engine {
             };
             let holder = fs::read_to_string(e.path()).unwrap_or_default();
             let used = e.metadata()?.modified()?;
-            items.push((used, meta.len(), c, object, Some(e.path()), members.contains(holder.trim())));
+            items.push((
+                used,
+                meta.len(),
+                c,
+                object,
+                Some(e.path()),
+                members.contains(holder.trim()),
+            ));
         }
         for e in fs::read_dir(self.cfg.dir.join("partial"))? {
             let e = e?;
-            let Some(c) = e.file_name().to_str().and_then(|n| ContentId::from_hex(n).ok()) else {
+            let Some(c) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| ContentId::from_hex(n).ok())
+            else {
                 continue;
             };
             let meta = e.metadata()?;
             // Partial content was fetched from members: they hold it.
-            items.push((meta.modified()?, meta.blocks() * 512, c, e.path(), None, true));
+            items.push((
+                meta.modified()?,
+                meta.blocks() * 512,
+                c,
+                e.path(),
+                None,
+                true,
+            ));
         }
         let mut total: u64 = items.iter().map(|i| i.1).sum();
         items.sort_by_key(|i| i.0);
@@ -751,7 +821,12 @@ impl Engine {
         }
     }
 
-    async fn read_inner(self: &Arc<Self>, want: &Want, offset: u64, len: u32) -> Result<Vec<u8>, TorrentError> {
+    async fn read_inner(
+        self: &Arc<Self>,
+        want: &Want,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, TorrentError> {
         let end = want.size.min(offset.saturating_add(u64::from(len)));
         if offset >= end {
             return Ok(Vec::new());
@@ -779,7 +854,12 @@ impl Engine {
                 return pread(path, offset, end).await;
             }
             let read = async {
-                let mut s = live.handle.clone().stream(0).await.map_err(TorrentError::session)?;
+                let mut s = live
+                    .handle
+                    .clone()
+                    .stream(0)
+                    .await
+                    .map_err(TorrentError::session)?;
                 s.seek(SeekFrom::Start(offset)).await?;
                 let mut buf = vec![0u8; (end - offset) as usize];
                 s.read_exact(&mut buf).await?;
@@ -816,7 +896,11 @@ impl Engine {
     fn note_read(self: &Arc<Self>, live: &Arc<Live>, offset: u64, end: u64) {
         let run = {
             let mut seq = lock(&live.sequential);
-            seq.1 = if seq.0 == offset { seq.1 + (end - offset) } else { 0 };
+            seq.1 = if seq.0 == offset {
+                seq.1 + (end - offset)
+            } else {
+                0
+            };
             seq.0 = end;
             seq.2 = Instant::now();
             seq.1
@@ -855,7 +939,10 @@ impl Engine {
                 warn!(path = %lock(&live.label), "fetched content not installed: {e}");
             }
         } else if !live.fetching.load(Ordering::Acquire)
-            && let Err(e) = self.session.update_only_files(&live.handle, &HashSet::new()).await
+            && let Err(e) = self
+                .session
+                .update_only_files(&live.handle, &HashSet::new())
+                .await
         {
             debug!("stopping a background fetch: {e:#}");
         }
@@ -981,7 +1068,12 @@ impl Engine {
         if let Err(e) = fs::write(&marker, live.holder.as_deref().unwrap_or("")) {
             warn!("could not record fetched content for the cache: {e}");
         }
-        let _ = fs::remove_file(self.cfg.dir.join("resume").join(format!("{}.bitv", live.meta.info_hash)));
+        let _ = fs::remove_file(
+            self.cfg
+                .dir
+                .join("resume")
+                .join(format!("{}.bitv", live.meta.info_hash)),
+        );
         info!(path = %lock(&live.label), content = %content.short(), "fetched in full: seeding it");
         Ok(())
     }
@@ -993,7 +1085,9 @@ impl Engine {
         }
         if let Err(e) = self.prefetch_tx.try_send(want) {
             let label = match &e {
-                mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w) => w.label.clone(),
+                mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w) => {
+                    w.label.clone()
+                }
             };
             warn!(path = %label, "prefetch queue full: fetched when first read instead");
         }
@@ -1020,11 +1114,12 @@ impl Engine {
     /// allowed network): brings its torrent up if this node holds it, then
     /// hands the connection to librqbit.
     pub async fn accept(self: Arc<Self>, mut io: BoxIo, from: String) {
-        let (hs, ih) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, bridge::read_handshake(&mut io)).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return debug!(%from, "peer connection refused: {e}"),
-            Err(_) => return debug!(%from, "peer connection refused: no handshake"),
-        };
+        let (hs, ih) =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, bridge::read_handshake(&mut io)).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => return debug!(%from, "peer connection refused: {e}"),
+                Err(_) => return debug!(%from, "peer connection refused: no handshake"),
+            };
         let ih = InfoHash(ih);
         let Some(live) = self.held(ih, &from).await else {
             return;
@@ -1041,7 +1136,9 @@ impl Engine {
         if local.write_all(&hs).await.is_err() {
             return;
         }
-        match tokio::io::copy_bidirectional_with_sizes(&mut io, &mut local, SPLICE_BUF, SPLICE_BUF).await {
+        match tokio::io::copy_bidirectional_with_sizes(&mut io, &mut local, SPLICE_BUF, SPLICE_BUF)
+            .await
+        {
             Ok((up, down)) => debug!(%from, torrent = %ih, up, down, "peer connection closed"),
             Err(e) => debug!(%from, torrent = %ih, "peer connection ended: {e}"),
         }
@@ -1122,7 +1219,13 @@ impl Engine {
                 if bridge::socks5_reply(&mut conn, 0).await.is_err() {
                     return;
                 }
-                let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut remote, SPLICE_BUF, SPLICE_BUF).await;
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut conn,
+                    &mut remote,
+                    SPLICE_BUF,
+                    SPLICE_BUF,
+                )
+                .await;
             });
         }
     }
@@ -1164,7 +1267,9 @@ impl Engine {
                 s.bytes_uploaded += st.get_uploaded_bytes();
             }
             let fetching = l.fetching.load(Ordering::Acquire);
-            if !l.complete.load(Ordering::Acquire) && (fetching || l.users.load(Ordering::Acquire) > 0) {
+            if !l.complete.load(Ordering::Acquire)
+                && (fetching || l.users.load(Ordering::Acquire) > 0)
+            {
                 s.fetches.push(FetchStatus {
                     path: lock(&l.label).clone(),
                     size: l.meta.size,

@@ -12,8 +12,8 @@ use std::{fs::File, path::Path, thread};
 
 use btfs_core::{ContentId, InfoHash};
 use librqbit::{ByteBufOwned, TorrentMetaV1Info, TorrentMetaV1Owned, torrent_from_bytes};
-use librqbit_core::hash_id::Id20;
 use librqbit_bencode::{WithRawBytes, bencode_serialize_to_writer};
+use librqbit_core::hash_id::Id20;
 use librqbit_sha1_wrapper::{self as sha1w, ISha1};
 
 use crate::TorrentError;
@@ -33,7 +33,11 @@ pub fn piece_length(size: u64) -> u32 {
     let want = size.div_ceil(TARGET_PIECES).max(1);
     let upper = want.next_power_of_two();
     let lower = upper / 2;
-    let pick = if lower > 0 && want * 2 <= lower * 3 { lower } else { upper };
+    let pick = if lower > 0 && want * 2 <= lower * 3 {
+        lower
+    } else {
+        upper
+    };
     pick.clamp(u64::from(MIN_PIECE), u64::from(MAX_PIECE)) as u32
 }
 
@@ -123,7 +127,9 @@ impl Metainfo {
             .and_then(|n| ContentId::from_hex(n).ok())
             .ok_or_else(|| TorrentError::BadMetainfo("name is not a content id".into()))?;
         let (Some(size), None) = (info.length, &info.files) else {
-            return Err(TorrentError::BadMetainfo("not a single-file torrent".into()));
+            return Err(TorrentError::BadMetainfo(
+                "not a single-file torrent".into(),
+            ));
         };
         let piece_length = info.piece_length;
         Ok(Self {
@@ -157,7 +163,10 @@ fn hash_pieces(
     let file = File::open(file)?;
     let len = file.metadata()?.len();
     if len != size {
-        return Err(TorrentError::SizeChanged { expected: size, found: len });
+        return Err(TorrentError::SizeChanged {
+            expected: size,
+            found: len,
+        });
     }
     let pl = u64::from(piece_length);
     let n = size.div_ceil(pl);
@@ -186,7 +195,10 @@ fn hash_pieces(
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err(std::io::Error::other("hashing thread panicked"))))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("hashing thread panicked")))
+            })
             .collect::<std::io::Result<Vec<_>>>()
     })?;
     Ok(hashes.concat())
@@ -223,7 +235,13 @@ mod tests {
     fn a_torrent_is_a_function_of_the_content_with_one_hash_per_piece() {
         // An exact multiple of the piece length: librqbit's own creator adds
         // a hash for an empty last piece there.
-        for len in [1usize, 1000, 256 << 10, (256 << 10) * 3, (256 << 10) * 3 + 17] {
+        for len in [
+            1usize,
+            1000,
+            256 << 10,
+            (256 << 10) * 3,
+            (256 << 10) * 3 + 17,
+        ] {
             let (f, c, data) = file_of(len);
             let one = Metainfo::build(&c, f.path(), len as u64, 1).unwrap();
             let four = Metainfo::build(&c, f.path(), len as u64, 4).unwrap();
