@@ -49,7 +49,7 @@ fn bt_listen(plan: &MountPlan) -> std::net::SocketAddr {
     let mesh = plan.opts.listen.unwrap_or_else(|| {
         crate::options::DEFAULT_LISTEN
             .parse()
-            .expect("valid default")
+            .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 4410)))
     });
     let port = if mesh.port() == 0 {
         0
