@@ -515,3 +515,31 @@ fn fetched_pieces_survive_a_crash_of_the_reader() {
     assert_eq!(again, data[off..off + again.len()]);
     set_link(&nodes[0].ns, true);
 }
+
+#[test]
+fn down_rate_limits_what_a_node_fetches() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path(), "cluster.key");
+    let mut net = Net::new();
+    let a = net.start_nodes(1, &key, ",mdns=on").pop().unwrap();
+    let b = net
+        .start_nodes(1, &key, ",mdns=on,down_rate=1M")
+        .pop()
+        .unwrap();
+    eventually(Duration::from_secs(30), "connected", || {
+        b.connected_peers() == 1
+    });
+    let data = common::pattern(60, 6 << 20);
+    write_file(&a.mnt.join("slow.bin"), &data);
+    wait_listed(&b.mnt.join("slow.bin"), data.len() as u64);
+    let t = Instant::now();
+    assert!(same_bytes(&b.mnt.join("slow.bin"), &data));
+    let took = t.elapsed();
+    // 6 MiB at 1 MiB/s, less the one-second burst the limiter allows.
+    assert!(
+        took >= Duration::from_secs(4),
+        "6 MiB fetched in {took:?} at down_rate=1M"
+    );
+    drop(b);
+    drop(a);
+}
