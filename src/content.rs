@@ -20,6 +20,10 @@ use tracing::{debug, warn};
 
 use crate::mesh::{Rpc, peer_of};
 
+/// Peer-wire streams from members served at once (each is one BitTorrent
+/// connection; librqbit keeps at most 128 per torrent).
+const MAX_PEER_STREAMS: usize = 1024;
+
 /// Which files are fetched in full as soon as their record arrives.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Prefetch {
@@ -159,13 +163,20 @@ impl MeshNet {
             Ok(i) => i,
             Err(e) => return warn!("no member streams: {e}"),
         };
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_STREAMS));
         while let Some((peer, stream)) = incoming.next().await {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                warn!(%peer, "{MAX_PEER_STREAMS} peer-wire streams open: refusing another");
+                continue;
+            };
             debug!(%peer, "member opened a peer-wire stream");
-            tokio::spawn(
+            let engine = engine.clone();
+            tokio::spawn(async move {
                 engine
-                    .clone()
-                    .accept(Box::new(stream.compat()), peer.to_string()),
-            );
+                    .accept(Box::new(stream.compat()), peer.to_string())
+                    .await;
+                drop(permit);
+            });
         }
     }
 }
