@@ -320,15 +320,8 @@ impl Engine {
             }
             let name = e.file_name();
             if name.to_string_lossy().ends_with(".bitv") {
-                // Both only claim verified pieces: keep their union.
                 let kept = cfg.dir.join("resume").join(&name);
-                let mut bits = fs::read(e.path())?;
-                if let Ok(old) = fs::read(&kept)
-                    && old.len() == bits.len()
-                {
-                    bits.iter_mut().zip(old).for_each(|(b, o)| *b |= o);
-                }
-                write_atomic(&kept, &bits)?;
+                write_atomic(&kept, &with_kept(&kept, fs::read(e.path())?))?;
                 fs::remove_file(e.path())?;
             } else {
                 fs::remove_file(e.path())?;
@@ -599,11 +592,8 @@ impl Engine {
             // librqbit's bitfield (flushed lazily) joined with the pieces
             // reads saw verified: both only claim verified pieces.
             let bitv = self.cfg.dir.join("session").join(format!("{ih}.bitv"));
-            let mut bits = fs::read(&bitv).unwrap_or_default();
-            let ours = l.have_bits();
-            bits.resize(ours.len(), 0);
-            bits.iter_mut().zip(ours).for_each(|(b, o)| *b |= o);
             let resume = self.cfg.dir.join("resume").join(format!("{ih}.bitv"));
+            let bits = with_kept(&resume, with_kept(&bitv, l.have_bits()));
             if let Err(e) = write_atomic(&resume, &bits) {
                 warn!(torrent = %ih, "could not keep the pieces fetched so far: {e}");
             }
@@ -641,13 +631,7 @@ impl Engine {
                     .dir
                     .join("resume")
                     .join(format!("{}.bitv", l.meta.info_hash));
-                let mut bits = l.have_bits();
-                if let Ok(old) = fs::read(&path)
-                    && old.len() == bits.len()
-                {
-                    bits.iter_mut().zip(old).for_each(|(b, o)| *b |= o);
-                }
-                if let Err(e) = write_atomic(&path, &bits) {
+                if let Err(e) = write_atomic(&path, &with_kept(&path, l.have_bits())) {
                     warn!(torrent = %l.meta.info_hash, "could not keep the pieces fetched so far: {e}");
                 }
             }
@@ -1292,6 +1276,18 @@ async fn pread(path: PathBuf, offset: u64, end: u64) -> Result<Vec<u8>, TorrentE
     .await
     .map_err(io::Error::other)?
     .map_err(TorrentError::Io)
+}
+
+/// `bits` joined with the bitfield kept at `path`, when it is one of the
+/// same torrent: every bitfield here claims only verified pieces, so their
+/// union does too.
+fn with_kept(path: &Path, mut bits: Vec<u8>) -> Vec<u8> {
+    if let Ok(old) = fs::read(path)
+        && old.len() == bits.len()
+    {
+        bits.iter_mut().zip(old).for_each(|(b, o)| *b |= o);
+    }
+    bits
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
