@@ -9,10 +9,10 @@ use std::{
     sync::{Arc, Mutex, OnceLock},
 };
 
-use btfs_core::{ContentId, FileKind, FileRecord, InfoHash, NodeId, RelPath};
+use btfs_core::{ContentId, FileRecord, InfoHash, NodeId, RelPath};
 use btfs_fs::{ContentSource, Done, Wanted};
 use btfs_mesh::Mesh;
-use btfs_torrent::{BoxIo, Engine, Network, Want};
+use btfs_torrent::{BoxIo, Engine, Network};
 use futures::StreamExt;
 use libp2p_identity::PeerId;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -54,16 +54,6 @@ pub(crate) struct Content {
     prefetch: Prefetch,
 }
 
-fn want(w: Wanted) -> Want {
-    Want {
-        label: w.path,
-        content: w.content,
-        torrent: w.torrent,
-        size: w.size,
-        author: w.author,
-    }
-}
-
 impl Content {
     pub(crate) fn new(prefetch: Prefetch) -> Self {
         Self {
@@ -83,19 +73,13 @@ impl Content {
     /// A record arrived from another node: prefetch its content if the
     /// policy says so.
     pub(crate) fn arrived(&self, path: &RelPath, r: &FileRecord) {
-        let (Some(engine), FileKind::File, false, Some(content), Some(torrent)) =
-            (self.engine(), r.kind, r.deleted, r.content, r.torrent)
-        else {
+        let Some(engine) = self.engine() else {
             return;
         };
-        if self.prefetch.matches(path) {
-            engine.prefetch(Want {
-                label: path.to_string(),
-                content,
-                torrent,
-                size: r.size,
-                author: r.author,
-            });
+        if self.prefetch.matches(path)
+            && let Some(wanted) = Wanted::of(path.to_string(), r)
+        {
+            engine.prefetch(wanted);
         }
     }
 }
@@ -115,7 +99,7 @@ impl ContentSource for Content {
             return done(Err(not_started()));
         };
         let engine = engine.clone();
-        rt.spawn(async move { done(engine.read(want(wanted), offset, len).await) });
+        rt.spawn(async move { done(engine.read(wanted, offset, len).await) });
     }
 
     fn opened(&self, content: &ContentId) {
@@ -131,7 +115,7 @@ impl ContentSource for Content {
         let engine = engine.clone();
         rt.spawn(async move {
             let label = wanted.path.clone();
-            let r = engine.fetch(want(wanted)).await;
+            let r = engine.fetch(wanted).await;
             if let Err(e) = &r {
                 warn!(path = %label, "fetching for a writer failed: {e}");
             }

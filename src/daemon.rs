@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use btfs_core::{FileRecord, NodeId, RelPath};
+use btfs_core::{FileRecord, NodeId, RelPath, Wanted};
 use btfs_fs::{BtfsFs, FsConfig, MountOptions, ObjectStore};
 use btfs_store::Store;
 use nix::unistd::ForkResult;
@@ -275,7 +275,7 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
 fn export_want(
     fs: &btfs_fs::FsHandle<btfs_store::SledBackend>,
     path: &str,
-) -> std::result::Result<btfs_torrent::Want, String> {
+) -> std::result::Result<Wanted, String> {
     let rel = RelPath::parse(path).map_err(|e| format!("{path}: {e}"))?;
     let entry = fs
         .store()
@@ -283,19 +283,11 @@ fn export_want(
         .map_err(|e| format!("{path}: {e}"))?
         .ok_or_else(|| format!("{path}: no such file"))?;
     let r = &entry.record;
-    match (r.kind, r.content, r.torrent) {
-        (btfs_core::FileKind::File, Some(content), Some(torrent)) => Ok(btfs_torrent::Want {
-            label: path.to_owned(),
-            content,
-            torrent,
-            size: r.size,
-            author: r.author,
-        }),
-        (btfs_core::FileKind::File, _, None) if r.size == 0 => {
-            Err(format!("{path}: an empty file has no torrent"))
-        }
-        (btfs_core::FileKind::File, _, None) => Err(format!("{path}: this version has no torrent")),
-        _ => Err(format!("{path}: not a regular file")),
+    match Wanted::of(path.to_owned(), r) {
+        Some(w) => Ok(w),
+        None if r.kind != btfs_core::FileKind::File => Err(format!("{path}: not a regular file")),
+        None if r.size == 0 => Err(format!("{path}: an empty file has no torrent")),
+        None => Err(format!("{path}: this version has no torrent")),
     }
 }
 

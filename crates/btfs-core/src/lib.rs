@@ -14,5 +14,5 @@ mod version;
 pub use id::{ContentId, IdParseError, InfoHash, NodeId};
 pub use merge::{Resolution, Versions, conflict_copy_name, is_conflict_copy, resolve};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, validate_name};
-pub use record::{FileKind, FileRecord, Owner, Timestamp};
+pub use record::{FileKind, FileRecord, Owner, Timestamp, Wanted};
 pub use version::VersionVector;

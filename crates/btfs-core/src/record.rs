@@ -189,6 +189,30 @@ mod tests {
     };
 
     #[test]
+    fn only_live_files_with_a_torrent_are_wanted_from_other_nodes() {
+        let now = Timestamp::now();
+        let mut f = FileRecord::new_file(OWNER, A, now);
+        assert_eq!(
+            Wanted::of("f".into(), &f),
+            None,
+            "an empty file travels in its record"
+        );
+        f.content = Some(ContentId::of(b"data"));
+        f.size = 4;
+        f.torrent = Some(InfoHash([9; 20]));
+        let w = Wanted::of("f".into(), &f).unwrap();
+        assert_eq!(
+            (w.content, w.torrent, w.size, w.author),
+            (ContentId::of(b"data"), InfoHash([9; 20]), 4, A)
+        );
+        assert_eq!(Wanted::of("f".into(), &f.tombstone(B, now)), None);
+        assert_eq!(
+            Wanted::of("d".into(), &FileRecord::new_dir(OWNER, A, now)),
+            None
+        );
+    }
+
+    #[test]
     fn timestamps_round_trip_before_and_after_epoch() {
         for t in [
             UNIX_EPOCH + Duration::new(1_700_000_000, 5),
@@ -219,5 +243,34 @@ mod tests {
         assert!(t.deleted && t.version > g.version && t.content.is_none());
         let reborn = FileRecord::new_dir(OWNER, B, now).succeeding(&t);
         assert!(reborn.version > t.version && reborn.is_live());
+    }
+}
+
+/// What a node needs to get a file's content from the nodes that hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// The path, for log lines and status.
+    pub path: String,
+    pub content: ContentId,
+    pub torrent: InfoHash,
+    pub size: u64,
+    /// The node that wrote this content: it holds it, unless it is down.
+    pub author: NodeId,
+}
+
+impl Wanted {
+    /// The content of a live file record that travels between nodes (one
+    /// with a torrent; empty files have none).
+    pub fn of(path: String, r: &FileRecord) -> Option<Self> {
+        match (r.kind, r.deleted, r.content, r.torrent) {
+            (FileKind::File, false, Some(content), Some(torrent)) => Some(Self {
+                path,
+                content,
+                torrent,
+                size: r.size,
+                author: r.author,
+            }),
+            _ => None,
+        }
     }
 }

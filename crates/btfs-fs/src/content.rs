@@ -7,19 +7,8 @@
 
 use std::{fmt, io, path::Path};
 
-use btfs_core::{ContentId, InfoHash, NodeId};
-
-/// What a reader needs to get content from other nodes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Wanted {
-    /// The path, for log lines.
-    pub path: String,
-    pub content: ContentId,
-    pub torrent: InfoHash,
-    pub size: u64,
-    /// The node that wrote this content: it holds it, unless it is down.
-    pub author: NodeId,
-}
+pub use btfs_core::Wanted;
+use btfs_core::{ContentId, InfoHash};
 
 /// Receives the answer of an asynchronous content request.
 pub type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;

@@ -806,19 +806,14 @@ impl<B: Backend> Shared<B> {
                 && content != ContentId::empty()
                 && !self.objects.object_path(&content).exists()
             {
-                let (Some(source), Some(torrent)) = (&self.cfg.content, entry.record.torrent)
+                let path = path
+                    .as_ref()
+                    .map_or_else(|| format!("inode {ino}"), |p| p.to_string());
+                let (Some(source), Some(wanted)) =
+                    (&self.cfg.content, Wanted::of(path, &entry.record))
                 else {
                     warn!(ino, content = %content.short(), "content is not on this node and no node can send it: EIO");
                     return Err(FsError::ContentUnavailable);
-                };
-                let wanted = Wanted {
-                    path: path
-                        .as_ref()
-                        .map_or_else(|| format!("inode {ino}"), |p| p.to_string()),
-                    content,
-                    torrent,
-                    size: entry.record.size,
-                    author: entry.record.author,
                 };
                 if writable || st.backing.is_some() || st.staging.is_some() {
                     return Err(FsError::Fetch(Box::new((source.clone(), wanted))));

@@ -33,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use btfs_core::{ContentId, InfoHash, NodeId};
+use btfs_core::{ContentId, InfoHash, NodeId, Wanted};
 use librqbit::{
     AddTorrent, AddTorrentOptions, ConnectionOptions, ListenerMode, ListenerOptions,
     ManagedTorrent, Session, SessionOptions, SessionPersistenceConfig, api::TorrentIdOrHash,
@@ -134,16 +134,6 @@ impl std::fmt::Debug for EngineConfig {
             .field("read_timeout", &self.read_timeout)
             .finish_non_exhaustive()
     }
-}
-
-/// One wanted file: what `read`, `fetch` and `prefetch` work on.
-#[derive(Debug, Clone)]
-pub struct Want {
-    pub label: String,
-    pub content: ContentId,
-    pub torrent: InfoHash,
-    pub size: u64,
-    pub author: NodeId,
 }
 
 /// A live torrent.
@@ -281,7 +271,7 @@ pub struct Engine {
     peers: Mutex<PeerTable>,
     live: Mutex<HashMap<InfoHash, Arc<Live>>>,
     adding: tokio::sync::Mutex<()>,
-    prefetch_tx: mpsc::Sender<Want>,
+    prefetch_tx: mpsc::Sender<Wanted>,
     retired_down: AtomicU64,
     retired_up: AtomicU64,
     cancel: CancellationToken,
@@ -440,7 +430,7 @@ impl Engine {
     }
 
     /// The `.torrent` of a file: kept here, or asked from members.
-    pub async fn metainfo(&self, want: &Want) -> Result<Arc<Metainfo>, TorrentError> {
+    pub async fn metainfo(&self, want: &Wanted) -> Result<Arc<Metainfo>, TorrentError> {
         let path = self.torrent_path(&want.torrent);
         let meta = match fs::read(&path) {
             Ok(bytes) => Metainfo::parse(bytes, &want.torrent)?,
@@ -790,16 +780,16 @@ impl Engine {
 
     /// Reads `len` bytes at `offset` of content held elsewhere, fetching only
     /// the pieces needed, within the read deadline.
-    pub async fn read(self: Arc<Self>, want: Want, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+    pub async fn read(self: Arc<Self>, want: Wanted, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let deadline = self.cfg.read_timeout;
         match tokio::time::timeout(deadline, self.read_inner(&want, offset, len)).await {
             Ok(Ok(data)) => Ok(data),
             Ok(Err(e)) => {
-                warn!(path = %want.label, offset, "read failed: {e}");
+                warn!(path = %want.path, offset, "read failed: {e}");
                 Err(e.into())
             }
             Err(_) => {
-                warn!(path = %want.label, offset, "read timed out after {deadline:?}: no reachable member sent the bytes");
+                warn!(path = %want.path, offset, "read timed out after {deadline:?}: no reachable member sent the bytes");
                 Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out"))
             }
         }
@@ -807,7 +797,7 @@ impl Engine {
 
     async fn read_inner(
         self: &Arc<Self>,
-        want: &Want,
+        want: &Wanted,
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, TorrentError> {
@@ -826,7 +816,7 @@ impl Engine {
         };
         loop {
             let live = self
-                .bring_up(meta.clone(), &want.label, self.net.member_of(&want.author))
+                .bring_up(meta.clone(), &want.path, self.net.member_of(&want.author))
                 .await?;
             let up = started.elapsed();
             let _use = InUse::new(live.clone());
@@ -854,7 +844,7 @@ impl Engine {
             match tokio::time::timeout(STALL_RETRY, read).await {
                 Ok(Ok(buf)) => {
                     live.mark(pieces);
-                    debug!(path = %want.label, offset, ?up, total = ?started.elapsed(), "fetched a range");
+                    debug!(path = %want.path, offset, ?up, total = ?started.elapsed(), "fetched a range");
                     self.install_if_whole(&live);
                     return Ok(buf);
                 }
@@ -862,7 +852,7 @@ impl Engine {
                 Ok(Err(_)) if !self.is_current(&live) => continue,
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    debug!(path = %want.label, offset, "read stalled: bringing the torrent up again");
+                    debug!(path = %want.path, offset, "read stalled: bringing the torrent up again");
                     self.restart(&live).await;
                 }
             }
@@ -954,14 +944,14 @@ impl Engine {
     // ----- whole files ----------------------------------------------------------
 
     /// Fetches the whole content into the object store.
-    pub async fn fetch(&self, want: Want) -> Result<(), TorrentError> {
+    pub async fn fetch(&self, want: Wanted) -> Result<(), TorrentError> {
         let object = (self.cfg.object_path)(&want.content);
         if object.exists() {
             return Ok(());
         }
         let meta = self.metainfo(&want).await?;
         let live = self
-            .bring_up(meta, &want.label, self.net.member_of(&want.author))
+            .bring_up(meta, &want.path, self.net.member_of(&want.author))
             .await?;
         if live.complete.load(Ordering::Acquire) {
             return Ok(());
@@ -1063,28 +1053,28 @@ impl Engine {
     }
 
     /// Queues a whole-file fetch (prefetch policy); never blocks.
-    pub fn prefetch(&self, want: Want) {
+    pub fn prefetch(&self, want: Wanted) {
         if (self.cfg.object_path)(&want.content).exists() {
             return;
         }
         if let Err(e) = self.prefetch_tx.try_send(want) {
             let label = match &e {
                 mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w) => {
-                    w.label.clone()
+                    w.path.clone()
                 }
             };
             warn!(path = %label, "prefetch queue full: fetched when first read instead");
         }
     }
 
-    async fn prefetcher(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Want>>>) {
+    async fn prefetcher(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Wanted>>>) {
         loop {
             let next = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 w = async { rx.lock().await.recv().await } => w,
             };
             let Some(want) = next else { return };
-            let label = want.label.clone();
+            let label = want.path.clone();
             match self.fetch(want).await {
                 Ok(()) => debug!(path = %label, "prefetched"),
                 Err(e) => warn!(path = %label, "prefetch failed: {e}"),

@@ -23,7 +23,7 @@ use std::io;
 use btfs_core::InfoHash;
 
 pub use bridge::{BoxIo, Cidr};
-pub use engine::{Engine, EngineConfig, FetchStatus, Network, ObjectPath, Status, Want};
+pub use engine::{Engine, EngineConfig, FetchStatus, Network, ObjectPath, Status};
 pub use meta::Metainfo;
 
 /// Everything the content layer can fail with.
