@@ -36,7 +36,7 @@ use std::{
     os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, MutexGuard, RwLock,
+        Arc, Mutex, MutexGuard, OnceLock, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc::{SyncSender, TrySendError},
     },
@@ -169,6 +169,8 @@ struct Handle {
     cached: bool,
     /// Content read through the content source until it arrives here.
     remote: Option<Wanted>,
+    /// The object of `remote`, once it arrived.
+    arrived: OnceLock<Arc<File>>,
 }
 
 /// How a read is answered.
@@ -819,17 +821,14 @@ impl<B: Backend> Shared<B> {
                     return Err(FsError::Fetch(Box::new((source.clone(), wanted))));
                 }
                 st.cached += 1;
-                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                lock(&self.handles).insert(
-                    fh,
-                    Arc::new(Handle {
-                        ino,
-                        file: None,
-                        writable,
-                        cached: true,
-                        remote: Some(wanted),
-                    }),
-                );
+                let fh = self.add_handle(Handle {
+                    ino,
+                    file: None,
+                    writable,
+                    cached: true,
+                    remote: Some(wanted),
+                    arrived: OnceLock::new(),
+                });
                 return Ok((fh, FopenFlags::FOPEN_KEEP_CACHE, None));
             }
             if let (false, Some(source)) = (writable, &self.cfg.content) {
@@ -892,17 +891,14 @@ impl<B: Backend> Shared<B> {
             if writable {
                 st.writers += 1;
             }
-            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-            lock(&self.handles).insert(
-                fh,
-                Arc::new(Handle {
-                    ino,
-                    file: Some(file),
-                    writable,
-                    cached,
-                    remote: None,
-                }),
-            );
+            let fh = self.add_handle(Handle {
+                ino,
+                file: Some(file),
+                writable,
+                cached,
+                remote: None,
+                arrived: OnceLock::new(),
+            });
             Ok((fh, fopen, backing))
         })();
         if opened.is_err() {
@@ -1172,6 +1168,12 @@ impl<B: Backend> Shared<B> {
         }
     }
 
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Arc::new(h));
+        fh
+    }
+
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
         lock(&self.handles)
             .get(&fh)
@@ -1185,24 +1187,24 @@ impl<B: Backend> Shared<B> {
         let current = self
             .cell(h.ino)
             .and_then(|c| c.current.read().unwrap_or_else(|p| p.into_inner()).clone());
-        let arrived;
         let file = match (&current, &h.file, &h.remote) {
             (Some(f), _, _) | (None, Some(f), _) => f,
-            (None, None, Some(wanted)) => match self.objects.open_object(&wanted.content) {
-                // Fetched meanwhile (by this reader or another).
-                Ok(f) => {
-                    arrived = Arc::new(f);
-                    &arrived
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let source = self
-                        .cfg
-                        .content
-                        .clone()
-                        .ok_or(FsError::ContentUnavailable)?;
-                    return Ok(ReadFrom::Remote(source, wanted.clone()));
-                }
-                Err(e) => return Err(e.into()),
+            (None, None, Some(wanted)) => match h.arrived.get() {
+                Some(f) => f,
+                None => match self.objects.open_object(&wanted.content) {
+                    // Fetched meanwhile (by this reader or another): kept
+                    // for this handle's later reads.
+                    Ok(f) => h.arrived.get_or_init(|| Arc::new(f)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        let source = self
+                            .cfg
+                            .content
+                            .clone()
+                            .ok_or(FsError::ContentUnavailable)?;
+                        return Ok(ReadFrom::Remote(source, wanted.clone()));
+                    }
+                    Err(e) => return Err(e.into()),
+                },
             },
             (None, None, None) => return Err(FsError::BadHandle),
         };

@@ -83,7 +83,8 @@ const PREFETCH_QUEUE: usize = 4096;
 /// large mesh frames (tokio's default, 8 KiB, costs a frame and its
 /// encryption per 8 KiB).
 const SPLICE_BUF: usize = 256 << 10;
-/// Time for a peer to send its handshake.
+/// Time for a peer to send its handshake, and for a stream to a member to
+/// open.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// librqbit's blocking-work semaphore: every open stream and every add holds
 /// a permit (its default, 8, stalls a busy node).
@@ -1183,7 +1184,14 @@ impl Engine {
                     let _ = bridge::socks5_reply(&mut conn, 5).await;
                     return debug!(%target, "librqbit dialled an address that is not a member");
                 };
-                let mut remote = match this.net.dial(member.clone()).await {
+                let dialled =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, this.net.dial(member.clone())).await;
+                let mut remote = match dialled.unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no stream within 10 s",
+                    ))
+                }) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = bridge::socks5_reply(&mut conn, 5).await;
