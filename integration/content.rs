@@ -95,13 +95,7 @@ fn object_of(node: &NsNode, data: &[u8]) -> PathBuf {
 
 #[test]
 fn a_read_with_no_holder_online_fails_with_eio_in_time_and_nothing_else_waits() {
-    let keys = tempfile::tempdir().unwrap();
-    let key = keygen(keys.path(), "cluster.key");
-    let mut net = Net::new();
-    let nodes = net.start_nodes(2, &key, ",mdns=on,read_timeout=5s");
-    eventually(Duration::from_secs(30), "connected", || {
-        nodes.iter().all(|m| m.connected_peers() == 1)
-    });
+    let (_keys, _net, nodes) = cluster_with(&[",read_timeout=5s"; 2]);
     let (a, b) = (&nodes[0], &nodes[1]);
     let data = common::pattern(7, 3 << 20);
     write_file(&a.mnt.join("only-on-a.bin"), &data);
@@ -145,13 +139,7 @@ fn a_read_with_no_holder_online_fails_with_eio_in_time_and_nothing_else_waits() 
 
 #[test]
 fn prefetch_all_brings_a_new_file_to_every_node_without_a_read() {
-    let keys = tempfile::tempdir().unwrap();
-    let key = keygen(keys.path(), "cluster.key");
-    let mut net = Net::new();
-    let nodes = net.start_nodes(3, &key, ",mdns=on,prefetch=all");
-    eventually(Duration::from_secs(30), "connected", || {
-        nodes.iter().all(|m| m.connected_peers() == 2)
-    });
+    let (_keys, _net, nodes) = cluster_with(&[",prefetch=all"; 3]);
     let data = common::pattern(11, 24 << 20);
     write_file(&nodes[0].mnt.join("image.bin"), &data);
     for n in &nodes[1..] {
@@ -442,17 +430,8 @@ fn bench_content_first_byte_throughput_and_publish() {
 
 #[test]
 fn cache_size_evicts_the_least_recently_used_content_that_another_member_holds() {
-    let keys = tempfile::tempdir().unwrap();
-    let key = keygen(keys.path(), "cluster.key");
-    let mut net = Net::new();
-    let a = net.start_nodes(1, &key, ",mdns=on").pop().unwrap();
-    let b = net
-        .start_nodes(1, &key, ",mdns=on,cache_size=20M")
-        .pop()
-        .unwrap();
-    eventually(Duration::from_secs(30), "connected", || {
-        b.connected_peers() == 1
-    });
+    let (_keys, _net, nodes) = cluster_with(&["", ",cache_size=20M"]);
+    let (a, b) = (&nodes[0], &nodes[1]);
     let files: Vec<Vec<u8>> = (0..3).map(|i| common::pattern(30 + i, 8 << 20)).collect();
     for (i, data) in files.iter().enumerate() {
         write_file(&a.mnt.join(format!("f{i}")), data);
@@ -465,24 +444,22 @@ fn cache_size_evicts_the_least_recently_used_content_that_another_member_holds()
         wait_listed(&p, data.len() as u64);
         assert!(same_bytes(&p, data));
         eventually(Duration::from_secs(20), "fetched in full", || {
-            object_of(&b, data).exists()
+            object_of(b, data).exists()
         });
         std::thread::sleep(Duration::from_millis(1100));
     }
     eventually(
         Duration::from_secs(30),
         "the oldest fetched file evicted",
-        || !object_of(&b, &files[0]).exists(),
+        || !object_of(b, &files[0]).exists(),
     );
-    assert!(object_of(&b, &files[2]).exists(), "the newest went first");
+    assert!(object_of(b, &files[2]).exists(), "the newest went first");
     assert!(
-        object_of(&b, &own).exists(),
+        object_of(b, &own).exists(),
         "content held only here was evicted"
     );
     // Evicted content is fetched again when read.
     assert!(same_bytes(&b.mnt.join("f0"), &files[0]));
-    drop(b);
-    drop(a);
 }
 
 #[test]
@@ -518,17 +495,8 @@ fn fetched_pieces_survive_a_crash_of_the_reader() {
 
 #[test]
 fn down_rate_limits_what_a_node_fetches() {
-    let keys = tempfile::tempdir().unwrap();
-    let key = keygen(keys.path(), "cluster.key");
-    let mut net = Net::new();
-    let a = net.start_nodes(1, &key, ",mdns=on").pop().unwrap();
-    let b = net
-        .start_nodes(1, &key, ",mdns=on,down_rate=1M")
-        .pop()
-        .unwrap();
-    eventually(Duration::from_secs(30), "connected", || {
-        b.connected_peers() == 1
-    });
+    let (_keys, _net, nodes) = cluster_with(&["", ",down_rate=1M"]);
+    let (a, b) = (&nodes[0], &nodes[1]);
     let data = common::pattern(60, 6 << 20);
     write_file(&a.mnt.join("slow.bin"), &data);
     wait_listed(&b.mnt.join("slow.bin"), data.len() as u64);
@@ -540,6 +508,4 @@ fn down_rate_limits_what_a_node_fetches() {
         took >= Duration::from_secs(4),
         "6 MiB fetched in {took:?} at down_rate=1M"
     );
-    drop(b);
-    drop(a);
 }

@@ -240,10 +240,19 @@ fn keygen(dir: &Path, name: &str) -> PathBuf {
 /// is connected to all the others. Bind the parts in this order: the nodes
 /// are unmounted before the namespaces go.
 fn connected_cluster(n: usize) -> (tempfile::TempDir, Net, Vec<NsNode>) {
+    cluster_with(&vec![""; n])
+}
+
+/// `connected_cluster` with extra mount options for each node (`",opt=v"`).
+fn cluster_with(extra: &[&str]) -> (tempfile::TempDir, Net, Vec<NsNode>) {
     let keys = tempfile::tempdir().unwrap();
     let key = keygen(keys.path(), "cluster.key");
     let mut net = Net::new();
-    let nodes = net.start_nodes(n, &key, ",mdns=on");
+    let nodes: Vec<NsNode> = extra
+        .iter()
+        .flat_map(|e| net.start_nodes(1, &key, &format!(",mdns=on{e}")))
+        .collect();
+    let n = nodes.len();
     eventually(Duration::from_secs(30), "every member connected", || {
         nodes.iter().all(|m| m.connected_peers() == n - 1)
     });
