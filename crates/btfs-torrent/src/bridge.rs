@@ -16,15 +16,71 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    pin::Pin,
     str::FromStr,
+    task::{Context, Poll},
 };
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
 
 /// A byte stream to or from a peer.
 pub trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> PeerIo for T {}
 pub type BoxIo = Box<dyn PeerIo>;
+
+/// Our end of a loopback connection with librqbit, acknowledging every read
+/// at once.
+///
+/// librqbit leaves Nagle's algorithm on for its sockets, and each peer-wire
+/// message is its own `write`. With delayed ACKs on this end, a small message
+/// that follows another (an unchoke after the extended handshake, requests
+/// after an interested) waits up to 40 ms for the ACK of the first: that was
+/// most of a cold read's latency. `TCP_QUICKACK` is not sticky, so it is
+/// armed again after each read.
+pub(crate) struct QuickAck(pub(crate) TcpStream);
+
+impl QuickAck {
+    pub(crate) fn new(s: TcpStream) -> Self {
+        let _ = s.set_nodelay(true);
+        Self(s)
+    }
+}
+
+impl AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.0).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
 
 /// The BitTorrent v1 handshake: length byte, protocol name, 8 reserved
 /// bytes, info hash, peer id.
@@ -112,7 +168,7 @@ pub(crate) struct PeerTable {
 }
 
 pub(crate) const SYNTHETIC_PORT: u16 = 6881;
-pub(crate) const CONNECTIONS_PER_MEMBER: u16 = 2;
+pub(crate) const CONNECTIONS_PER_MEMBER: u16 = 1;
 
 impl PeerTable {
     /// The addresses that stand for `member`.

@@ -49,7 +49,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     TorrentError,
-    bridge::{self, BoxIo, Cidr, PeerTable},
+    bridge::{self, BoxIo, Cidr, PeerTable, QuickAck},
     meta::Metainfo,
 };
 
@@ -1101,12 +1101,9 @@ impl Engine {
         };
         let _use = InUse::new(live);
         let mut local = match TcpStream::connect(self.local).await {
-            Ok(s) => s,
+            Ok(s) => QuickAck::new(s),
             Err(e) => return warn!("librqbit listener unreachable: {e}"),
         };
-        // Nagle with delayed ACKs holds small messages (requests, haves)
-        // for up to 40 ms on loopback.
-        let _ = local.set_nodelay(true);
         use tokio::io::AsyncWriteExt as _;
         if local.write_all(&hs).await.is_err() {
             return;
@@ -1165,14 +1162,14 @@ impl Engine {
     /// librqbit's outgoing connections: SOCKS5 to a synthetic member address.
     async fn serve_socks(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let (mut conn, _) = tokio::select! {
+            let (conn, _) = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 c = listener.accept() => match c {
                     Ok(c) => c,
                     Err(e) => { warn!("SOCKS5 bridge: {e}"); continue; }
                 },
             };
-            let _ = conn.set_nodelay(true);
+            let mut conn = QuickAck::new(conn);
             let this = self.clone();
             tokio::spawn(async move {
                 let target = match bridge::socks5_request(&mut conn).await {
