@@ -165,6 +165,10 @@ fn a_reader_completes_from_another_holder_when_the_writer_dies() {
     eventually(Duration::from_secs(30), "B holds the file in full", || {
         object_of(&nodes[1], &data).exists()
     });
+    // B announced it: C knows a second holder before the writer dies.
+    eventually(Duration::from_secs(20), "C learns that B holds it", || {
+        nodes[2].counter("known_holdings") >= 1
+    });
     // C starts reading, then A is killed.
     wait_listed(&nodes[2].mnt.join("artefact.tar"), data.len() as u64);
     let f = std::fs::File::open(nodes[2].mnt.join("artefact.tar")).unwrap();

@@ -669,7 +669,7 @@ fn forged_records_from_a_peer_holding_the_key_are_refused() {
                 bootstrap: vec![dial.parse().unwrap()],
                 mdns: false,
                 members: None,
-                validate: Arc::new(|_, _| true),
+                validate: Arc::new(|_, _, _| true),
             };
             let (mesh, mut events, _task) = btfs_mesh::start(cfg).unwrap();
             let owner = Owner {

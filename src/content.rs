@@ -129,6 +129,8 @@ impl ContentSource for Content {
 pub(crate) struct MeshNet {
     pub(crate) mesh: Mesh,
     pub(crate) connected: Arc<Mutex<HashSet<PeerId>>>,
+    /// Holdings changes for the gossip task.
+    pub(crate) holdings: tokio::sync::mpsc::Sender<(Vec<ContentId>, Vec<ContentId>)>,
 }
 
 impl MeshNet {
@@ -189,6 +191,12 @@ impl Network for MeshNet {
                 .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
             Ok(Box::new(s.compat()) as BoxIo)
         })
+    }
+
+    fn announce(&self, held: Vec<ContentId>, dropped: Vec<ContentId>) {
+        if self.holdings.try_send((held, dropped)).is_err() {
+            debug!("holdings queue full: an announcement is dropped");
+        }
     }
 
     fn metainfo(

@@ -207,9 +207,10 @@ fn print_status(v: &serde_json::Value) {
         );
     }
     println!(
-        "  bittorrent   {} (members over the mesh), {} live torrents, {} down, {} up",
+        "  bittorrent   {} (members over the mesh), {} live torrents, {} holdings known, {} down, {} up",
         s("bittorrent_listen"),
         n("live_torrents"),
+        n("known_holdings"),
         human_bytes(n("bytes_downloaded")),
         human_bytes(n("bytes_uploaded"))
     );

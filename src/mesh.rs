@@ -23,9 +23,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use btfs_core::NodeId;
+use btfs_core::{ContentId, NodeId};
 use btfs_fs::{Announced, FsHandle};
-use btfs_mesh::{Mesh, MeshConfig, MeshError, MeshEvent, PeerInfo};
+use btfs_mesh::{Mesh, MeshConfig, MeshError, MeshEvent, PeerInfo, Topic};
 use btfs_store::{SledBackend, Store, Version};
 use btfs_sync::{
     MAX_BATCH, MAX_RECORD, SignedRecord,
@@ -49,6 +49,33 @@ pub(crate) enum Rpc {
     Sync(SyncRequest),
     /// The `.torrent` of an info hash (empty answer: not here).
     Metainfo([u8; 20]),
+}
+
+/// A holdings announcement: content the sender now holds in full, and
+/// content it no longer holds. Gossiped on its own topic; the sender is the
+/// (signed) gossip source.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Holdings {
+    pub held: Vec<ContentId>,
+    pub dropped: Vec<ContentId>,
+}
+
+/// Content ids one holdings message carries at most (32 KiB of ids).
+const MAX_HOLDINGS: usize = 1024;
+/// Holdings changes waiting to be gossiped; more are dropped (they are
+/// hints: readers fall back to every member).
+pub(crate) const HOLDINGS_QUEUE: usize = 1024;
+/// Least time between two holdings messages.
+const HOLDINGS_PACE: Duration = Duration::from_millis(100);
+
+impl Holdings {
+    fn decode(bytes: &[u8]) -> Result<Self> {
+        let h: Holdings = postcard::from_bytes(bytes).context("malformed holdings")?;
+        if h.held.len() + h.dropped.len() > MAX_HOLDINGS {
+            bail!("holdings message with more than {MAX_HOLDINGS} entries");
+        }
+        Ok(h)
+    }
 }
 
 /// How often the status view of the mesh is refreshed.
@@ -150,16 +177,21 @@ pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<(MeshConfig, 
     let membership = Membership(members.clone().map(Arc::new));
     let cluster = plan.name.clone();
     let admitted = membership.clone();
-    let validate = Arc::new(move |source: &PeerId, bytes: &[u8]| {
-        let checked = SignedRecord::decode_batch(bytes).and_then(|batch| {
-            batch
-                .iter()
-                .try_for_each(|r| r.verify(&cluster, |n| admitted.admits(n)))
-        });
+    let validate = Arc::new(move |source: &PeerId, topic: Topic, bytes: &[u8]| {
+        let checked = match topic {
+            Topic::Records => SignedRecord::decode_batch(bytes)
+                .and_then(|batch| {
+                    batch
+                        .iter()
+                        .try_for_each(|r| r.verify(&cluster, |n| admitted.admits(n)))
+                })
+                .map_err(anyhow::Error::from),
+            Topic::Holdings => Holdings::decode(bytes).map(drop),
+        };
         match checked {
             Ok(()) => true,
             Err(e) => {
-                warn!(%source, "refused gossip: {e}");
+                warn!(%source, ?topic, "refused gossip: {e:#}");
                 false
             }
         }
@@ -442,6 +474,36 @@ async fn publish_loop(
     }
 }
 
+/// Gossips this node's holdings changes in paced messages.
+async fn holdings_loop(mesh: Mesh, mut changes: mpsc::Receiver<(Vec<ContentId>, Vec<ContentId>)>) {
+    let mut pace = tokio::time::interval(HOLDINGS_PACE);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while let Some(first) = changes.recv().await {
+        pace.tick().await;
+        let mut msg = Holdings::default();
+        let mut next = Some(first);
+        while let Some((held, dropped)) = next.take() {
+            msg.held.retain(|c| !dropped.contains(c));
+            msg.dropped.retain(|c| !held.contains(c));
+            msg.held.extend(held);
+            msg.dropped.extend(dropped);
+            if msg.held.len() + msg.dropped.len() >= MAX_HOLDINGS / 2 {
+                break;
+            }
+            next = changes.try_recv().ok();
+        }
+        msg.held.truncate(MAX_HOLDINGS / 2);
+        msg.dropped.truncate(MAX_HOLDINGS / 2);
+        let Ok(bytes) = postcard::to_allocvec(&msg) else {
+            continue;
+        };
+        match mesh.publish_to(Topic::Holdings, bytes).await {
+            Ok(()) | Err(MeshError::NoPeers) => {}
+            Err(e) => debug!("holdings gossip failed: {e}"),
+        }
+    }
+}
+
 /// Starts the mesh and its tasks on the current runtime. Returns the status
 /// view, refreshed every second, and the record counters.
 pub(crate) fn start(
@@ -465,9 +527,12 @@ pub(crate) fn start(
         connected: Arc::new(std::sync::Mutex::new(HashSet::new())),
         content,
     });
+    let (holdings_tx, holdings_rx) = mpsc::channel(HOLDINGS_QUEUE);
+    tokio::spawn(holdings_loop(mesh.clone(), holdings_rx));
     let net = Arc::new(MeshNet {
         mesh: mesh.clone(),
         connected: rep.connected.clone(),
+        holdings: holdings_tx,
     });
     let events_rep = rep.clone();
     tokio::spawn(async move {
@@ -483,7 +548,23 @@ pub(crate) fn start(
                     info!(peer = %p, "peer down");
                     rep.lock_connected().remove(&p);
                 }
-                MeshEvent::Gossip { source, data } => {
+                MeshEvent::Gossip {
+                    topic: Topic::Holdings,
+                    source,
+                    data,
+                } => {
+                    let (Ok(h), Some(engine)) = (Holdings::decode(&data), rep.content.engine())
+                    else {
+                        continue;
+                    };
+                    debug!(%source, held = h.held.len(), dropped = h.dropped.len(), "holdings");
+                    engine.note_holdings(&source.to_string(), &h.held, &h.dropped);
+                }
+                MeshEvent::Gossip {
+                    topic: Topic::Records,
+                    source,
+                    data,
+                } => {
                     // The mesh delivers only payloads its validator accepted.
                     let Ok(batch) = SignedRecord::decode_batch(&data) else {
                         continue;

@@ -98,9 +98,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
 }
 
-/// Decides whether a gossip payload from `source` may be delivered and
-/// forwarded (e.g. checks a record's signature and author).
-pub type Validator = Arc<dyn Fn(&PeerId, &[u8]) -> bool + Send + Sync>;
+/// Decides whether a gossip payload from `source` on a topic may be
+/// delivered and forwarded (e.g. checks a record's signature and author).
+pub type Validator = Arc<dyn Fn(&PeerId, Topic, &[u8]) -> bool + Send + Sync>;
+
+/// The gossip topics of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Signed metadata records.
+    Records,
+    /// Which content a member holds (hints for finding peers).
+    Holdings,
+}
+
+impl Topic {
+    const ALL: [Topic; 2] = [Topic::Records, Topic::Holdings];
+
+    fn ident(self, cluster: &str) -> gossipsub::IdentTopic {
+        let name = match self {
+            Topic::Records => "records",
+            Topic::Holdings => "holdings",
+        };
+        gossipsub::IdentTopic::new(format!("btfs/{cluster}/{name}/1"))
+    }
+}
 
 /// Settings of one node's mesh.
 #[derive(Clone)]
@@ -154,7 +175,11 @@ struct Behaviour {
 #[derive(Debug)]
 pub enum MeshEvent {
     /// A validated gossip payload.
-    Gossip { source: PeerId, data: Vec<u8> },
+    Gossip {
+        topic: Topic,
+        source: PeerId,
+        data: Vec<u8>,
+    },
     /// A peer asks something; answer with [`Responder::respond`].
     Request {
         peer: PeerId,
@@ -194,7 +219,7 @@ pub struct PeerInfo {
 }
 
 enum Command {
-    Publish(Vec<u8>, oneshot::Sender<Result<(), MeshError>>),
+    Publish(Topic, Vec<u8>, oneshot::Sender<Result<(), MeshError>>),
     Request(PeerId, Vec<u8>, oneshot::Sender<Result<Vec<u8>, MeshError>>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -248,10 +273,15 @@ impl Mesh {
     /// Gossips `data` to the cluster. `NoPeers` is normal while alone: the
     /// caller keeps the data and anti-entropy delivers it later.
     pub async fn publish(&self, data: Vec<u8>) -> Result<(), MeshError> {
+        self.publish_to(Topic::Records, data).await
+    }
+
+    /// Gossips `data` on `topic`.
+    pub async fn publish_to(&self, topic: Topic, data: Vec<u8>) -> Result<(), MeshError> {
         if data.len() > MAX_GOSSIP {
             return Err(MeshError::TooLarge(data.len()));
         }
-        self.call(|tx| Command::Publish(data, tx)).await?
+        self.call(|tx| Command::Publish(topic, data, tx)).await?
     }
 
     /// Sends `data` to `peer` and waits for its answer (bounded by the
@@ -315,7 +345,7 @@ struct Bootstrap {
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
-    topic: gossipsub::IdentTopic,
+    topics: Vec<(Topic, gossipsub::IdentTopic)>,
     validate: Validator,
     members: Option<HashSet<PeerId>>,
     commands: mpsc::Receiver<Command>,
@@ -428,12 +458,17 @@ pub fn start(
     cfg: MeshConfig,
 ) -> Result<(Mesh, mpsc::Receiver<MeshEvent>, tokio::task::JoinHandle<()>), MeshError> {
     let mut swarm = build_swarm(&cfg)?;
-    let topic = gossipsub::IdentTopic::new(format!("btfs/{}/records/1", cfg.cluster));
-    swarm
-        .behaviour_mut()
-        .gossipsub
-        .subscribe(&topic)
-        .map_err(|e| MeshError::Transport(e.to_string()))?;
+    let topics: Vec<_> = Topic::ALL
+        .iter()
+        .map(|t| (*t, t.ident(&cfg.cluster)))
+        .collect();
+    for (_, t) in &topics {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(t)
+            .map_err(|e| MeshError::Transport(e.to_string()))?;
+    }
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
@@ -449,7 +484,7 @@ pub fn start(
     let now = Instant::now();
     let event_loop = EventLoop {
         swarm,
-        topic,
+        topics,
         validate: cfg.validate.clone(),
         members: cfg.members.clone(),
         commands: cmd_rx,
@@ -514,12 +549,16 @@ impl EventLoop {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Publish(data, reply) => {
+            Command::Publish(topic, data, reply) => {
+                let Some((_, ident)) = self.topics.iter().find(|(t, _)| *t == topic) else {
+                    let _ = reply.send(Err(MeshError::Publish(format!("no topic {topic:?}"))));
+                    return;
+                };
                 let r = self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
-                    .publish(self.topic.clone(), data);
+                    .publish(ident.clone(), data);
                 let _ = reply.send(match r {
                     Ok(_) => Ok(()),
                     Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
@@ -636,7 +675,14 @@ impl EventLoop {
                 message,
             }) => {
                 let source = message.source.unwrap_or(propagation_source);
-                let ok = self.admitted(&source) && (self.validate)(&source, &message.data);
+                let topic = self
+                    .topics
+                    .iter()
+                    .find(|(_, t)| t.hash() == message.topic)
+                    .map(|(t, _)| *t);
+                let ok = topic.is_some_and(|topic| {
+                    self.admitted(&source) && (self.validate)(&source, topic, &message.data)
+                });
                 let verdict = if ok {
                     gossipsub::MessageAcceptance::Accept
                 } else {
@@ -647,8 +693,9 @@ impl EventLoop {
                     .behaviour_mut()
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, verdict);
-                if ok {
+                if let (true, Some(topic)) = (ok, topic) {
                     self.emit(MeshEvent::Gossip {
+                        topic,
                         source,
                         data: message.data,
                     })

@@ -22,7 +22,7 @@ fn config(key: PreSharedKey, bootstrap: Vec<Multiaddr>) -> MeshConfig {
         bootstrap,
         mdns: false,
         members: None,
-        validate: Arc::new(|_, data| !data.starts_with(b"forged")),
+        validate: Arc::new(|_, _, data| !data.starts_with(b"forged")),
     }
 }
 
@@ -84,12 +84,17 @@ async fn members_with_the_key_gossip_and_answer_requests() {
     .await;
     publish_until_sent(&a, b"record one").await;
     let got = next_event(&mut b_rx, |e| matches!(e, MeshEvent::Gossip { .. })).await;
-    let MeshEvent::Gossip { source, data } = got else {
+    let MeshEvent::Gossip {
+        topic,
+        source,
+        data,
+    } = got
+    else {
         unreachable!()
     };
     assert_eq!(
-        (source, data.as_slice()),
-        (a.local_peer_id(), &b"record one"[..])
+        (topic, source, data.as_slice()),
+        (Topic::Records, a.local_peer_id(), &b"record one"[..])
     );
 
     // Request-response: B asks A, A answers.

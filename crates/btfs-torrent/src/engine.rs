@@ -18,7 +18,7 @@
 //!   naming the file.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     fs,
     io::{self, SeekFrom},
     net::{Ipv4Addr, SocketAddr},
@@ -90,6 +90,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// a permit (its default, 8, stalls a busy node).
 const WORKER_PERMITS: usize = 256;
 
+/// Content that members announced they hold, remembered at most (the oldest
+/// go first: these are hints for finding peers, not a source of truth).
+const KNOWN_HOLDINGS: usize = 100_000;
+/// Members a torrent dials at first, its known holders first: bounds the
+/// fan-out of a read in a large cluster (librqbit keeps 128 peers a torrent).
+const MAX_DIALLED: usize = 64;
+
 /// Where the object store keeps content (the fs crate decides the layout).
 pub type ObjectPath = Arc<dyn Fn(&ContentId) -> PathBuf + Send + Sync>;
 
@@ -105,6 +112,66 @@ pub trait Network: Send + Sync + 'static {
     fn dial(&self, member: String) -> BoxFuture<io::Result<BoxIo>>;
     /// Asks members, `first` first, for the `.torrent` of `torrent`.
     fn metainfo(&self, torrent: InfoHash, first: Option<String>) -> BoxFuture<Option<Vec<u8>>>;
+    /// Tells the members that this node now holds `held` in full and no
+    /// longer holds `dropped` (a hint; may be dropped when the mesh is busy).
+    fn announce(&self, held: Vec<ContentId>, dropped: Vec<ContentId>);
+}
+
+/// Who announced holding what, bounded by `KNOWN_HOLDINGS`.
+#[derive(Debug, Default)]
+struct Holders {
+    by_content: HashMap<ContentId, Vec<String>>,
+    /// First announcement order, for forgetting the oldest.
+    order: VecDeque<ContentId>,
+}
+
+impl Holders {
+    fn note(&mut self, member: &str, held: &[ContentId], dropped: &[ContentId]) {
+        for c in held {
+            let holders = self.by_content.entry(*c).or_insert_with(|| {
+                self.order.push_back(*c);
+                Vec::new()
+            });
+            if !holders.iter().any(|m| m == member) {
+                holders.push(member.to_owned());
+            }
+        }
+        for c in dropped {
+            if let Some(holders) = self.by_content.get_mut(c) {
+                holders.retain(|m| m != member);
+            }
+        }
+        while self.order.len() > KNOWN_HOLDINGS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_content.remove(&old);
+            }
+        }
+    }
+
+    fn of(&self, c: &ContentId) -> &[String] {
+        self.by_content.get(c).map_or(&[], Vec::as_slice)
+    }
+
+    /// (content, member) pairs known.
+    fn count(&self) -> usize {
+        self.by_content.values().map(Vec::len).sum()
+    }
+}
+
+/// The members a torrent dials, in order: the author, then the members that
+/// announced holding the content, then the others; connected ones only, at
+/// most `MAX_DIALLED`.
+fn dial_order(first: Option<&String>, holders: &[String], members: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for m in first.into_iter().chain(holders).chain(members) {
+        if out.len() == MAX_DIALLED {
+            break;
+        }
+        if members.contains(m) && !out.contains(m) {
+            out.push(m.clone());
+        }
+    }
+    out
 }
 
 #[derive(Clone)]
@@ -251,6 +318,8 @@ pub struct Status {
     pub bytes_downloaded: u64,
     pub bytes_uploaded: u64,
     pub live_torrents: usize,
+    /// (content, member) pairs that members announced holding.
+    pub known_holdings: usize,
     pub fetches: Vec<FetchStatus>,
 }
 
@@ -270,6 +339,7 @@ pub struct Engine {
     local: SocketAddr,
     public: Option<SocketAddr>,
     peers: Mutex<PeerTable>,
+    holders: Mutex<Holders>,
     live: Mutex<HashMap<InfoHash, Arc<Live>>>,
     adding: tokio::sync::Mutex<()>,
     prefetch_tx: mpsc::Sender<Wanted>,
@@ -370,6 +440,7 @@ impl Engine {
             local,
             public: Some(public_addr),
             peers: Mutex::new(PeerTable::default()),
+            holders: Mutex::new(Holders::default()),
             live: Mutex::new(HashMap::new()),
             adding: tokio::sync::Mutex::new(()),
             prefetch_tx,
@@ -516,12 +587,13 @@ impl Engine {
         // would double every connection); a partial one dials them.
         let mut peers = Vec::new();
         if !complete {
-            let mut table = lock(&self.peers);
             let members = self.net.members();
-            for m in first
-                .iter()
-                .chain(members.iter().filter(|m| Some(*m) != first.as_ref()))
-            {
+            let order = {
+                let holders = lock(&self.holders);
+                dial_order(first.as_ref(), holders.of(&meta.content), &members)
+            };
+            let mut table = lock(&self.peers);
+            for m in &order {
                 peers.extend(table.addrs_of(m));
             }
         }
@@ -723,16 +795,14 @@ impl Engine {
                 let _ = fs::remove_file(e.path());
                 continue;
             };
-            let holder = fs::read_to_string(e.path()).unwrap_or_default();
+            let author = fs::read_to_string(e.path()).unwrap_or_default();
             let used = e.metadata()?.modified()?;
-            items.push((
-                used,
-                meta.len(),
-                c,
-                object,
-                Some(e.path()),
-                members.contains(holder.trim()),
-            ));
+            let held = members.contains(author.trim())
+                || lock(&self.holders)
+                    .of(&c)
+                    .iter()
+                    .any(|m| members.contains(m));
+            items.push((used, meta.len(), c, object, Some(e.path()), held));
         }
         for e in fs::read_dir(self.cfg.dir.join("partial"))? {
             let e = e?;
@@ -755,6 +825,7 @@ impl Engine {
             ));
         }
         let mut total: u64 = items.iter().map(|i| i.1).sum();
+        let mut dropped = Vec::new();
         items.sort_by_key(|i| i.0);
         for (_, bytes, c, file, marker, held) in items {
             if total <= limit {
@@ -768,11 +839,17 @@ impl Engine {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            if let Some(m) = marker {
+            if let Some(m) = &marker {
                 let _ = fs::remove_file(m);
             }
             total -= bytes;
+            if marker.is_some() {
+                dropped.push(c);
+            }
             info!(content = %c.short(), bytes, "evicted from the cache (another member holds it)");
+        }
+        if !dropped.is_empty() {
+            self.net.announce(Vec::new(), dropped);
         }
         Ok(total.saturating_sub(limit))
     }
@@ -1050,6 +1127,7 @@ impl Engine {
                 .join(format!("{}.bitv", live.meta.info_hash)),
         );
         info!(path = %lock(&live.label), content = %content.short(), "fetched in full: seeding it");
+        self.net.announce(vec![content], Vec::new());
         Ok(())
     }
 
@@ -1148,6 +1226,12 @@ impl Engine {
         }
     }
 
+    /// A member announced content it now holds in full (`held`) or no
+    /// longer holds (`dropped`).
+    pub fn note_holdings(&self, member: &str, held: &[ContentId], dropped: &[ContentId]) {
+        lock(&self.holders).note(member, held, dropped);
+    }
+
     /// A member asked for the metainfo of `ih`: it is about to connect for
     /// pieces, so the torrent is brought up now if this node holds them.
     pub fn warm(self: &Arc<Self>, ih: InfoHash, from: String) {
@@ -1237,6 +1321,7 @@ impl Engine {
             bytes_downloaded: self.retired_down.load(Ordering::Relaxed),
             bytes_uploaded: self.retired_up.load(Ordering::Relaxed),
             live_torrents: live.len(),
+            known_holdings: lock(&self.holders).count(),
             fetches: Vec::new(),
         };
         for l in live {
@@ -1289,4 +1374,61 @@ fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, data)?;
     fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(n: u8) -> ContentId {
+        ContentId([n; 32])
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn holders_remember_announcements_and_forget_drops() {
+        let mut h = Holders::default();
+        h.note("b", &[c(1), c(2)], &[]);
+        h.note("c", &[c(1)], &[]);
+        h.note("b", &[c(1)], &[]);
+        assert_eq!(h.of(&c(1)), names(&["b", "c"]).as_slice());
+        h.note("b", &[], &[c(1)]);
+        assert_eq!(h.of(&c(1)), names(&["c"]).as_slice());
+        assert_eq!(h.of(&c(3)), &[] as &[String]);
+        assert_eq!(h.count(), 2);
+    }
+
+    #[test]
+    fn holders_are_bounded_and_forget_the_oldest_first() {
+        let mut h = Holders::default();
+        for i in 0..=KNOWN_HOLDINGS {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            h.note("b", &[ContentId(id)], &[]);
+        }
+        assert_eq!(h.by_content.len(), KNOWN_HOLDINGS);
+        assert!(h.of(&ContentId([0; 32])).is_empty(), "the oldest went");
+    }
+
+    #[test]
+    fn dial_order_is_author_then_holders_then_the_rest_connected_only() {
+        let members = names(&["m1", "m2", "author", "h1", "m3"]);
+        let order = dial_order(
+            Some(&"author".to_owned()),
+            &names(&["gone", "h1"]),
+            &members,
+        );
+        assert_eq!(order, names(&["author", "h1", "m1", "m2", "m3"]));
+        // An author not connected is not dialled.
+        let order = dial_order(Some(&"away".to_owned()), &[], &names(&["m1"]));
+        assert_eq!(order, names(&["m1"]));
+        // Bounded, holders kept.
+        let many: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+        let order = dial_order(None, &names(&["m150"]), &many);
+        assert_eq!(order.len(), MAX_DIALLED);
+        assert_eq!(order[0], "m150");
+    }
 }
