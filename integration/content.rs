@@ -191,6 +191,24 @@ fn a_reader_completes_from_another_holder_when_the_writer_dies() {
 }
 
 #[test]
+fn a_member_that_joins_later_learns_who_holds_what() {
+    let (keys, mut net, nodes) = connected_cluster(2);
+    let data = common::pattern(60, 4 << 20);
+    write_file(&nodes[0].mnt.join("early.bin"), &data);
+    wait_listed(&nodes[1].mnt.join("early.bin"), data.len() as u64);
+    assert!(same_bytes(&nodes[1].mnt.join("early.bin"), &data));
+    eventually(Duration::from_secs(30), "B holds the file in full", || {
+        object_of(&nodes[1], &data).exists()
+    });
+    // C was not there when B announced it: B announces again when C comes.
+    let key = keys.path().join("cluster.key");
+    let c = net.start_nodes(1, &key, ",mdns=on").remove(0);
+    eventually(Duration::from_secs(30), "C learns that B holds it", || {
+        c.counter("known_holdings") >= 1
+    });
+}
+
+#[test]
 fn a_corrupt_piece_from_one_holder_is_refetched_from_another() {
     let (_keys, _net, nodes) = connected_cluster(3);
     let data = common::pattern(17, 16 << 20);

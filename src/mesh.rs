@@ -58,6 +58,10 @@ pub(crate) enum Rpc {
 pub(crate) struct Holdings {
     pub held: Vec<ContentId>,
     pub dropped: Vec<ContentId>,
+    /// When it was sent (ms since the epoch): gossipsub drops a payload it
+    /// has seen, and an announcement repeated for a new member is the same
+    /// list.
+    pub at: u64,
 }
 
 /// Content ids one holdings message carries at most (32 KiB of ids).
@@ -67,8 +71,41 @@ const MAX_HOLDINGS: usize = 1024;
 pub(crate) const HOLDINGS_QUEUE: usize = 1024;
 /// Least time between two holdings messages.
 const HOLDINGS_PACE: Duration = Duration::from_millis(100);
+/// When a member comes up, this node announces all it holds this much later:
+/// time for gossipsub to learn the member's subscriptions, and for members
+/// coming up together (a cluster restarting) to share one announcement.
+const HOLDINGS_SETTLE: Duration = Duration::from_secs(2);
 
 impl Holdings {
+    fn is_empty(&self) -> bool {
+        self.held.is_empty() && self.dropped.is_empty()
+    }
+
+    /// Adds a change; the latest word on a content id wins.
+    fn add(&mut self, (held, dropped): (Vec<ContentId>, Vec<ContentId>)) {
+        if !dropped.is_empty() {
+            self.held.retain(|c| !dropped.contains(c));
+        }
+        if !held.is_empty() && !self.dropped.is_empty() {
+            self.dropped.retain(|c| !held.contains(c));
+        }
+        self.held.extend(held);
+        self.dropped.extend(dropped);
+    }
+
+    /// Takes at most `n` entries off the front.
+    fn take(&mut self, n: usize) -> Holdings {
+        let h = self.held.len().min(n);
+        let d = self.dropped.len().min(n - h);
+        Holdings {
+            held: self.held.drain(..h).collect(),
+            dropped: self.dropped.drain(..d).collect(),
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+
     fn decode(bytes: &[u8]) -> Result<Self> {
         let h: Holdings = postcard::from_bytes(bytes).context("malformed holdings")?;
         if h.held.len() + h.dropped.len() > MAX_HOLDINGS {
@@ -280,6 +317,8 @@ struct Replicator {
     syncing: std::sync::Mutex<HashSet<PeerId>>,
     connected: Arc<std::sync::Mutex<HashSet<PeerId>>>,
     content: Arc<Content>,
+    /// An announcement of all holdings is due.
+    reannounce_due: std::sync::atomic::AtomicBool,
 }
 
 fn progress_key(peer: &PeerId) -> String {
@@ -320,6 +359,23 @@ impl Replicator {
         if let Err(e) = done {
             warn!("apply task failed: {e}");
         }
+    }
+
+    /// A member came up: announce all this node holds, soon (one
+    /// announcement for the members that come up meanwhile).
+    fn reannounce_soon(self: &Arc<Self>) {
+        let Some(engine) = self.content.engine().cloned() else {
+            return;
+        };
+        if self.reannounce_due.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(HOLDINGS_SETTLE).await;
+            me.reannounce_due.store(false, Ordering::Release);
+            let _ = tokio::task::spawn_blocking(move || engine.announce_holdings()).await;
+        });
     }
 
     /// Starts an anti-entropy round with `peer` unless one is under way.
@@ -474,27 +530,25 @@ async fn publish_loop(
     }
 }
 
-/// Gossips this node's holdings changes in paced messages.
+/// Gossips this node's holdings changes in paced messages of at most
+/// `MAX_HOLDINGS` entries (a long list, such as all a node holds when a
+/// member joins, goes out over several).
 async fn holdings_loop(mesh: Mesh, mut changes: mpsc::Receiver<(Vec<ContentId>, Vec<ContentId>)>) {
     let mut pace = tokio::time::interval(HOLDINGS_PACE);
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while let Some(first) = changes.recv().await {
-        pace.tick().await;
-        let mut msg = Holdings::default();
-        let mut next = Some(first);
-        while let Some((held, dropped)) = next.take() {
-            msg.held.retain(|c| !dropped.contains(c));
-            msg.dropped.retain(|c| !held.contains(c));
-            msg.held.extend(held);
-            msg.dropped.extend(dropped);
-            if msg.held.len() + msg.dropped.len() >= MAX_HOLDINGS / 2 {
-                break;
+    let mut pending = Holdings::default();
+    loop {
+        if pending.is_empty() {
+            match changes.recv().await {
+                Some(c) => pending.add(c),
+                None => return,
             }
-            next = changes.try_recv().ok();
         }
-        msg.held.truncate(MAX_HOLDINGS / 2);
-        msg.dropped.truncate(MAX_HOLDINGS / 2);
-        let Ok(bytes) = postcard::to_allocvec(&msg) else {
+        pace.tick().await;
+        while let Ok(c) = changes.try_recv() {
+            pending.add(c);
+        }
+        let Ok(bytes) = postcard::to_allocvec(&pending.take(MAX_HOLDINGS)) else {
             continue;
         };
         match mesh.publish_to(Topic::Holdings, bytes).await {
@@ -526,6 +580,7 @@ pub(crate) fn start(
         syncing: std::sync::Mutex::new(HashSet::new()),
         connected: Arc::new(std::sync::Mutex::new(HashSet::new())),
         content,
+        reannounce_due: std::sync::atomic::AtomicBool::new(false),
     });
     let (holdings_tx, holdings_rx) = mpsc::channel(HOLDINGS_QUEUE);
     tokio::spawn(holdings_loop(mesh.clone(), holdings_rx));
@@ -543,6 +598,7 @@ pub(crate) fn start(
                     info!(peer = %p, "peer up");
                     rep.lock_connected().insert(p);
                     rep.sync_soon(p);
+                    rep.reannounce_soon();
                 }
                 MeshEvent::PeerDown(p) => {
                     info!(peer = %p, "peer down");
@@ -621,4 +677,42 @@ pub(crate) fn start(
         }
     });
     Ok((rx, counters, net))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(n: u8) -> ContentId {
+        ContentId([n; 32])
+    }
+
+    #[test]
+    fn holdings_keep_the_latest_word_and_go_out_in_bounded_messages() {
+        let mut h = Holdings::default();
+        h.add((vec![c(1), c(2)], vec![]));
+        h.add((vec![], vec![c(1)]));
+        h.add((vec![c(3)], vec![]));
+        assert_eq!(h.held, vec![c(2), c(3)]);
+        assert_eq!(h.dropped, vec![c(1)]);
+        h.add((vec![c(1)], vec![]));
+        assert!(h.dropped.is_empty(), "held again after the drop");
+
+        let mut big = Holdings::default();
+        big.add(((0..=255u8).cycle().take(2500).map(c).collect(), vec![c(9)]));
+        let mut sent = 0;
+        while !big.is_empty() {
+            let msg = big.take(MAX_HOLDINGS);
+            let bytes = postcard::to_allocvec(&msg).unwrap();
+            assert!(bytes.len() <= btfs_mesh::MAX_GOSSIP);
+            let back = Holdings::decode(&bytes).unwrap();
+            sent += back.held.len() + back.dropped.len();
+        }
+        assert_eq!(sent, 2501);
+        let too_many = Holdings {
+            held: vec![c(0); MAX_HOLDINGS + 1],
+            ..Holdings::default()
+        };
+        assert!(Holdings::decode(&postcard::to_allocvec(&too_many).unwrap()).is_err());
+    }
 }

@@ -1226,6 +1226,22 @@ impl Engine {
         }
     }
 
+    /// Announces all content fetched in full and kept here (for members
+    /// that joined since it was fetched). Blocking: reads a directory.
+    pub fn announce_holdings(&self) {
+        let held: Vec<ContentId> = fs::read_dir(self.cfg.dir.join("fetched"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| ContentId::from_hex(e.file_name().to_str()?).ok())
+            .filter(|c| (self.cfg.object_path)(c).exists())
+            .collect();
+        if !held.is_empty() {
+            debug!(count = held.len(), "announcing holdings");
+            self.net.announce(held, Vec::new());
+        }
+    }
+
     /// A member announced content it now holds in full (`held`) or no
     /// longer holds (`dropped`).
     pub fn note_holdings(&self, member: &str, held: &[ContentId], dropped: &[ContentId]) {
