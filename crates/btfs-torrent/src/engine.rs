@@ -97,6 +97,12 @@ const KNOWN_HOLDINGS: usize = 100_000;
 /// fan-out of a read in a large cluster (librqbit keeps 128 peers a torrent).
 const MAX_DIALLED: usize = 64;
 
+/// How often `.torrent` files of content no longer here are looked for...
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+/// ... and how old they must be: a publish writes its torrent before the
+/// object is installed, and a read before its partial file exists.
+const SWEEP_MIN_AGE: Duration = Duration::from_secs(3600);
+
 /// Where the object store keeps content (the fs crate decides the layout).
 pub type ObjectPath = Arc<dyn Fn(&ContentId) -> PathBuf + Send + Sync>;
 
@@ -115,6 +121,45 @@ pub trait Network: Send + Sync + 'static {
     /// Tells the members that this node now holds `held` in full and no
     /// longer holds `dropped` (a hint; may be dropped when the mesh is busy).
     fn announce(&self, held: Vec<ContentId>, dropped: Vec<ContentId>);
+}
+
+/// The kept torrents (in `dir/torrents`) of content that is neither an object
+/// nor partial (in `dir/partial`), not live, and older than `min_age`.
+fn stale_torrents(
+    dir: &Path,
+    object_path: &ObjectPath,
+    live: &HashSet<InfoHash>,
+    min_age: Duration,
+) -> io::Result<Vec<InfoHash>> {
+    let now = std::time::SystemTime::now();
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir.join("torrents"))? {
+        let e = e?;
+        let mut ih = [0u8; 20];
+        let named = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".torrent"))
+            .is_some_and(|h| hex::decode_to_slice(h, &mut ih).is_ok());
+        let ih = InfoHash(ih);
+        if !named || live.contains(&ih) {
+            continue;
+        }
+        let modified = e.metadata()?.modified()?;
+        if now.duration_since(modified).unwrap_or_default() < min_age {
+            continue;
+        }
+        // A file that does not parse is left for a person to look at.
+        let Ok(meta) = Metainfo::parse(fs::read(e.path())?, &ih) else {
+            continue;
+        };
+        let here = object_path(&meta.content).exists()
+            || dir.join("partial").join(meta.content.to_hex()).exists();
+        if !here {
+            out.push(ih);
+        }
+    }
+    Ok(out)
 }
 
 /// Who announced holding what, bounded by `KNOWN_HOLDINGS`.
@@ -452,6 +497,7 @@ impl Engine {
         tokio::spawn(engine.clone().serve_socks(socks));
         tokio::spawn(engine.clone().serve_public(public));
         tokio::spawn(engine.clone().reap());
+        tokio::spawn(engine.clone().sweep());
         tokio::spawn(engine.clone().keep_haves());
         if let Some(limit) = engine.cfg.cache_size {
             tokio::spawn(engine.clone().keep_cache(limit));
@@ -725,6 +771,41 @@ impl Engine {
             for l in idle {
                 debug!(torrent = %l.meta.info_hash, "retiring an idle torrent");
                 self.retire(&l).await;
+            }
+        }
+    }
+
+    /// Deletes, every `SWEEP_EVERY`, the kept `.torrent` files (and piece
+    /// bitfields) of content that is neither an object nor partial here any
+    /// more: overwritten or deleted files, evicted content.
+    async fn sweep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let live: HashSet<InfoHash> = lock(&self.live).keys().copied().collect();
+            let this = self.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                let stale =
+                    stale_torrents(&this.cfg.dir, &this.cfg.object_path, &live, SWEEP_MIN_AGE)?;
+                for ih in &stale {
+                    fs::remove_file(this.torrent_path(ih))?;
+                    let _ = fs::remove_file(this.cfg.dir.join("resume").join(format!("{ih}.bitv")));
+                }
+                Ok::<_, io::Error>(stale.len())
+            })
+            .await;
+            match swept {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => debug!(
+                    torrents = n,
+                    "deleted the torrents of content no longer here"
+                ),
+                Ok(Err(e)) => warn!("torrent sweep: {e}"),
+                Err(e) => warn!("torrent sweep task: {e}"),
             }
         }
     }
@@ -1402,6 +1483,55 @@ mod tests {
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn torrents_of_content_no_longer_here_are_stale_once_old_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = dir.path().join("objects");
+        for sub in ["torrents", "partial", "objects"] {
+            fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        let object_path: ObjectPath = {
+            let objects = objects.clone();
+            Arc::new(move |c: &ContentId| objects.join(c.to_hex()))
+        };
+        // Three contents: one an object here, one partial, one gone.
+        let mut metas = Vec::new();
+        for i in 0..3u8 {
+            let data = vec![i; 300_000];
+            let content = ContentId::from(blake3::hash(&data));
+            let file = dir.path().join(format!("f{i}"));
+            fs::write(&file, &data).unwrap();
+            let m = Metainfo::build(&content, &file, data.len() as u64, 1).unwrap();
+            fs::write(
+                dir.path()
+                    .join("torrents")
+                    .join(format!("{}.torrent", m.info_hash)),
+                &m.bytes,
+            )
+            .unwrap();
+            metas.push(m);
+        }
+        fs::write(objects.join(metas[0].content.to_hex()), b"x").unwrap();
+        fs::write(
+            dir.path().join("partial").join(metas[1].content.to_hex()),
+            b"x",
+        )
+        .unwrap();
+        let none = HashSet::new();
+        let stale = stale_torrents(dir.path(), &object_path, &none, Duration::ZERO).unwrap();
+        assert_eq!(stale, vec![metas[2].info_hash]);
+        // Young, or live: kept.
+        let young =
+            stale_torrents(dir.path(), &object_path, &none, Duration::from_secs(60)).unwrap();
+        assert!(young.is_empty());
+        let live = HashSet::from([metas[2].info_hash]);
+        assert!(
+            stale_torrents(dir.path(), &object_path, &live, Duration::ZERO)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
