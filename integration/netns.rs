@@ -851,7 +851,6 @@ fn bench_replication_latency_and_bulk_listing() {
 /// Known to fail about one run in five when all the netns scenarios run in
 /// parallel on 2 vCPUs (it passes alone): the cause is not found yet.
 #[test]
-#[ignore = "flaky under parallel load: a write racing a remote delete is sometimes not kept"]
 fn a_write_in_progress_survives_a_remote_delete() {
     let (_keys, _net, nodes) = connected_cluster(2);
     let (a, b) = (&nodes[0].mnt, &nodes[1].mnt);

@@ -204,6 +204,9 @@ struct Shared<B> {
     /// inode was open, with their path: a write in progress there survives
     /// as a concurrent version when it is closed.
     remote_replaced: Mutex<HashMap<u64, RelPath>>,
+    /// Unlinked inodes the kernel forgot while a handle was still open (its
+    /// FORGET can overtake the RELEASE): cleaned up when the last one goes.
+    forgotten: Mutex<HashSet<u64>>,
     /// Releases of writers waiting for a commit worker.
     commit_queue: Mutex<Option<SyncSender<Arc<Handle>>>>,
     commit_workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -300,6 +303,7 @@ impl<B: Backend> BtfsFs<B> {
             dirs: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashMap::new()),
             remote_replaced: Mutex::new(HashMap::new()),
+            forgotten: Mutex::new(HashSet::new()),
             pending_gc: Mutex::new(Vec::new()),
             backed_objects: Mutex::new(HashMap::new()),
             commit_queue: Mutex::new(None),
@@ -409,8 +413,19 @@ impl<B: Backend> Shared<B> {
             return;
         }
         let cell = open.remove(&ino);
+        let forgotten = lock(&self.forgotten).remove(&ino);
         drop(open);
-        let Some(cell) = cell else { return };
+        if let Some(cell) = cell {
+            self.close_inode(ino, &cell);
+        }
+        // The kernel forgot it meanwhile: its orphan goes now.
+        if forgotten {
+            self.forget(ino);
+        }
+    }
+
+    /// The last handle of `ino` is gone: its backing and staging files.
+    fn close_inode(&self, ino: u64, cell: &InodeCell) {
         let mut st = lock(&cell.state);
         if let Some((Target::Object(c), _)) = st.backing.take() {
             self.unback_object(&c);
@@ -476,6 +491,13 @@ impl<B: Backend> Shared<B> {
 
     /// The kernel dropped inode `ino`: an orphan's content may now be deleted.
     fn forget(&self, ino: u64) {
+        {
+            let open = lock(&self.open);
+            if open.contains_key(&ino) {
+                lock(&self.forgotten).insert(ino);
+                return;
+            }
+        }
         let _ns = lock(&self.ns);
         lock(&self.remote_replaced).remove(&ino);
         let Some(orphan) = lock(&self.orphans).remove(&ino) else {
@@ -1116,6 +1138,7 @@ impl<B: Backend> Shared<B> {
         }
         let Some((path, entry)) = self.store.get_ino(ino)? else {
             // Removed while we hashed: nothing may reference the object.
+            debug!(ino, "commit: the inode is gone");
             self.gc(vec![content]);
             return Ok(());
         };

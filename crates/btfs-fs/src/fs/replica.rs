@@ -21,7 +21,7 @@ use std::ffi::OsStr;
 use btfs_core::{FileKind, FileRecord, Owner, RelPath, VersionVector, Versions, resolve};
 use btfs_store::{Backend, Change, Derived, Entry, NO_INO, ROOT_INO, Replication, Version};
 use fuser::INodeNo;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{Shared, lock};
 use crate::error::Result;
@@ -400,7 +400,9 @@ impl<B: Backend> Shared<B> {
         // A replaced inode that is open keeps working until closed (the
         // kernel forgets it then); one that is not open just goes.
         for (p, o) in replaced {
-            if self.cell(o.ino).is_some() {
+            let open = self.cell(o.ino).is_some();
+            debug!(path = %p, ino = o.ino, open, "a remote version replaced an inode");
+            if open {
                 self.mark_unlinked(&o);
                 lock(&self.remote_replaced).insert(o.ino, p);
             }
