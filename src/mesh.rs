@@ -69,6 +69,9 @@ const MAX_HOLDINGS: usize = 1024;
 /// Holdings changes waiting to be gossiped; more are dropped (they are
 /// hints: readers fall back to every member).
 pub(crate) const HOLDINGS_QUEUE: usize = 1024;
+/// Holdings changes waiting in the gossip task at most; beyond, new ones are
+/// dropped with a log line (hints again).
+const MAX_PENDING_HOLDINGS: usize = 200_000;
 /// Least time between two holdings messages.
 const HOLDINGS_PACE: Duration = Duration::from_millis(100);
 /// When a member comes up, this node announces all it holds this much later:
@@ -81,13 +84,24 @@ impl Holdings {
         self.held.is_empty() && self.dropped.is_empty()
     }
 
-    /// Adds a change; the latest word on a content id wins.
+    /// Adds a change; the latest word on a content id wins. Past
+    /// `MAX_PENDING_HOLDINGS` the change is dropped.
     fn add(&mut self, (held, dropped): (Vec<ContentId>, Vec<ContentId>)) {
+        if self.held.len() + self.dropped.len() + held.len() + dropped.len() > MAX_PENDING_HOLDINGS
+        {
+            return debug!(
+                held = held.len(),
+                dropped = dropped.len(),
+                "holdings backlog full: a change is not announced"
+            );
+        }
         if !dropped.is_empty() {
-            self.held.retain(|c| !dropped.contains(c));
+            let gone: HashSet<&ContentId> = dropped.iter().collect();
+            self.held.retain(|c| !gone.contains(c));
         }
         if !held.is_empty() && !self.dropped.is_empty() {
-            self.dropped.retain(|c| !held.contains(c));
+            let back: HashSet<&ContentId> = held.iter().collect();
+            self.dropped.retain(|c| !back.contains(c));
         }
         self.held.extend(held);
         self.dropped.extend(dropped);
