@@ -155,16 +155,24 @@ fn prefetch_all_brings_a_new_file_to_every_node_without_a_read() {
     set_link(&nodes[0].ns, true);
 }
 
+/// `writer` writes `name`; `reader` reads it whole, correct, and ends up
+/// holding it in full.
+fn read_until_held(writer: &NsNode, reader: &NsNode, name: &str, data: &[u8]) {
+    write_file(&writer.mnt.join(name), data);
+    wait_listed(&reader.mnt.join(name), data.len() as u64);
+    assert!(same_bytes(&reader.mnt.join(name), data));
+    eventually(
+        Duration::from_secs(30),
+        "the reader holds the file in full",
+        || object_of(reader, data).exists(),
+    );
+}
+
 #[test]
 fn a_reader_completes_from_another_holder_when_the_writer_dies() {
     let (_keys, _net, mut nodes) = connected_cluster(3);
     let data = common::pattern(13, 64 << 20);
-    write_file(&nodes[0].mnt.join("artefact.tar"), &data);
-    wait_listed(&nodes[1].mnt.join("artefact.tar"), data.len() as u64);
-    assert!(same_bytes(&nodes[1].mnt.join("artefact.tar"), &data));
-    eventually(Duration::from_secs(30), "B holds the file in full", || {
-        object_of(&nodes[1], &data).exists()
-    });
+    read_until_held(&nodes[0], &nodes[1], "artefact.tar", &data);
     // B announced it: C knows a second holder before the writer dies.
     eventually(Duration::from_secs(20), "C learns that B holds it", || {
         nodes[2].counter("known_holdings") >= 1
@@ -194,12 +202,7 @@ fn a_reader_completes_from_another_holder_when_the_writer_dies() {
 fn a_member_that_joins_later_learns_who_holds_what() {
     let (keys, mut net, nodes) = connected_cluster(2);
     let data = common::pattern(60, 4 << 20);
-    write_file(&nodes[0].mnt.join("early.bin"), &data);
-    wait_listed(&nodes[1].mnt.join("early.bin"), data.len() as u64);
-    assert!(same_bytes(&nodes[1].mnt.join("early.bin"), &data));
-    eventually(Duration::from_secs(30), "B holds the file in full", || {
-        object_of(&nodes[1], &data).exists()
-    });
+    read_until_held(&nodes[0], &nodes[1], "early.bin", &data);
     // C was not there when B announced it: B announces again when C comes.
     let key = keys.path().join("cluster.key");
     let c = net.start_nodes(1, &key, ",mdns=on").remove(0);
@@ -212,13 +215,8 @@ fn a_member_that_joins_later_learns_who_holds_what() {
 fn a_corrupt_piece_from_one_holder_is_refetched_from_another() {
     let (_keys, _net, nodes) = connected_cluster(3);
     let data = common::pattern(17, 16 << 20);
-    write_file(&nodes[0].mnt.join("data.bin"), &data);
-    wait_listed(&nodes[1].mnt.join("data.bin"), data.len() as u64);
-    assert!(same_bytes(&nodes[1].mnt.join("data.bin"), &data));
+    read_until_held(&nodes[0], &nodes[1], "data.bin", &data);
     let on_b = object_of(&nodes[1], &data);
-    eventually(Duration::from_secs(30), "B holds the file", || {
-        on_b.exists()
-    });
     // Fault injection: every 256 KiB piece of B's copy gets a flipped byte.
     let f = std::fs::OpenOptions::new().write(true).open(&on_b).unwrap();
     for off in (0..data.len()).step_by(256 << 10) {
