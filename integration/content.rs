@@ -349,25 +349,30 @@ fn bench_content_first_byte_throughput_and_publish() {
     std::fs::write(&file, &data).unwrap();
     let content = btfs_core::ContentId::of(&data);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let t = Instant::now();
-    let meta = btfs_torrent::Metainfo::build(&content, &file, GIB as u64, threads).unwrap();
-    let ours = t.elapsed();
-    assert_eq!(meta.pieces(), 2048);
-    let t = Instant::now();
-    let out = Command::new("mktorrent")
-        .args(["-l", "19", "-p", "-o"])
-        .arg(work.path().join("mk.torrent"))
-        .arg(&file)
-        .output()
-        .unwrap();
-    let theirs = t.elapsed();
-    assert!(
-        out.status.success(),
-        "mktorrent: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Three runs of each, taken in turn; the best of each counts (both see
+    // the same background: two daemons that just started).
+    let (mut ours, mut theirs) = (Duration::MAX, Duration::MAX);
+    for run in 0..3 {
+        let t = Instant::now();
+        let meta = btfs_torrent::Metainfo::build(&content, &file, GIB as u64, threads).unwrap();
+        ours = ours.min(t.elapsed());
+        assert_eq!(meta.pieces(), 2048);
+        let t = Instant::now();
+        let out = Command::new("mktorrent")
+            .args(["-l", "19", "-p", "-o"])
+            .arg(work.path().join(format!("mk{run}.torrent")))
+            .arg(&file)
+            .output()
+            .unwrap();
+        theirs = theirs.min(t.elapsed());
+        assert!(
+            out.status.success(),
+            "mktorrent: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     eprintln!(
-        "BENCH publish 1 GiB: btfs {:.2} s, mktorrent {:.2} s, ratio (mktorrent/btfs) {:.2}",
+        "BENCH publish 1 GiB (best of 3): btfs {:.2} s, mktorrent {:.2} s, ratio (mktorrent/btfs) {:.2}",
         ours.as_secs_f64(),
         theirs.as_secs_f64(),
         theirs.as_secs_f64() / ours.as_secs_f64()
