@@ -1353,9 +1353,12 @@ impl Engine {
             let mut conn = QuickAck::new(conn);
             let this = self.clone();
             tokio::spawn(async move {
-                let target = match bridge::socks5_request(&mut conn).await {
-                    Ok(t) => t,
-                    Err(e) => return debug!("SOCKS5: {e}"),
+                let asked =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, bridge::socks5_request(&mut conn));
+                let target = match asked.await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => return debug!("SOCKS5: {e}"),
+                    Err(_) => return debug!("SOCKS5: no request within {HANDSHAKE_TIMEOUT:?}"),
                 };
                 let member = lock(&this.peers).member_at(&target).map(str::to_owned);
                 let Some(member) = member else {
