@@ -322,11 +322,15 @@ fn standard_clients_download_only_from_allowed_networks_and_get_identical_bytes(
 
 /// Reads a whole file, returning how many bytes it had.
 fn drain(path: &Path) -> u64 {
-    let mut f = std::fs::File::open(path).unwrap();
+    drain_from(&mut std::fs::File::open(path).unwrap())
+}
+
+/// Reads `r` to its end in 1 MiB calls, returning how many bytes came.
+fn drain_from(r: &mut impl Read) -> u64 {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
-        match f.read(&mut buf).unwrap() {
+        match r.read(&mut buf).unwrap() {
             0 => return n,
             k => n += k as u64,
         }
@@ -420,14 +424,7 @@ fn bench_content_first_byte_throughput_and_publish() {
         let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
         tx.send(l.local_addr().unwrap().port()).unwrap();
         let (mut s, _) = l.accept().unwrap();
-        let mut sink = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        loop {
-            match s.read(&mut sink).unwrap() {
-                0 => return n,
-                k => n += k as u64,
-            }
-        }
+        drain_from(&mut s)
     });
     let port = rx.recv().unwrap();
     let target = format!("{}:{port}", b.addr);
