@@ -14,7 +14,9 @@
 //! then talks to the object or staging file directly. The kernel requires every
 //! passthrough handle of an inode to use the same backing file, so a handle
 //! whose file differs from the inode's current backing file is opened with
-//! `FOPEN_DIRECT_IO` and served here instead.
+//! `FOPEN_DIRECT_IO` and served here instead. Content not yet on this node is
+//! read through the content source, also with `FOPEN_DIRECT_IO`: its bytes
+//! are cached once, in the file the fetch writes, not a second time here.
 //!
 //! # Locks (taken in this order, never the other way round)
 //! 1. an inode's state (`InodeCell::state`): staging file, backing file, writers;
@@ -851,7 +853,13 @@ impl<B: Backend> Shared<B> {
                     remote: Some(wanted),
                     arrived: OnceLock::new(),
                 });
-                return Ok((fh, FopenFlags::FOPEN_KEEP_CACHE, None));
+                // Direct IO: the bytes already sit in the page cache of the
+                // file librqbit writes; a second copy in this inode's cache
+                // doubled the memory and cost a quarter of the throughput of a
+                // whole-file read. Still counted as `cached`: a shared mmap
+                // puts the inode in caching mode (FUSE_DIRECT_IO_ALLOW_MMAP),
+                // so no passthrough open may join it meanwhile.
+                return Ok((fh, FopenFlags::FOPEN_DIRECT_IO, None));
             }
             if let (false, Some(source)) = (writable, &self.cfg.content) {
                 source.opened(&content);
@@ -1535,6 +1543,15 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
             | InitFlags::FUSE_HANDLE_KILLPRIV;
         if let Err(missing) = config.add_capabilities(wanted) {
             debug!(?missing, "kernel lacks some optional capabilities");
+        }
+        // Asked alone: `add_capabilities` adds nothing of a set the kernel
+        // lacks a part of. Without it (kernels before 6.6) a shared mmap of a
+        // file still being fetched fails with ENODEV; private ones work.
+        if config
+            .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_err()
+        {
+            debug!("kernel cannot mmap direct-IO files shared");
         }
         let s = &self.shared;
         if s.cfg.passthrough {
