@@ -383,6 +383,108 @@ fn standard_clients_download_only_from_allowed_networks_and_get_identical_bytes(
     assert_eq!(std::fs::read(allowed_dir.join(hex)).unwrap(), data);
 }
 
+/// Opens a TCP connection from namespace `ns` to `addr`, secures it as a
+/// direct peer wire to `peer` with `key` and a fresh identity (unless `key`
+/// is `None`: a plain BitTorrent connection), sends the BitTorrent handshake
+/// of `info_hash` and returns how many bytes came back before the end
+/// (`None`: the noise handshake failed).
+fn try_wire(
+    ns: &str,
+    addr: String,
+    peer: &str,
+    key: Option<String>,
+    info_hash: [u8; 20],
+) -> Option<usize> {
+    trait Wire: futures::AsyncRead + futures::AsyncWrite + Unpin + Send {}
+    impl<T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send> Wire for T {}
+    let peer: libp2p_identity::PeerId = peer.parse().unwrap();
+    in_namespace(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use futures::{AsyncReadExt, AsyncWriteExt};
+            use tokio_util::compat::TokioAsyncReadCompatExt;
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let mut io: Box<dyn Wire> = match key {
+                None => Box::new(tcp.compat()),
+                Some(psk) => {
+                    let me = libp2p_identity::Keypair::generate_ed25519();
+                    let prologue = btfs_mesh::wire::prologue("cluster", &psk);
+                    match btfs_mesh::wire::connect(&me, &prologue, tcp.compat(), peer).await {
+                        Ok(w) => Box::new(w),
+                        Err(e) => {
+                            eprintln!("wire to {addr}: {e}");
+                            return None;
+                        }
+                    }
+                }
+            };
+            let mut hs = vec![19u8];
+            hs.extend_from_slice(b"BitTorrent protocol");
+            hs.extend_from_slice(&[0; 8]);
+            hs.extend_from_slice(&info_hash);
+            hs.extend_from_slice(b"-XX0000-000000000000");
+            if io.write_all(&hs).await.is_err() || io.flush().await.is_err() {
+                return Some(0);
+            }
+            let mut got = Vec::new();
+            let read = io.read_to_end(&mut got);
+            let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+            Some(got.len())
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn members_use_direct_wires_that_need_the_key_and_a_mesh_connection() {
+    let (keys, _net, nodes) = connected_cluster(2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let data = common::pattern(57, 6 << 20);
+    read_until_held(a, b, "direct.bin", &data);
+    assert!(b.counter("peer_wires_direct") >= 1, "{}", b.status());
+    assert_eq!(b.counter("peer_wires_mesh"), 0, "{}", b.status());
+
+    let listen = a.status()["bittorrent_listen"].as_str().unwrap().to_owned();
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("direct.bin");
+    std::fs::write(&file, &data).unwrap();
+    let content = btfs_core::ContentId::of(&data);
+    let meta = btfs_torrent::Metainfo::build(&content, &file, data.len() as u64, 1).unwrap();
+    let ih = meta.info_hash.0;
+    let psk = std::fs::read_to_string(keys.path().join("cluster.key")).unwrap();
+    let psk: libp2p_pnet::PreSharedKey = psk.parse().unwrap();
+    let other: libp2p_pnet::PreSharedKey = std::fs::read_to_string(keygen(keys.path(), "o.key"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // From a member's host (so not refused at once): a plain BitTorrent
+    // client outside bt_allow gets nothing; a wire with another key fails its
+    // handshake; one with the key but an identity that has no mesh connection
+    // is secured, then closed without a byte.
+    let a_peer = a.status()["peer_id"].as_str().unwrap().to_owned();
+    let attempt = |key: Option<String>| try_wire(&b.ns, listen.clone(), &a_peer, key, ih);
+    assert_eq!(attempt(None), Some(0));
+    assert_eq!(attempt(Some(other.to_string())), None);
+    assert_eq!(attempt(Some(psk.to_string())), Some(0));
+    // The same file still reads on a third open from B's side (A serves on).
+    assert!(same_bytes(&b.mnt.join("direct.bin"), &data));
+}
+
+#[test]
+fn members_with_bt_wire_mesh_carry_the_peer_wire_inside_the_mesh() {
+    // A takes no direct wires: B, which would dial one, goes through the mesh.
+    let (_keys, _net, nodes) = cluster_with(&[",bt_wire=mesh", ""]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let data = common::pattern(58, 6 << 20);
+    read_until_held(a, b, "mesh.bin", &data);
+    assert!(b.counter("peer_wires_mesh") >= 1, "{}", b.status());
+    assert_eq!(b.counter("peer_wires_direct"), 0, "{}", b.status());
+}
+
 /// Reads a whole file, returning how many bytes it had.
 fn drain(path: &Path) -> u64 {
     drain_from(&mut std::fs::File::open(path).unwrap())

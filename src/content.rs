@@ -3,10 +3,12 @@
 //! metainfo requests).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io,
+    net::{IpAddr, SocketAddr},
     path::Path,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use btfs_core::{ContentId, FileRecord, InfoHash, NodeId, RelPath};
@@ -14,15 +16,33 @@ use btfs_fs::{ContentSource, Done, Wanted};
 use btfs_mesh::Mesh;
 use btfs_torrent::{BoxIo, Engine, Network};
 use futures::StreamExt;
-use libp2p_identity::PeerId;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
-use tracing::{debug, warn};
+use libp2p_identity::{Keypair, PeerId};
+use tokio::net::TcpStream;
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tracing::{debug, info, warn};
 
-use crate::mesh::{Rpc, peer_of};
+use crate::mesh::{Counters, Rpc, peer_of};
 
 /// Peer-wire streams from members served at once (each is one BitTorrent
 /// connection; librqbit keeps at most 128 per torrent).
 const MAX_PEER_STREAMS: usize = 1024;
+
+/// Connecting a direct peer wire: TCP and the noise handshake.
+const WIRE_CONNECT: Duration = Duration::from_secs(3);
+
+/// After a direct wire to a member fails, its peer wires go through the mesh
+/// for this long before a direct one is tried again; the wait doubles with
+/// each failure in a row (a port closed by a firewall), up to `WIRE_RETRY_MAX`.
+const WIRE_RETRY: Duration = Duration::from_secs(60);
+const WIRE_RETRY_MAX: Duration = Duration::from_secs(3600);
+
+/// How long a member's peer wires go through the mesh after `failures`
+/// direct wires to it failed in a row.
+fn wire_retry(failures: u32) -> Duration {
+    WIRE_RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(WIRE_RETRY_MAX)
+}
 
 /// Which files are fetched in full as soon as their record arrives.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,22 +145,124 @@ impl ContentSource for Content {
     }
 }
 
+/// How members' peer wires are secured (see `btfs_mesh::wire`).
+pub(crate) struct WireConfig {
+    pub keypair: Keypair,
+    /// Derived from the cluster and its pre-shared key.
+    pub prologue: Vec<u8>,
+    /// `bt_wire=direct`: dial members' BitTorrent listeners.
+    pub direct: bool,
+}
+
+/// What this node knows of a connected member's direct wire.
+#[derive(Debug, Default)]
+struct WirePeer {
+    /// The member's IP as its mesh connection sees it.
+    ip: Option<IpAddr>,
+    /// Where it takes direct wires (`None`: not known, or mesh only).
+    addr: Option<SocketAddr>,
+    /// Until when it is reached through the mesh after a failure.
+    failed_until: Option<Instant>,
+    /// Direct wires to it that failed in a row.
+    failures: u32,
+}
+
 /// The mesh as the engine sees it.
 pub(crate) struct MeshNet {
     pub(crate) mesh: Mesh,
-    pub(crate) connected: Arc<Mutex<HashSet<PeerId>>>,
+    connected: Arc<Mutex<HashSet<PeerId>>>,
     /// Holdings changes for the gossip task.
-    pub(crate) holdings: tokio::sync::mpsc::Sender<(Vec<ContentId>, Vec<ContentId>)>,
+    holdings: tokio::sync::mpsc::Sender<(Vec<ContentId>, Vec<ContentId>)>,
+    wire: Arc<WireConfig>,
+    /// Connected members' direct wires.
+    wires: Arc<Mutex<HashMap<PeerId, WirePeer>>>,
+    counters: Arc<Counters>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where to dial a member's direct wire: the address it gave, or, when it
+/// listens on every address (or gave a loopback one), its port on the IP
+/// its mesh connection comes from.
+fn wire_addr(advertised: SocketAddr, seen: Option<IpAddr>) -> Option<SocketAddr> {
+    let ip = advertised.ip();
+    if ip.is_unspecified() || ip.is_loopback() {
+        seen.map(|ip| SocketAddr::new(ip, advertised.port()))
+    } else {
+        Some(advertised)
+    }
 }
 
 impl MeshNet {
+    pub(crate) fn new(
+        mesh: Mesh,
+        connected: Arc<Mutex<HashSet<PeerId>>>,
+        holdings: tokio::sync::mpsc::Sender<(Vec<ContentId>, Vec<ContentId>)>,
+        wire: WireConfig,
+        counters: Arc<Counters>,
+    ) -> Self {
+        Self {
+            mesh,
+            connected,
+            holdings,
+            wire: Arc::new(wire),
+            wires: Arc::default(),
+            counters,
+        }
+    }
+
     fn connected(&self) -> Vec<PeerId> {
-        self.connected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect()
+        lock(&self.connected).iter().copied().collect()
+    }
+
+    /// A member came up: asks it where it takes direct wires.
+    pub(crate) fn peer_up(&self, peer: PeerId, ip: Option<IpAddr>) {
+        lock(&self.wires).insert(
+            peer,
+            WirePeer {
+                ip,
+                ..WirePeer::default()
+            },
+        );
+        if !self.wire.direct {
+            return;
+        }
+        let (mesh, wires) = (self.mesh.clone(), self.wires.clone());
+        tokio::spawn(async move {
+            let Ok(req) = postcard::to_allocvec(&Rpc::Wire) else {
+                return;
+            };
+            let answer = match mesh.request(peer, req).await {
+                Ok(a) => a,
+                Err(e) => return debug!(%peer, "no direct wire address: {e}"),
+            };
+            let advertised = postcard::from_bytes::<Option<SocketAddr>>(&answer)
+                .ok()
+                .flatten();
+            if let Some(w) = lock(&wires).get_mut(&peer) {
+                w.addr = advertised.and_then(|a| wire_addr(a, w.ip));
+                debug!(%peer, addr = ?w.addr, "member's direct wire");
+            }
+        });
+    }
+
+    pub(crate) fn peer_down(&self, peer: &PeerId) {
+        lock(&self.wires).remove(peer);
+    }
+
+    /// The member's direct wire address, unless it failed lately.
+    fn direct_addr(&self, peer: &PeerId) -> Option<SocketAddr> {
+        if !self.wire.direct {
+            return None;
+        }
+        let wires = lock(&self.wires);
+        let w = wires.get(peer)?;
+        match w.failed_until {
+            Some(t) if Instant::now() < t => None,
+            _ => w.addr,
+        }
     }
 
     /// Bridges the streams members open to this node into the engine.
@@ -181,15 +303,69 @@ impl Network for MeshNet {
         member: String,
     ) -> std::pin::Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send>> {
         let mesh = self.mesh.clone();
+        let (wire, wires, counters) =
+            (self.wire.clone(), self.wires.clone(), self.counters.clone());
+        let peer: Option<PeerId> = member.parse().ok();
+        let direct = peer.and_then(|p| self.direct_addr(&p));
         Box::pin(async move {
-            let peer: PeerId = member
-                .parse()
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "not a peer id"))?;
+            let peer =
+                peer.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a peer id"))?;
+            if let Some(addr) = direct {
+                let connect = async {
+                    let tcp = TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    btfs_mesh::wire::connect(&wire.keypair, &wire.prologue, tcp.compat(), peer)
+                        .await
+                };
+                let failed = match tokio::time::timeout(WIRE_CONNECT, connect).await {
+                    Ok(Ok(w)) => {
+                        counters.wires_direct.fetch_add(1, Ordering::Relaxed);
+                        if let Some(w) = lock(&wires).get_mut(&peer) {
+                            w.failures = 0;
+                        }
+                        return Ok(Box::new(w.compat()) as BoxIo);
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no handshake within {WIRE_CONNECT:?}"),
+                };
+                if let Some(w) = lock(&wires).get_mut(&peer) {
+                    w.failures += 1;
+                    let wait = wire_retry(w.failures);
+                    w.failed_until = Some(Instant::now() + wait);
+                    info!(%peer, %addr, "direct peer wire failed, going through the mesh for {wait:?}: {failed}");
+                }
+            }
             let s = mesh
                 .open_stream(peer)
                 .await
                 .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
+            counters.wires_mesh.fetch_add(1, Ordering::Relaxed);
             Ok(Box::new(s.compat()) as BoxIo)
+        })
+    }
+
+    fn is_member_ip(&self, ip: IpAddr) -> bool {
+        self.wire.direct
+            && lock(&self.wires)
+                .values()
+                .any(|w| w.ip == Some(ip) || w.addr.is_some_and(|a| a.ip() == ip))
+    }
+
+    fn accept_wire(
+        &self,
+        conn: TcpStream,
+    ) -> std::pin::Pin<Box<dyn Future<Output = io::Result<(BoxIo, String)>> + Send>> {
+        let (wire, connected) = (self.wire.clone(), self.connected.clone());
+        Box::pin(async move {
+            let (peer, w) =
+                btfs_mesh::wire::accept(&wire.keypair, &wire.prologue, conn.compat()).await?;
+            if !lock(&connected).contains(&peer) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{peer} is not a connected member"),
+                ));
+            }
+            Ok((Box::new(w.compat()) as BoxIo, peer.to_string()))
         })
     }
 
@@ -225,5 +401,37 @@ impl Network for MeshNet {
             }
             None
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_wires_are_dialled_where_the_member_can_be_reached() {
+        let seen: IpAddr = "10.0.0.7".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:4411".parse().unwrap();
+        assert_eq!(
+            wire_addr(any, Some(seen)),
+            Some("10.0.0.7:4411".parse().unwrap())
+        );
+        assert_eq!(wire_addr(any, None), None);
+        let lo: SocketAddr = "127.0.0.1:4411".parse().unwrap();
+        assert_eq!(
+            wire_addr(lo, Some(seen)),
+            Some("10.0.0.7:4411".parse().unwrap())
+        );
+        let given: SocketAddr = "192.168.1.2:5000".parse().unwrap();
+        assert_eq!(wire_addr(given, Some(seen)), Some(given));
+    }
+
+    #[test]
+    fn failed_direct_wires_wait_longer_each_time_up_to_an_hour() {
+        assert_eq!(wire_retry(1), WIRE_RETRY);
+        assert_eq!(wire_retry(2), WIRE_RETRY * 2);
+        assert_eq!(wire_retry(3), WIRE_RETRY * 4);
+        assert_eq!(wire_retry(7), WIRE_RETRY_MAX);
+        assert_eq!(wire_retry(u32::MAX), WIRE_RETRY_MAX);
     }
 }

@@ -341,6 +341,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
             announce_rx,
             handle.clone(),
             content.clone(),
+            plan.opts.bt_wire_direct,
         )?
     };
     let objects_handle = handle.clone();
@@ -429,6 +430,8 @@ fn start(plan: &MountPlan) -> Result<Started> {
                         ("records_refused", &counters.refused),
                         ("records_merged", &counters.merged),
                         ("sync_rounds", &counters.syncs),
+                        ("peer_wires_direct", &counters.wires_direct),
+                        ("peer_wires_mesh", &counters.wires_mesh),
                     ] {
                         obj.insert(name.into(), c.load(Ordering::Relaxed).into());
                     }

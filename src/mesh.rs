@@ -49,6 +49,9 @@ pub(crate) enum Rpc {
     Sync(SyncRequest),
     /// The `.torrent` of an info hash (empty answer: not here).
     Metainfo([u8; 20]),
+    /// Where the peer takes direct peer wires: an `Option<SocketAddr>`
+    /// (`None`: only through the mesh, `bt_wire=mesh`).
+    Wire,
 }
 
 /// A holdings announcement: content the sender now holds in full, and
@@ -277,6 +280,10 @@ pub(crate) struct Counters {
     pub merged: AtomicU64,
     /// Completed anti-entropy rounds.
     pub syncs: AtomicU64,
+    /// Peer wires this node opened straight to a member.
+    pub wires_direct: AtomicU64,
+    /// Peer wires this node opened as streams inside the mesh.
+    pub wires_mesh: AtomicU64,
 }
 
 /// This node's store as an anti-entropy log.
@@ -333,6 +340,8 @@ struct Replicator {
     content: Arc<Content>,
     /// An announcement of all holdings is due.
     reannounce_due: std::sync::atomic::AtomicBool,
+    /// Whether this node takes direct peer wires (`bt_wire=direct`).
+    wire_direct: bool,
 }
 
 fn progress_key(peer: &PeerId) -> String {
@@ -462,6 +471,14 @@ impl Replicator {
     async fn answer(&self, data: Vec<u8>) -> Vec<u8> {
         let req = match postcard::from_bytes::<Rpc>(&data) {
             Ok(Rpc::Sync(req)) => req,
+            Ok(Rpc::Wire) => {
+                let addr = self
+                    .content
+                    .engine()
+                    .filter(|_| self.wire_direct)
+                    .and_then(|e| e.listen_addr());
+                return postcard::to_allocvec(&addr).unwrap_or_default();
+            }
             Ok(Rpc::Metainfo(ih)) => {
                 let Some(engine) = self.content.engine() else {
                     return Vec::new();
@@ -580,8 +597,14 @@ pub(crate) fn start(
     announce: mpsc::Receiver<Announced>,
     fs: FsHandle<SledBackend>,
     content: Arc<Content>,
+    wire_direct: bool,
 ) -> Result<(watch::Receiver<PeersView>, Arc<Counters>, Arc<MeshNet>)> {
     let cluster = cfg.cluster.clone();
+    let wire = crate::content::WireConfig {
+        keypair: cfg.keypair.clone(),
+        prologue: btfs_mesh::wire::prologue(&cfg.cluster, &cfg.psk.to_string()),
+        direct: wire_direct,
+    };
     let (mesh, mut events, _task) = btfs_mesh::start(cfg).context("mesh")?;
     let counters = Arc::new(Counters::default());
     tokio::spawn(publish_loop(mesh.clone(), announce, counters.clone()));
@@ -595,28 +618,34 @@ pub(crate) fn start(
         connected: Arc::new(std::sync::Mutex::new(HashSet::new())),
         content,
         reannounce_due: std::sync::atomic::AtomicBool::new(false),
+        wire_direct,
     });
     let (holdings_tx, holdings_rx) = mpsc::channel(HOLDINGS_QUEUE);
     tokio::spawn(holdings_loop(mesh.clone(), holdings_rx));
-    let net = Arc::new(MeshNet {
-        mesh: mesh.clone(),
-        connected: rep.connected.clone(),
-        holdings: holdings_tx,
-    });
+    let net = Arc::new(MeshNet::new(
+        mesh.clone(),
+        rep.connected.clone(),
+        holdings_tx,
+        wire,
+        counters.clone(),
+    ));
     let events_rep = rep.clone();
+    let events_net = net.clone();
     tokio::spawn(async move {
-        let rep = events_rep;
+        let (rep, net) = (events_rep, events_net);
         while let Some(event) = events.recv().await {
             match event {
-                MeshEvent::PeerUp(p) => {
+                MeshEvent::PeerUp(p, ip) => {
                     info!(peer = %p, "peer up");
                     rep.lock_connected().insert(p);
+                    net.peer_up(p, ip);
                     rep.sync_soon(p);
                     rep.reannounce_soon();
                 }
                 MeshEvent::PeerDown(p) => {
                     info!(peer = %p, "peer down");
                     rep.lock_connected().remove(&p);
+                    net.peer_down(&p);
                 }
                 MeshEvent::Gossip {
                     topic: Topic::Holdings,

@@ -18,8 +18,11 @@
 //! receiver. Every channel is bounded. The loop ends when every handle is
 //! dropped.
 
+pub mod wire;
+
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -30,7 +33,9 @@ use libp2p::{
     core::upgrade::Version,
     gossipsub, identify,
     identity::Keypair,
-    mdns, noise, ping,
+    mdns,
+    multiaddr::Protocol,
+    noise, ping,
     pnet::{PnetConfig, PreSharedKey},
     request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
     swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts},
@@ -186,8 +191,9 @@ pub enum MeshEvent {
         data: Vec<u8>,
         responder: Responder,
     },
-    /// The first connection to a peer is up (time to sync with it).
-    PeerUp(PeerId),
+    /// The first connection to a peer is up (time to sync with it), with
+    /// the peer's IP address as that connection sees it.
+    PeerUp(PeerId, Option<IpAddr>),
     /// The last connection to a peer is gone.
     PeerDown(PeerId),
 }
@@ -634,7 +640,12 @@ impl EventLoop {
                 }
                 if num_established.get() == 1 {
                     info!(peer = %peer_id, %remote, "member connected");
-                    self.emit(MeshEvent::PeerUp(peer_id)).await;
+                    let ip = remote.iter().find_map(|p| match p {
+                        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+                        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+                        _ => None,
+                    });
+                    self.emit(MeshEvent::PeerUp(peer_id, ip)).await;
                 }
             }
             SwarmEvent::ConnectionClosed {

@@ -79,7 +79,7 @@ async fn members_with_the_key_gossip_and_answer_requests() {
 
     next_event(
         &mut a_rx,
-        |e| matches!(e, MeshEvent::PeerUp(p) if *p == b.local_peer_id()),
+        |e| matches!(e, MeshEvent::PeerUp(p, _) if *p == b.local_peer_id()),
     )
     .await;
     publish_until_sent(&a, b"record one").await;
@@ -133,8 +133,8 @@ async fn invalid_payloads_are_neither_delivered_nor_forwarded() {
     let (b, mut b_rx, _tb) = start(config(psk(2), vec![a_addr])).unwrap();
     let b_addr = addr_of(&b).await;
     let (c, mut c_rx, _tc) = start(config(psk(2), vec![b_addr])).unwrap();
-    next_event(&mut a_rx, |e| matches!(e, MeshEvent::PeerUp(_))).await;
-    next_event(&mut c_rx, |e| matches!(e, MeshEvent::PeerUp(_))).await;
+    next_event(&mut a_rx, |e| matches!(e, MeshEvent::PeerUp(..))).await;
+    next_event(&mut c_rx, |e| matches!(e, MeshEvent::PeerUp(..))).await;
 
     publish_until_sent(&a, b"forged record").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -183,13 +183,13 @@ async fn a_restarted_peer_is_redialled() {
     a_cfg.listen = vec![addr.clone()];
     let (a, _a_rx, a_task) = start(a_cfg.clone()).unwrap();
     let (_b, mut b_rx, _tb) = start(config(psk(5), vec![addr])).unwrap();
-    next_event(&mut b_rx, |e| matches!(e, MeshEvent::PeerUp(_))).await;
+    next_event(&mut b_rx, |e| matches!(e, MeshEvent::PeerUp(..))).await;
 
     // A goes away (every handle dropped ends its loop) and comes back.
     drop(a);
     a_task.await.unwrap();
     next_event(&mut b_rx, |e| matches!(e, MeshEvent::PeerDown(_))).await;
     let (a2, _a2_rx, _t2) = start(a_cfg).unwrap();
-    let up = next_event(&mut b_rx, |e| matches!(e, MeshEvent::PeerUp(_))).await;
-    assert!(matches!(up, MeshEvent::PeerUp(p) if p == a2.local_peer_id()));
+    let up = next_event(&mut b_rx, |e| matches!(e, MeshEvent::PeerUp(..))).await;
+    assert!(matches!(up, MeshEvent::PeerUp(p, _) if p == a2.local_peer_id()));
 }

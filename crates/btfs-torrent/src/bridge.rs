@@ -87,6 +87,10 @@ impl AsyncWrite for QuickAck {
 pub(crate) const HANDSHAKE_LEN: usize = 68;
 const PROTOCOL: &[u8] = b"BitTorrent protocol";
 
+/// The first byte of every BitTorrent handshake (the length of the
+/// protocol name).
+pub(crate) const BT_HANDSHAKE_FIRST: u8 = PROTOCOL.len() as u8;
+
 /// Reads the handshake that opens a peer connection; returns it whole and
 /// the info hash it names.
 pub(crate) async fn read_handshake(

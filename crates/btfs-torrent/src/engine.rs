@@ -21,7 +21,7 @@ use std::{
     collections::{HashMap, HashSet, VecDeque},
     fs,
     io::{self, SeekFrom},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     num::NonZeroU32,
     os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
@@ -93,6 +93,10 @@ const WORKER_PERMITS: usize = 256;
 /// Content that members announced they hold, remembered at most (the oldest
 /// go first: these are hints for finding peers, not a source of truth).
 const KNOWN_HOLDINGS: usize = 100_000;
+
+/// Connections on the BitTorrent listener (members' direct peer wires and
+/// standard clients) served at once.
+const MAX_DIRECT_WIRES: usize = 1024;
 /// Members a torrent dials at first, its known holders first: bounds the
 /// fan-out of a read in a large cluster (librqbit keeps 128 peers a torrent).
 const MAX_DIALLED: usize = 64;
@@ -121,6 +125,12 @@ pub trait Network: Send + Sync + 'static {
     /// Tells the members that this node now holds `held` in full and no
     /// longer holds `dropped` (a hint; may be dropped when the mesh is busy).
     fn announce(&self, held: Vec<ContentId>, dropped: Vec<ContentId>);
+    /// Whether a connection from `ip` to the BitTorrent listener may be a
+    /// member's direct peer wire (it comes from a connected member's host).
+    fn is_member_ip(&self, ip: IpAddr) -> bool;
+    /// Authenticates a member's direct peer-wire connection to the
+    /// BitTorrent listener and secures it; `Ok` names the member.
+    fn accept_wire(&self, conn: TcpStream) -> BoxFuture<io::Result<(BoxIo, String)>>;
 }
 
 /// The kept torrents (in `dir/torrents`) of content that is neither an object
@@ -508,6 +518,12 @@ impl Engine {
         }
         info!(bittorrent = %public_addr, loopback = %local, "BitTorrent engine started");
         Ok(engine)
+    }
+
+    /// The BitTorrent listener (members' direct peer wires, standard
+    /// clients).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.public
     }
 
     /// Stops the background tasks and the session.
@@ -1393,8 +1409,12 @@ impl Engine {
         }
     }
 
-    /// Standard BitTorrent clients from `bt_allow=` networks.
+    /// The BitTorrent listener: members' direct peer wires, and standard
+    /// clients from `bt_allow=` networks. The first byte tells them apart: a
+    /// BitTorrent handshake opens with 19, a member's noise handshake with
+    /// the high byte of its length (0).
     async fn serve_public(self: Arc<Self>, listener: TcpListener) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_DIRECT_WIRES));
         loop {
             let (conn, peer) = tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -1403,12 +1423,43 @@ impl Engine {
                     Err(e) => { warn!("BitTorrent listener: {e}"); continue; }
                 },
             };
-            if !self.cfg.allow.iter().any(|c| c.contains(peer.ip())) {
-                debug!(%peer, "BitTorrent connection from outside bt_allow refused");
+            let standard = self.cfg.allow.iter().any(|c| c.contains(peer.ip()));
+            if !standard && !self.net.is_member_ip(peer.ip()) {
+                debug!(%peer, "BitTorrent connection from neither a member nor bt_allow refused");
                 continue;
             }
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                warn!(%peer, "{MAX_DIRECT_WIRES} connections on the BitTorrent listener: refusing another");
+                continue;
+            };
             let _ = conn.set_nodelay(true);
-            tokio::spawn(self.clone().accept(Box::new(conn), peer.to_string()));
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.peek(&mut first)).await {
+                    Ok(Ok(1)) => {}
+                    _ => return debug!(%peer, "BitTorrent listener: nothing received"),
+                }
+                if first[0] == bridge::BT_HANDSHAKE_FIRST {
+                    if standard {
+                        this.accept(Box::new(conn), peer.to_string()).await;
+                    } else {
+                        debug!(%peer, "BitTorrent client from outside bt_allow refused");
+                    }
+                } else {
+                    let secured =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, this.net.accept_wire(conn));
+                    match secured.await {
+                        Ok(Ok((io, member))) => {
+                            debug!(%member, "member opened a direct peer wire");
+                            this.accept(io, member).await;
+                        }
+                        Ok(Err(e)) => debug!(%peer, "direct peer wire refused: {e}"),
+                        Err(_) => debug!(%peer, "direct peer wire refused: no handshake in time"),
+                    }
+                }
+                drop(permit);
+            });
         }
     }
 
