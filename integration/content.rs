@@ -536,6 +536,106 @@ fn plain_tcp(a: &NsNode, b: &NsNode, from: PathBuf, to: Option<PathBuf>) -> Dura
     t.elapsed()
 }
 
+/// librqbit alone over the same link, without btfs: a session in A's
+/// namespace seeds `object` with `torrent`, a session in B's downloads it
+/// into `into` over one direct TCP connection (no bridge, no noise, no
+/// FUSE). Returns the time from the add on B to the whole file verified.
+fn librqbit_alone(
+    a: &NsNode,
+    b: &NsNode,
+    torrent: Vec<u8>,
+    object: PathBuf,
+    into: PathBuf,
+) -> Duration {
+    use librqbit::{
+        AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
+    };
+    fn session(listen: Option<std::net::SocketAddr>) -> SessionOptions {
+        SessionOptions {
+            dht: None,
+            disable_trackers: true,
+            disable_local_service_discovery: true,
+            listen: listen.map(|listen_addr| ListenerOptions {
+                mode: ListenerMode::TcpOnly,
+                listen_addr,
+                enable_upnp_port_forwarding: false,
+                ipv4_only: true,
+                ..Default::default()
+            }),
+            persistence: None,
+            ipv4_only: true,
+            ..Default::default()
+        }
+    }
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+    let folder = object.parent().unwrap().to_owned();
+    let seed_ip: std::net::IpAddr = a.addr.parse().unwrap();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let seed_torrent = torrent.clone();
+    let seeder = in_namespace(&a.ns, move || {
+        runtime().block_on(async move {
+            let s = Session::new_with_opts(folder.clone(), session(Some((seed_ip, 0).into())))
+                .await
+                .unwrap();
+            let h = s
+                .add_torrent(
+                    AddTorrent::from_bytes(seed_torrent),
+                    Some(AddTorrentOptions {
+                        overwrite: true,
+                        output_folder: Some(folder.to_string_lossy().into_owned()),
+                        ..Default::default()
+                    }),
+                )
+                .await
+                .unwrap()
+                .into_handle()
+                .unwrap();
+            h.wait_until_completed().await.unwrap();
+            port_tx.send(s.listen_addr().unwrap().port()).unwrap();
+            let _ = stop_rx.await;
+            s.delete(h.id().into(), false).await.unwrap();
+        })
+    });
+    let seed: std::net::SocketAddr = (seed_ip, port_rx.recv().unwrap()).into();
+    let leecher = in_namespace(&b.ns, move || {
+        runtime().block_on(async move {
+            std::fs::create_dir_all(&into).unwrap();
+            let s = Session::new_with_opts(into.clone(), session(None))
+                .await
+                .unwrap();
+            let t = Instant::now();
+            let h = s
+                .add_torrent(
+                    AddTorrent::from_bytes(torrent),
+                    Some(AddTorrentOptions {
+                        overwrite: true,
+                        output_folder: Some(into.to_string_lossy().into_owned()),
+                        initial_peers: Some(vec![seed]),
+                        ..Default::default()
+                    }),
+                )
+                .await
+                .unwrap()
+                .into_handle()
+                .unwrap();
+            h.wait_until_completed().await.unwrap();
+            let took = t.elapsed();
+            s.delete(h.id().into(), false).await.unwrap();
+            took
+        })
+    });
+    let took = leecher.join().unwrap();
+    stop_tx.send(()).unwrap();
+    seeder.join().unwrap();
+    took
+}
+
 /// Prints `BENCH` lines for docs/BENCHMARKS.md: first byte of a remote
 /// 1 GiB file, full-file throughput against a plain TCP copy over the same
 /// link, and the cost of publishing 1 GiB against mktorrent.
@@ -610,23 +710,91 @@ fn bench_content_first_byte_throughput_and_publish() {
     // Let librqbit settle (its idle peer disconnects) before the full read.
     std::thread::sleep(Duration::from_secs(6));
 
-    // Throughput: the whole file through the mount on B.
-    let t = Instant::now();
-    assert_eq!(drain(&b.mnt.join("image.raw")), GIB as u64);
-    let bt = t.elapsed();
-
-    // Baselines over one plain TCP connection, A to B: a copy of the file
-    // (B writes it to a file next to its state, as btfs does), and the bare
-    // transfer (B drops the bytes).
+    // Throughput, in rounds: each reads a new 1 GiB file whole through the
+    // mount on B, from nothing held, and copies the same file over one
+    // plain TCP connection, A to B, into a file next to B's state (as btfs
+    // does), in turn first. Writing 1 GiB into fresh page cache costs this
+    // VM from 0.6 to 4 s (pages the host has not backed yet), so the best
+    // of each counts.
+    const ROUNDS: u64 = 3;
     let object = object_of(a, &data);
     let copied = b.dir.path().join("tcp-copy.bin");
-    let copy = plain_tcp(a, b, object.clone(), Some(copied.clone()));
-    assert_eq!(std::fs::metadata(&copied).unwrap().len(), GIB as u64);
-    std::fs::remove_file(&copied).unwrap();
-    let transfer = plain_tcp(a, b, object, None);
+    let (mut bt, mut copy) = (Duration::MAX, Duration::MAX);
+    for round in 0..ROUNDS {
+        let name = format!("image{round}.raw");
+        let round_object = if round == 0 {
+            object.clone()
+        } else {
+            let d = common::pattern(23 + round, GIB);
+            write_file(&a.mnt.join(&name), &d);
+            wait_listed(&b.mnt.join(&name), GIB as u64);
+            object_of(a, &d)
+        };
+        let read = b.mnt.join(if round == 0 { "image.raw" } else { &name });
+        // Neither measure counts the writeback of the last step.
+        let settle = || {
+            run_ok("sync", &[]);
+            std::thread::sleep(Duration::from_secs(2));
+        };
+        let btfs_read = || {
+            settle();
+            let t = Instant::now();
+            assert_eq!(drain(&read), GIB as u64);
+            t.elapsed()
+        };
+        let tcp_copy = || {
+            settle();
+            let d = plain_tcp(a, b, round_object.clone(), Some(copied.clone()));
+            assert_eq!(std::fs::metadata(&copied).unwrap().len(), GIB as u64);
+            std::fs::remove_file(&copied).unwrap();
+            d
+        };
+        let (ours, theirs) = if round % 2 == 0 {
+            let ours = btfs_read();
+            (ours, tcp_copy())
+        } else {
+            let theirs = tcp_copy();
+            (btfs_read(), theirs)
+        };
+        eprintln!(
+            "BENCH round {round}: btfs read through the mount {:.2} s, plain TCP copy to a file {:.2} s, ratio {:.2}",
+            ours.as_secs_f64(),
+            theirs.as_secs_f64(),
+            theirs.as_secs_f64() / ours.as_secs_f64()
+        );
+        bt = bt.min(ours);
+        copy = copy.min(theirs);
+        if round > 0 {
+            std::fs::remove_file(a.mnt.join(&name)).unwrap();
+        }
+    }
+
+    // The bare transfer (B drops the bytes), once.
+    let transfer = plain_tcp(a, b, object.clone(), None);
+    // The ceiling: librqbit alone, the same torrent over the same link.
+    let torrent = a.dir.path().join("image.torrent");
+    let out = btfs(&[
+        "torrent",
+        a.mnt.join("image.raw").to_str().unwrap(),
+        "-o",
+        torrent.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let into = b.dir.path().join("librqbit-alone");
+    let alone = librqbit_alone(
+        a,
+        b,
+        std::fs::read(&torrent).unwrap(),
+        object.clone(),
+        into.clone(),
+    );
+    let got = std::fs::read(into.join(object.file_name().unwrap())).unwrap();
+    assert!(got == data, "librqbit alone: the bytes differ");
+    drop(got);
+    std::fs::remove_dir_all(&into).unwrap();
     let rate = |d: Duration| GIB as f64 / d.as_secs_f64() / 1e6;
     eprintln!(
-        "BENCH full 1 GiB A->B: btfs read through the mount {:.2} s ({:.0} MB/s); plain TCP copy to a file {:.2} s ({:.0} MB/s), ratio {:.2}; plain TCP transfer, bytes dropped {:.2} s ({:.0} MB/s), ratio {:.2}",
+        "BENCH full 1 GiB A->B (best of {ROUNDS} rounds): btfs read through the mount {:.2} s ({:.0} MB/s); plain TCP copy to a file {:.2} s ({:.0} MB/s), ratio {:.2}; plain TCP transfer, bytes dropped (once) {:.2} s ({:.0} MB/s)",
         bt.as_secs_f64(),
         rate(bt),
         copy.as_secs_f64(),
@@ -634,7 +802,12 @@ fn bench_content_first_byte_throughput_and_publish() {
         copy.as_secs_f64() / bt.as_secs_f64(),
         transfer.as_secs_f64(),
         rate(transfer),
-        transfer.as_secs_f64() / bt.as_secs_f64()
+    );
+    eprintln!(
+        "BENCH ceiling (once), librqbit alone A->B over one direct TCP connection (no bridge, no noise, no FUSE): {:.2} s ({:.0} MB/s), ratio to the best copy {:.2}",
+        alone.as_secs_f64(),
+        rate(alone),
+        copy.as_secs_f64() / alone.as_secs_f64(),
     );
     if std::env::var_os("BTFS_TEST_LOGS").is_some() {
         eprintln!("--- A ---\n{}\n--- B ---\n{}", a.log(), b.log());
@@ -661,8 +834,10 @@ fn cache_size_evicts_the_least_recently_used_content_that_another_member_holds()
         });
         std::thread::sleep(Duration::from_millis(1100));
     }
+    // Not while its torrent is live: up to 30 s after its last use, then up
+    // to 5 s until it is retired and 5 s until the next pass.
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the oldest fetched file evicted",
         || !object_of(b, &files[0]).exists(),
     );

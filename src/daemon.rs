@@ -32,9 +32,8 @@ use crate::{
 /// New record versions waiting to be signed and gossiped; beyond this they are
 /// left to anti-entropy.
 const ANNOUNCE_CAP: usize = 4096;
-/// Runtime worker threads. librqbit verifies pieces and writes them with
-/// `block_in_place` on these threads, so a few more than the cores keep the
-/// mesh and the bridges moving meanwhile.
+/// Runtime worker threads: the mesh, the peer-wire bridges and FUSE
+/// answers. (librqbit runs on a thread of its own, see `btfs_torrent`.)
 const RUNTIME_THREADS: usize = 2;
 /// Whole-file fetches (prefetch policy) running at once.
 const PREFETCH_PARALLEL: usize = 2;
