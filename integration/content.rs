@@ -567,6 +567,30 @@ fn librqbit_alone(
             ..Default::default()
         }
     }
+    /// Adds `torrent` with its file in `folder` and waits until it is whole.
+    async fn complete(
+        s: &std::sync::Arc<Session>,
+        torrent: Vec<u8>,
+        folder: &Path,
+        initial_peers: Option<Vec<std::net::SocketAddr>>,
+    ) -> std::sync::Arc<librqbit::ManagedTorrent> {
+        let h = s
+            .add_torrent(
+                AddTorrent::from_bytes(torrent),
+                Some(AddTorrentOptions {
+                    overwrite: true,
+                    output_folder: Some(folder.to_string_lossy().into_owned()),
+                    initial_peers,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap()
+            .into_handle()
+            .unwrap();
+        h.wait_until_completed().await.unwrap();
+        h
+    }
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -583,20 +607,7 @@ fn librqbit_alone(
             let s = Session::new_with_opts(folder.clone(), session(Some((seed_ip, 0).into())))
                 .await
                 .unwrap();
-            let h = s
-                .add_torrent(
-                    AddTorrent::from_bytes(seed_torrent),
-                    Some(AddTorrentOptions {
-                        overwrite: true,
-                        output_folder: Some(folder.to_string_lossy().into_owned()),
-                        ..Default::default()
-                    }),
-                )
-                .await
-                .unwrap()
-                .into_handle()
-                .unwrap();
-            h.wait_until_completed().await.unwrap();
+            let h = complete(&s, seed_torrent, &folder, None).await;
             port_tx.send(s.listen_addr().unwrap().port()).unwrap();
             let _ = stop_rx.await;
             s.delete(h.id().into(), false).await.unwrap();
@@ -610,21 +621,7 @@ fn librqbit_alone(
                 .await
                 .unwrap();
             let t = Instant::now();
-            let h = s
-                .add_torrent(
-                    AddTorrent::from_bytes(torrent),
-                    Some(AddTorrentOptions {
-                        overwrite: true,
-                        output_folder: Some(into.to_string_lossy().into_owned()),
-                        initial_peers: Some(vec![seed]),
-                        ..Default::default()
-                    }),
-                )
-                .await
-                .unwrap()
-                .into_handle()
-                .unwrap();
-            h.wait_until_completed().await.unwrap();
+            let h = complete(&s, torrent, &into, Some(vec![seed])).await;
             let took = t.elapsed();
             s.delete(h.id().into(), false).await.unwrap();
             took
