@@ -395,8 +395,8 @@ fn try_wire(
     key: Option<String>,
     info_hash: [u8; 20],
 ) -> Option<usize> {
-    trait Wire: futures::AsyncRead + futures::AsyncWrite + Unpin + Send {}
-    impl<T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send> Wire for T {}
+    trait Wire: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+    impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Wire for T {}
     let peer: libp2p_identity::PeerId = peer.parse().unwrap();
     in_namespace(ns, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -404,15 +404,14 @@ fn try_wire(
             .build()
             .unwrap();
         rt.block_on(async move {
-            use futures::{AsyncReadExt, AsyncWriteExt};
-            use tokio_util::compat::TokioAsyncReadCompatExt;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
             let mut io: Box<dyn Wire> = match key {
-                None => Box::new(tcp.compat()),
+                None => Box::new(tcp),
                 Some(psk) => {
                     let me = libp2p_identity::Keypair::generate_ed25519();
                     let prologue = btfs_mesh::wire::prologue("cluster", &psk);
-                    match btfs_mesh::wire::connect(&me, &prologue, tcp.compat(), peer).await {
+                    match btfs_mesh::wire::connect(&me, &prologue, tcp, peer).await {
                         Ok(w) => Box::new(w),
                         Err(e) => {
                             eprintln!("wire to {addr}: {e}");
@@ -513,6 +512,36 @@ fn copy_to(r: &mut impl Read, w: &mut impl std::io::Write) -> u64 {
 /// Sends the file at `from` on `a` to `b` over one plain TCP connection;
 /// `b` writes what it receives to `to`, or drops it when `to` is `None`.
 /// Returns how long it took.
+/// With `BTFS_BENCH_PERF=DIR`, `perf record -a -g` of each round's read
+/// through the mount goes to `DIR/read-ROUND.data` (for finding where the
+/// time goes; off by default).
+fn perf_record(round: u64) -> Option<std::process::Child> {
+    let dir = std::env::var_os("BTFS_BENCH_PERF")?;
+    let out = Path::new(&dir).join(format!("read-{round}.data"));
+    let child = std::process::Command::new("perf")
+        .args(["record", "-a"])
+        .args(match std::env::var("BTFS_BENCH_PERF_EVENTS") {
+            Ok(events) => vec!["-e".to_owned(), events],
+            Err(_) => ["-g", "-F", "999"].map(String::from).to_vec(),
+        })
+        .arg("-o")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("BTFS_BENCH_PERF is set but perf cannot start");
+    std::thread::sleep(Duration::from_millis(500));
+    Some(child)
+}
+
+fn perf_stop(perf: Option<std::process::Child>) {
+    if let Some(mut child) = perf {
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = child.wait();
+    }
+}
+
 fn plain_tcp(a: &NsNode, b: &NsNode, from: PathBuf, to: Option<PathBuf>) -> Duration {
     let size = std::fs::metadata(&from).unwrap().len();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -735,9 +764,12 @@ fn bench_content_first_byte_throughput_and_publish() {
         };
         let btfs_read = || {
             settle();
+            let perf = perf_record(round);
             let t = Instant::now();
             assert_eq!(drain(&read), GIB as u64);
-            t.elapsed()
+            let d = t.elapsed();
+            perf_stop(perf);
+            d
         };
         let tcp_copy = || {
             settle();

@@ -18,7 +18,7 @@ use btfs_torrent::{BoxIo, Engine, Network};
 use futures::StreamExt;
 use libp2p_identity::{Keypair, PeerId};
 use tokio::net::TcpStream;
-use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tracing::{debug, info, warn};
 
 use crate::mesh::{Counters, Rpc, peer_of};
@@ -314,7 +314,7 @@ impl Network for MeshNet {
                 let connect = async {
                     let tcp = TcpStream::connect(addr).await?;
                     tcp.set_nodelay(true)?;
-                    btfs_mesh::wire::connect(&wire.keypair, &wire.prologue, tcp.compat(), peer)
+                    btfs_mesh::wire::connect(&wire.keypair, &wire.prologue, tcp, peer)
                         .await
                 };
                 let failed = match tokio::time::timeout(WIRE_CONNECT, connect).await {
@@ -323,7 +323,7 @@ impl Network for MeshNet {
                         if let Some(w) = lock(&wires).get_mut(&peer) {
                             w.failures = 0;
                         }
-                        return Ok(Box::new(w.compat()) as BoxIo);
+                        return Ok(Box::new(w) as BoxIo);
                     }
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("no handshake within {WIRE_CONNECT:?}"),
@@ -358,14 +358,14 @@ impl Network for MeshNet {
         let (wire, connected) = (self.wire.clone(), self.connected.clone());
         Box::pin(async move {
             let (peer, w) =
-                btfs_mesh::wire::accept(&wire.keypair, &wire.prologue, conn.compat()).await?;
+                btfs_mesh::wire::accept(&wire.keypair, &wire.prologue, conn).await?;
             if !lock(&connected).contains(&peer) {
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!("{peer} is not a connected member"),
                 ));
             }
-            Ok((Box::new(w.compat()) as BoxIo, peer.to_string()))
+            Ok((Box::new(w) as BoxIo, peer.to_string()))
         })
     }
 

@@ -2,24 +2,64 @@
 //! connection, for bulk data (the BitTorrent peer wire).
 //!
 //! Streams inside the mesh connection pay for the pre-shared key's XSalsa20
-//! on every byte, on top of noise. A direct wire runs the same noise XX
-//! handshake libp2p uses, on its own connection, and binds it to the cluster
-//! through the handshake's prologue: a value derived from the pre-shared key,
-//! so a peer without the key cannot complete it. The caller then admits only
-//! the members it is connected to through the mesh.
+//! on every byte, on top of noise. A direct wire is a TCP connection of its
+//! own, secured by a noise XX handshake (`snow`) bound to the cluster through
+//! its prologue: a value derived from the pre-shared key, so a peer without
+//! the key cannot complete it. Each side proves its libp2p identity by
+//! signing its noise static key with it, as libp2p's noise does, so the
+//! caller knows which member is at the other end and admits only the
+//! members it is connected to through the mesh.
+//!
+//! Why not libp2p's noise: it is fixed to ChaCha20-Poly1305, and it copies
+//! each byte three times on its way through (and zeroes a fresh buffer for
+//! every frame it reads). On the CPUs this runs on, ring's AES-256-GCM
+//! (AES-NI) is three times as fast as its ChaCha20-Poly1305 (5.7 against
+//! 1.9 GB/s measured on one core), and at full speed the cipher was an
+//! eighth of all the CPU a remote read took. Here a byte is copied once into
+//! the frame it is sealed in, and opened straight into the reader's buffer
+//! when that has room.
+//!
+//! # Protocol
+//!
+//! Every message, handshake or not, is a big-endian `u16` length and that
+//! many bytes. The handshake is `Noise_XX_25519_AESGCM_SHA256` with the
+//! cluster prologue; the static keys are fresh for each process.
+//!
+//! ```text
+//! -> e
+//! <- e, ee, s, es, {proof of the responder}
+//! -> s, se, {proof of the initiator}
+//! ```
+//!
+//! A proof is `u16 n`, the `n` bytes of the libp2p public key (protobuf),
+//! then its signature of `"btfs-wire-static-key:" || noise static key`.
+//! Then each message is one AEAD frame of 1 to 65,519 bytes of data.
 
-use std::io;
-
-use futures::{AsyncRead, AsyncWrite};
-use libp2p::{
-    PeerId,
-    core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
-    identity::Keypair,
-    noise,
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
 };
 
-/// An encrypted, authenticated direct wire over `T`.
-pub type Wire<T> = noise::Output<T>;
+use libp2p::{
+    PeerId,
+    identity::{Keypair, PublicKey},
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+const PARAMS: &str = "Noise_XX_25519_AESGCM_SHA256";
+/// What a proof signs, before the static key.
+const PROOF_CONTEXT: &[u8] = b"btfs-wire-static-key:";
+/// The largest message, noise's limit.
+const MAX_MESSAGE: usize = 65535;
+const TAG: usize = 16;
+/// The most data one frame carries.
+const MAX_DATA: usize = MAX_MESSAGE - TAG;
+const HEADER: usize = 2;
+/// Frames read or sealed at a time: one read or write of the socket moves
+/// up to this many.
+const FRAMES_BUFFERED: usize = 4;
+const BUFFER: usize = FRAMES_BUFFERED * (HEADER + MAX_MESSAGE);
 
 /// The noise prologue of a cluster's direct wires: derived from the cluster
 /// name and the pre-shared key (its text form), never the key itself.
@@ -31,58 +71,341 @@ pub fn prologue(cluster: &str, psk_text: &str) -> Vec<u8> {
     h.finalize().as_bytes().to_vec()
 }
 
-fn config(keypair: &Keypair, prologue: &[u8]) -> io::Result<noise::Config> {
-    Ok(noise::Config::new(keypair)
-        .map_err(io::Error::other)?
-        .with_prologue(prologue.to_vec()))
-}
-
-fn refused(e: noise::Error) -> io::Error {
+fn refused(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
-        format!("noise handshake: {e}"),
+        format!("noise handshake: {what}"),
     )
 }
 
 /// Secures `io`, a connection this node opened to `expected`; fails unless
-/// the other end proves it is `expected` and knows the prologue.
+/// the other end proves it is `expected` and knows the prologue. Nothing
+/// about this node is sent to an end that is not `expected`.
 pub async fn connect<T>(
     keypair: &Keypair,
     prologue: &[u8],
-    io: T,
+    mut io: T,
     expected: PeerId,
 ) -> io::Result<Wire<T>>
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
-    let (peer, wire) = config(keypair, prologue)?
-        .upgrade_outbound(io, "/noise")
-        .await
-        .map_err(refused)?;
+    let (mut hs, proof) = start(keypair, prologue, true)?;
+    let mut msg = vec![0u8; MAX_MESSAGE];
+    let mut payload = vec![0u8; MAX_MESSAGE];
+    let n = hs.write_message(&[], &mut msg).map_err(refused)?;
+    send(&mut io, &msg[..n]).await?;
+    let m = recv(&mut io, &mut msg).await?;
+    let n = hs.read_message(&msg[..m], &mut payload).map_err(refused)?;
+    let peer = verify(&hs, &payload[..n])?;
     if peer != expected {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("the wire reached {peer}, not {expected}"),
         ));
     }
-    Ok(wire)
+    let n = hs.write_message(&proof, &mut msg).map_err(refused)?;
+    send(&mut io, &msg[..n]).await?;
+    Ok(Wire::new(io, hs.into_transport_mode().map_err(refused)?))
 }
 
 /// Secures `io`, a connection another node opened to this one; returns who
 /// it proved to be. Admitting it is the caller's decision.
-pub async fn accept<T>(keypair: &Keypair, prologue: &[u8], io: T) -> io::Result<(PeerId, Wire<T>)>
+pub async fn accept<T>(keypair: &Keypair, prologue: &[u8], mut io: T) -> io::Result<(PeerId, Wire<T>)>
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
-    config(keypair, prologue)?
-        .upgrade_inbound(io, "/noise")
-        .await
-        .map_err(refused)
+    let (mut hs, proof) = start(keypair, prologue, false)?;
+    let mut msg = vec![0u8; MAX_MESSAGE];
+    let mut payload = vec![0u8; MAX_MESSAGE];
+    let m = recv(&mut io, &mut msg).await?;
+    hs.read_message(&msg[..m], &mut payload).map_err(refused)?;
+    let n = hs.write_message(&proof, &mut msg).map_err(refused)?;
+    send(&mut io, &msg[..n]).await?;
+    let m = recv(&mut io, &mut msg).await?;
+    let n = hs.read_message(&msg[..m], &mut payload).map_err(refused)?;
+    let peer = verify(&hs, &payload[..n])?;
+    Ok((peer, Wire::new(io, hs.into_transport_mode().map_err(refused)?)))
+}
+
+/// A handshake state with a fresh static key, and the proof that binds that
+/// key to `keypair`.
+fn start(
+    keypair: &Keypair,
+    prologue: &[u8],
+    initiator: bool,
+) -> io::Result<(snow::HandshakeState, Vec<u8>)> {
+    let params: snow::params::NoiseParams = PARAMS.parse().map_err(refused)?;
+    let statik = snow::Builder::new(params.clone())
+        .generate_keypair()
+        .map_err(refused)?;
+    let builder = snow::Builder::new(params)
+        .local_private_key(&statik.private)
+        .map_err(refused)?
+        .prologue(prologue)
+        .map_err(refused)?;
+    let hs = if initiator {
+        builder.build_initiator()
+    } else {
+        builder.build_responder()
+    }
+    .map_err(refused)?;
+    let key = keypair.public().encode_protobuf();
+    let signed = [PROOF_CONTEXT, &statik.public].concat();
+    let sig = keypair.sign(&signed).map_err(refused)?;
+    let mut proof = Vec::with_capacity(HEADER + key.len() + sig.len());
+    proof.extend_from_slice(&u16::try_from(key.len()).map_err(refused)?.to_be_bytes());
+    proof.extend_from_slice(&key);
+    proof.extend_from_slice(&sig);
+    Ok((hs, proof))
+}
+
+/// Checks the other end's proof against the static key it used in the
+/// handshake; returns its identity.
+fn verify(hs: &snow::HandshakeState, proof: &[u8]) -> io::Result<PeerId> {
+    let statik = hs
+        .get_remote_static()
+        .ok_or_else(|| refused("no static key from the other end"))?;
+    let bad = || refused("the other end's identity proof is malformed");
+    let (len, rest) = proof.split_first_chunk::<HEADER>().ok_or_else(bad)?;
+    let (key, sig) = rest
+        .split_at_checked(usize::from(u16::from_be_bytes(*len)))
+        .ok_or_else(bad)?;
+    let key = PublicKey::try_decode_protobuf(key).map_err(|_| bad())?;
+    if !key.verify(&[PROOF_CONTEXT, statik].concat(), sig) {
+        return Err(refused(
+            "the other end's identity does not sign its noise key",
+        ));
+    }
+    Ok(key.to_peer_id())
+}
+
+async fn send(io: &mut (impl AsyncWrite + Unpin), msg: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(msg.len()).map_err(refused)?;
+    let mut framed = Vec::with_capacity(HEADER + msg.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    io.write_all(&framed).await?;
+    io.flush().await
+}
+
+async fn recv(io: &mut (impl AsyncRead + Unpin), into: &mut [u8]) -> io::Result<usize> {
+    let len = usize::from(io.read_u16().await?);
+    let msg = into.get_mut(..len).ok_or_else(|| refused("message too long"))?;
+    io.read_exact(msg).await?;
+    Ok(len)
+}
+
+/// An encrypted, authenticated direct wire over `T`.
+pub struct Wire<T> {
+    io: T,
+    noise: snow::TransportState,
+    /// Frames read from `io`, not yet opened: `read[read_at..read_end]`.
+    read: Box<[u8]>,
+    read_at: usize,
+    read_end: usize,
+    /// Data opened from a frame that did not fit the caller's buffer:
+    /// `opened[opened_at..opened_end]`.
+    opened: Box<[u8]>,
+    opened_at: usize,
+    opened_end: usize,
+    /// Sealed frames not yet written to `io`: `sealed[sealed_at..sealed_end]`.
+    sealed: Box<[u8]>,
+    sealed_at: usize,
+    sealed_end: usize,
+}
+
+impl<T> std::fmt::Debug for Wire<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire")
+            .field("unread", &(self.read_end - self.read_at))
+            .field("unsent", &(self.sealed_end - self.sealed_at))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Wire<T> {
+    fn new(io: T, noise: snow::TransportState) -> Self {
+        Self {
+            io,
+            noise,
+            read: vec![0; BUFFER].into_boxed_slice(),
+            read_at: 0,
+            read_end: 0,
+            opened: vec![0; MAX_MESSAGE].into_boxed_slice(),
+            opened_at: 0,
+            opened_end: 0,
+            sealed: vec![0; BUFFER].into_boxed_slice(),
+            sealed_at: 0,
+            sealed_end: 0,
+        }
+    }
+
+    /// The length of the frame at `read_at`, once its header is in.
+    fn next_frame(&self) -> io::Result<Option<usize>> {
+        let Some(header) = self.read[self.read_at..self.read_end].first_chunk::<HEADER>() else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes(*header));
+        if len < TAG {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "direct wire: a frame shorter than its tag",
+            ));
+        }
+        Ok(Some(len))
+    }
+}
+
+fn opened_badly(e: snow::Error) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("direct wire: a frame does not open: {e}"),
+    )
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Wire<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.opened_at < this.opened_end {
+                let n = buf.remaining().min(this.opened_end - this.opened_at);
+                buf.put_slice(&this.opened[this.opened_at..this.opened_at + n]);
+                this.opened_at += n;
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(len) = this.next_frame()?
+                && this.read_end - this.read_at >= HEADER + len
+            {
+                let frame = this.read_at + HEADER..this.read_at + HEADER + len;
+                this.read_at = frame.end;
+                let n = if buf.remaining() >= len {
+                    // Straight into the caller's buffer.
+                    let out = buf.initialize_unfilled_to(len);
+                    let n = this
+                        .noise
+                        .read_message(&this.read[frame], out)
+                        .map_err(opened_badly)?;
+                    buf.advance(n);
+                    n
+                } else {
+                    let n = this
+                        .noise
+                        .read_message(&this.read[frame], &mut this.opened)
+                        .map_err(opened_badly)?;
+                    (this.opened_at, this.opened_end) = (0, n);
+                    0
+                };
+                if this.read_at == this.read_end {
+                    (this.read_at, this.read_end) = (0, 0);
+                }
+                if n > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            // Room for the whole of the next frame, moving its start to the
+            // front of the buffer if it would not fit after it.
+            let need = this.next_frame()?.map_or(HEADER, |len| HEADER + len);
+            if this.read.len() - this.read_at < need {
+                this.read.copy_within(this.read_at..this.read_end, 0);
+                (this.read_at, this.read_end) = (0, this.read_end - this.read_at);
+            }
+            let mut into = ReadBuf::new(&mut this.read[this.read_end..]);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut into))?;
+            let got = into.filled().len();
+            if got == 0 {
+                if this.read_at == this.read_end {
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "direct wire: the connection ended inside a frame",
+                )));
+            }
+            this.read_end += got;
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Wire<T> {
+    /// Writes out the sealed frames; ready when none is left.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sealed_at < self.sealed_end {
+            let n = ready!(
+                Pin::new(&mut self.io).poll_write(cx, &self.sealed[self.sealed_at..self.sealed_end])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sealed_at += n;
+        }
+        (self.sealed_at, self.sealed_end) = (0, 0);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Wire<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.sealed.len() - this.sealed_end < HEADER + TAG + buf.len().min(MAX_DATA) {
+            ready!(this.poll_send(cx))?;
+        }
+        let mut taken = 0;
+        while taken < buf.len() {
+            let room = this.sealed.len() - this.sealed_end;
+            let Some(data) = room.checked_sub(HEADER + TAG).filter(|d| *d > 0) else {
+                break;
+            };
+            let n = (buf.len() - taken).min(data).min(MAX_DATA);
+            let frame = &mut this.sealed[this.sealed_end + HEADER..];
+            let len = this
+                .noise
+                .write_message(&buf[taken..taken + n], frame)
+                .map_err(|e| io::Error::other(format!("direct wire: sealing a frame: {e}")))?;
+            this.sealed[this.sealed_end..this.sealed_end + HEADER]
+                .copy_from_slice(&(len as u16).to_be_bytes());
+            this.sealed_end += HEADER + len;
+            taken += n;
+        }
+        // Start sending now; what the socket does not take yet goes on the
+        // next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use futures::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
@@ -96,17 +419,15 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let server = tokio::spawn(async move {
-            use tokio_util::compat::TokioAsyncReadCompatExt;
             let (s, _) = l.accept().await.unwrap();
-            let (peer, mut w) = accept(&a, &server_prologue, s.compat()).await?;
+            let (peer, mut w) = accept(&a, &server_prologue, s).await?;
             let mut got = vec![0u8; 5];
             w.read_exact(&mut got).await?;
             Ok((peer, got))
         });
         let client = async {
-            use tokio_util::compat::TokioAsyncReadCompatExt;
             let s = tokio::net::TcpStream::connect(addr).await?;
-            let mut w = connect(&b, &client_prologue, s.compat(), expected).await?;
+            let mut w = connect(&b, &client_prologue, s, expected).await?;
             w.write_all(b"hello").await?;
             w.flush().await?;
             Ok(())
@@ -133,7 +454,7 @@ mod tests {
         assert_ne!(prologue("c", "key"), prologue("c", "other"));
         assert_ne!(prologue("c", "key"), prologue("d", "key"));
         let (s, c) = pair(prologue("c", "key"), prologue("c", "other"), None).await;
-        assert!(s.is_err() || c.is_err());
+        assert!(c.is_err(), "the client took a peer with another key");
         assert!(
             s.is_err(),
             "the server read data from a peer with another key"
@@ -146,5 +467,113 @@ mod tests {
         let stranger = Keypair::generate_ed25519().public().to_peer_id();
         let (_, c) = pair(p.clone(), p, Some(stranger)).await;
         assert_eq!(c.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    /// A proof signed by one identity for another's noise key, or for no
+    /// key of the handshake, is refused.
+    #[tokio::test]
+    async fn a_proof_must_sign_the_noise_key_of_the_handshake() {
+        let (me, other) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (hs, _) = start(&me, b"p", true).unwrap();
+        // Not yet known: the other end's static key.
+        let (_, proof) = start(&other, b"p", false).unwrap();
+        assert!(verify(&hs, &proof).is_err());
+        // A proof of a key that is not the one the handshake used.
+        let (mut i, _) = start(&me, b"p", true).unwrap();
+        let (mut r, _) = start(&other, b"p", false).unwrap();
+        let (_, foreign) = start(&other, b"p", false).unwrap();
+        let (mut m, mut p) = (vec![0u8; MAX_MESSAGE], vec![0u8; MAX_MESSAGE]);
+        let n = i.write_message(&[], &mut m).unwrap();
+        r.read_message(&m[..n], &mut p).unwrap();
+        let n = r.write_message(&foreign, &mut m).unwrap();
+        let got = i.read_message(&m[..n], &mut p).unwrap();
+        assert_eq!(&p[..got], &foreign[..]);
+        let e = verify(&i, &p[..got]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(verify(&i, b"\x00\x05abc").is_err());
+        assert!(verify(&i, b"").is_err());
+    }
+
+    /// Bulk data in writes of every size arrives whole and in order, in
+    /// both directions at once, through reads of every size.
+    #[tokio::test]
+    async fn bulk_data_crosses_whole_in_both_directions() {
+        let p = prologue("c", "key");
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let expected = a.public().to_peer_id();
+        let (x, y) = tokio::io::duplex(100_000);
+        let server = tokio::spawn({
+            let p = p.clone();
+            async move { accept(&a, &p, y).await }
+        });
+        let client = connect(&b, &p, x, expected).await.unwrap();
+        let (_, server) = server.await.unwrap().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        async fn pump(
+            mut w: Wire<tokio::io::DuplexStream>,
+            data: Vec<u8>,
+        ) -> (Wire<tokio::io::DuplexStream>, Vec<u8>) {
+            let (mut r, mut wr) = tokio::io::split(&mut w);
+            let send = async {
+                let sizes = [1usize, 100, 16_397, 65_519, 65_520, 200_000, 7];
+                let (mut at, mut i) = (0, 0);
+                while at < data.len() {
+                    let n = sizes[i % sizes.len()].min(data.len() - at);
+                    wr.write_all(&data[at..at + n]).await.unwrap();
+                    at += n;
+                    i += 1;
+                }
+                wr.flush().await.unwrap();
+            };
+            let recv = async {
+                let mut got = Vec::new();
+                let sizes = [3usize, 70_000, 4096, 65_519, 1];
+                let mut i = 0;
+                while got.len() < data.len() {
+                    let mut b = vec![0u8; sizes[i % sizes.len()]];
+                    let n = r.read(&mut b).await.unwrap();
+                    assert!(n > 0, "early end");
+                    got.extend_from_slice(&b[..n]);
+                    i += 1;
+                }
+                got
+            };
+            let ((), got) = tokio::join!(send, recv);
+            drop((r, wr));
+            (w, got)
+        }
+        let there: Vec<u8> = data.iter().rev().copied().collect();
+        let ((_, got_by_server), (_, got_by_client)) =
+            tokio::join!(pump(server, there.clone()), pump(client, data.clone()));
+        assert!(got_by_server == data, "client to server differs");
+        assert!(got_by_client == there, "server to client differs");
+    }
+
+    /// A frame changed on the way is refused, not delivered.
+    #[tokio::test]
+    async fn a_tampered_frame_is_refused() {
+        let p = prologue("c", "key");
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let expected = a.public().to_peer_id();
+        let (x, y) = tokio::io::duplex(100_000);
+        let server = tokio::spawn({
+            let p = p.clone();
+            async move { accept(&a, &p, y).await }
+        });
+        let mut client = connect(&b, &p, x, expected).await.unwrap();
+        let (_, mut server) = server.await.unwrap().unwrap();
+        client.write_all(b"first").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"first");
+        // A frame with one bit flipped, written under the wire.
+        let mut frame = vec![0u8; HEADER + 5 + TAG];
+        let n = client.noise.write_message(b"again", &mut frame[HEADER..]).unwrap();
+        frame[..HEADER].copy_from_slice(&(n as u16).to_be_bytes());
+        frame[HEADER + 1] ^= 1;
+        client.io.write_all(&frame).await.unwrap();
+        let e = server.read(&mut got).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 }
