@@ -314,8 +314,7 @@ impl Network for MeshNet {
                 let connect = async {
                     let tcp = TcpStream::connect(addr).await?;
                     tcp.set_nodelay(true)?;
-                    btfs_mesh::wire::connect(&wire.keypair, &wire.prologue, tcp, peer)
-                        .await
+                    btfs_mesh::wire::connect(&wire.keypair, &wire.prologue, tcp, peer).await
                 };
                 let failed = match tokio::time::timeout(WIRE_CONNECT, connect).await {
                     Ok(Ok(w)) => {
@@ -357,8 +356,7 @@ impl Network for MeshNet {
     ) -> std::pin::Pin<Box<dyn Future<Output = io::Result<(BoxIo, String)>> + Send>> {
         let (wire, connected) = (self.wire.clone(), self.connected.clone());
         Box::pin(async move {
-            let (peer, w) =
-                btfs_mesh::wire::accept(&wire.keypair, &wire.prologue, conn).await?;
+            let (peer, w) = btfs_mesh::wire::accept(&wire.keypair, &wire.prologue, conn).await?;
             if !lock(&connected).contains(&peer) {
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
