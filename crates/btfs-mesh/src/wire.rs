@@ -11,8 +11,8 @@
 //! members it is connected to through the mesh.
 //!
 //! Why not libp2p's noise: it is fixed to ChaCha20-Poly1305, and it copies
-//! each byte three times on its way through (and zeroes a fresh buffer for
-//! every frame it reads). On the CPUs this runs on, ring's AES-256-GCM
+//! each byte two or three times on its way through (and zeroes a fresh
+//! buffer for every frame it reads). On the CPUs this runs on, ring's AES-256-GCM
 //! (AES-NI) is three times as fast as its ChaCha20-Poly1305 (5.7 against
 //! 1.9 GB/s measured on one core), and at full speed the cipher was an
 //! eighth of all the CPU a remote read took. Here a byte is copied once into
