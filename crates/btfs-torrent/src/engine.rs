@@ -1182,9 +1182,12 @@ impl Engine {
             live.following.store(false, Ordering::Release);
             return debug!("background fetch: {e:#}");
         }
-        let warming = Arc::new(AtomicBool::new(true));
+        // Stops the warmer however this task ends, dropped at shutdown
+        // included: a blocking task that never ends would hold up the
+        // runtime's shutdown.
+        let warming = StopOnDrop(Arc::new(AtomicBool::new(true)));
         let warmer = tokio::task::spawn_blocking({
-            let (live, warming) = (live.clone(), warming.clone());
+            let (live, warming) = (live.clone(), warming.0.clone());
             move || warm_ahead(&live, &warming)
         });
         let completed = loop {
@@ -1197,7 +1200,7 @@ impl Engine {
                 }
             }
         };
-        warming.store(false, Ordering::Release);
+        drop(warming);
         let _ = warmer.await;
         if completed {
             if let Err(e) = self.install(&live).await {
@@ -1644,6 +1647,15 @@ fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, data)?;
     fs::rename(&tmp, path)
+}
+
+/// Clears its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Fills in the page cache of `live`'s file up to `WARM_AHEAD` past its
