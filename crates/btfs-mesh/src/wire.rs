@@ -530,20 +530,29 @@ mod tests {
         assert!(verify(&i, b"").is_err());
     }
 
-    /// Bulk data in writes of every size arrives whole and in order, in
-    /// both directions at once, through reads of every size.
-    #[tokio::test]
-    async fn bulk_data_crosses_whole_in_both_directions() {
+    /// A wire between two fresh identities over an in-memory pipe of
+    /// `capacity` bytes: (the end that connected, the end that accepted).
+    async fn in_memory(
+        capacity: usize,
+    ) -> (Wire<tokio::io::DuplexStream>, Wire<tokio::io::DuplexStream>) {
         let p = prologue("c", "key");
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
         let expected = a.public().to_peer_id();
-        let (x, y) = tokio::io::duplex(100_000);
+        let (x, y) = tokio::io::duplex(capacity);
         let server = tokio::spawn({
             let p = p.clone();
             async move { accept(&a, &p, y).await }
         });
         let client = connect(&b, &p, x, expected).await.unwrap();
         let (_, server) = server.await.unwrap().unwrap();
+        (client, server)
+    }
+
+    /// Bulk data in writes of every size arrives whole and in order, in
+    /// both directions at once, through reads of every size.
+    #[tokio::test]
+    async fn bulk_data_crosses_whole_in_both_directions() {
+        let (client, server) = in_memory(100_000).await;
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         async fn pump(
             mut w: Wire<tokio::io::DuplexStream>,
@@ -590,16 +599,7 @@ mod tests {
     /// sends; a full buffer's worth goes at once either way.
     #[tokio::test(start_paused = true)]
     async fn small_flushes_linger_only_on_a_busy_wire() {
-        let p = prologue("c", "key");
-        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let expected = a.public().to_peer_id();
-        let (x, y) = tokio::io::duplex(1 << 20);
-        let server = tokio::spawn({
-            let p = p.clone();
-            async move { accept(&a, &p, y).await }
-        });
-        let mut client = connect(&b, &p, x, expected).await.unwrap();
-        let (_, mut server) = server.await.unwrap().unwrap();
+        let (mut client, mut server) = in_memory(1 << 20).await;
         let mut got = [0u8; 3];
         let t = tokio::time::Instant::now();
         client.write_all(b"one").await.unwrap();
@@ -637,16 +637,7 @@ mod tests {
     /// A frame changed on the way is refused, not delivered.
     #[tokio::test]
     async fn a_tampered_frame_is_refused() {
-        let p = prologue("c", "key");
-        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let expected = a.public().to_peer_id();
-        let (x, y) = tokio::io::duplex(100_000);
-        let server = tokio::spawn({
-            let p = p.clone();
-            async move { accept(&a, &p, y).await }
-        });
-        let mut client = connect(&b, &p, x, expected).await.unwrap();
-        let (_, mut server) = server.await.unwrap().unwrap();
+        let (mut client, mut server) = in_memory(100_000).await;
         client.write_all(b"first").await.unwrap();
         client.flush().await.unwrap();
         let mut got = [0u8; 5];
