@@ -596,7 +596,8 @@ fn librqbit_alone(
             ..Default::default()
         }
     }
-    /// Adds `torrent` with its file in `folder` and waits until it is whole.
+    /// Adds `torrent` with its file in `folder` and waits until it is whole
+    /// (at most 300 s).
     async fn complete(
         s: &std::sync::Arc<Session>,
         torrent: Vec<u8>,
@@ -617,7 +618,10 @@ fn librqbit_alone(
             .unwrap()
             .into_handle()
             .unwrap();
-        h.wait_until_completed().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(300), h.wait_until_completed())
+            .await
+            .expect("librqbit alone: not whole within 300 s")
+            .unwrap();
         h
     }
     fn runtime() -> tokio::runtime::Runtime {
