@@ -751,13 +751,19 @@ fn bench_content_first_byte_throughput_and_publish() {
     // VM has touched before cost a fraction of fresh ones (the last round's
     // read took twice the first's while the copies recycled their pages).
     // The rounds' files stay until the end too.
-    const ROUNDS: u64 = 3;
+    // `BTFS_BENCH_ROUNDS=N` takes more (or fewer) rounds, for comparing
+    // changes against this VM's spread.
+    let rounds: u64 = std::env::var("BTFS_BENCH_ROUNDS")
+        .ok()
+        .map(|n| n.parse().expect("BTFS_BENCH_ROUNDS is a number of rounds"))
+        .unwrap_or(3)
+        .max(1);
     let object = object_of(a, &data);
-    let copies: Vec<PathBuf> = (0..ROUNDS)
+    let copies: Vec<PathBuf> = (0..rounds)
         .map(|r| b.dir.path().join(format!("tcp-copy-{r}.bin")))
         .collect();
     let (mut bt, mut copy) = (Duration::MAX, Duration::MAX);
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let name = format!("image{round}.raw");
         let round_object = if round == 0 {
             object.clone()
@@ -805,7 +811,7 @@ fn bench_content_first_byte_throughput_and_publish() {
         bt = bt.min(ours);
         copy = copy.min(theirs);
     }
-    for round in 1..ROUNDS {
+    for round in 1..rounds {
         std::fs::remove_file(a.mnt.join(format!("image{round}.raw"))).unwrap();
     }
     for c in &copies {
@@ -837,7 +843,7 @@ fn bench_content_first_byte_throughput_and_publish() {
     std::fs::remove_dir_all(&into).unwrap();
     let rate = |d: Duration| GIB as f64 / d.as_secs_f64() / 1e6;
     eprintln!(
-        "BENCH full 1 GiB A->B (best of {ROUNDS} rounds): btfs read through the mount {:.2} s ({:.0} MB/s); plain TCP copy to a file {:.2} s ({:.0} MB/s), ratio {:.2}; plain TCP transfer, bytes dropped (once) {:.2} s ({:.0} MB/s)",
+        "BENCH full 1 GiB A->B (best of {rounds} rounds): btfs read through the mount {:.2} s ({:.0} MB/s); plain TCP copy to a file {:.2} s ({:.0} MB/s), ratio {:.2}; plain TCP transfer, bytes dropped (once) {:.2} s ({:.0} MB/s)",
         bt.as_secs_f64(),
         rate(bt),
         copy.as_secs_f64(),

@@ -152,6 +152,8 @@ pub(crate) struct WireConfig {
     pub prologue: Vec<u8>,
     /// `bt_wire=direct`: dial members' BitTorrent listeners.
     pub direct: bool,
+    /// `bt_congestion=`: the TCP congestion control of direct wires.
+    pub congestion: btfs_torrent::congestion::Congestion,
 }
 
 /// What this node knows of a connected member's direct wire.
@@ -314,6 +316,10 @@ impl Network for MeshNet {
                 let connect = async {
                     let tcp = TcpStream::connect(addr).await?;
                     tcp.set_nodelay(true)?;
+                    // Checked when the engine started (its listener).
+                    if let Err(e) = wire.congestion.apply(&tcp) {
+                        debug!(%peer, "direct wire keeps the system's congestion control: {e}");
+                    }
                     btfs_mesh::wire::connect(&wire.keypair, &wire.prologue, tcp, peer).await
                 };
                 let failed = match tokio::time::timeout(WIRE_CONNECT, connect).await {

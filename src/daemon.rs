@@ -341,6 +341,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
             handle.clone(),
             content.clone(),
             plan.opts.bt_wire_direct,
+            plan.opts.bt_congestion.clone(),
         )?
     };
     let objects_handle = handle.clone();
@@ -355,6 +356,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         hash_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         prefetch_parallel: PREFETCH_PARALLEL,
         cache_size: plan.opts.cache_size,
+        wire_congestion: plan.opts.bt_congestion.clone(),
     };
     let engine = rt
         .block_on(Engine::start(engine_cfg, net.clone()))

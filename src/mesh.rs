@@ -598,12 +598,14 @@ pub(crate) fn start(
     fs: FsHandle<SledBackend>,
     content: Arc<Content>,
     wire_direct: bool,
+    wire_congestion: btfs_torrent::congestion::Congestion,
 ) -> Result<(watch::Receiver<PeersView>, Arc<Counters>, Arc<MeshNet>)> {
     let cluster = cfg.cluster.clone();
     let wire = crate::content::WireConfig {
         keypair: cfg.keypair.clone(),
         prologue: btfs_mesh::wire::prologue(&cfg.cluster, &cfg.psk.to_string()),
         direct: wire_direct,
+        congestion: wire_congestion,
     };
     let (mesh, mut events, _task) = btfs_mesh::start(cfg).context("mesh")?;
     let counters = Arc::new(Counters::default());

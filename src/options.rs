@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use anyhow::{Result, bail};
-use btfs_torrent::Cidr;
+use btfs_torrent::{Cidr, congestion::Congestion};
 use nix::mount::MsFlags;
 
 use crate::content::Prefetch;
@@ -24,6 +24,7 @@ const VALUED: &[&str] = &[
     "bt_listen",
     "bt_allow",
     "bt_wire",
+    "bt_congestion",
     "read_timeout",
     "prefetch",
     "up_rate",
@@ -106,6 +107,11 @@ pub(crate) struct MountOpts {
     /// pre-shared key's cipher on top of noise, about 15 % of the CPU of a
     /// transfer).
     pub bt_wire_direct: bool,
+    /// `bt_congestion=NAME|system`: the TCP congestion control of direct
+    /// wires (default cubic: on short round trips BBR paces the peer wire's
+    /// bursts; `system` keeps the system's default, e.g. for long lossy
+    /// links). btfs's loopback legs are always unpaced.
+    pub bt_congestion: Congestion,
     /// `read_timeout=DURATION`: how long a read of remote content waits.
     pub read_timeout: Duration,
     /// `prefetch=none|all|GLOB,GLOB`: files fetched in full on arrival.
@@ -246,6 +252,7 @@ impl Default for MountOpts {
             bt_listen: None,
             bt_allow: Vec::new(),
             bt_wire_direct: true,
+            bt_congestion: Congestion::default(),
             read_timeout: Duration::from_secs(30),
             prefetch: Prefetch::None,
             up_rate: None,
@@ -303,6 +310,11 @@ impl MountOpts {
                         "mesh" => false,
                         _ => bail!("mount option bt_wire={v}: expected direct or mesh"),
                     }
+                }
+                ("bt_congestion", Some(v)) => {
+                    o.bt_congestion = v
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("mount option bt_congestion={v}: {e}"))?
                 }
                 ("read_timeout", Some(v)) => {
                     o.read_timeout = parse_duration(v)
@@ -449,6 +461,17 @@ mod tests {
         assert_eq!(o.bt_listen, Some("10.0.0.1:4411".parse().unwrap()));
         assert!(o.bt_wire_direct);
         assert!(!MountOpts::parse("bt_wire=mesh").unwrap().bt_wire_direct);
+        assert_eq!(o.bt_congestion, Congestion::Named("cubic".into()));
+        assert_eq!(
+            MountOpts::parse("bt_congestion=system")
+                .unwrap()
+                .bt_congestion,
+            Congestion::System
+        );
+        assert_eq!(
+            MountOpts::parse("bt_congestion=bbr").unwrap().bt_congestion,
+            Congestion::Named("bbr".into())
+        );
         assert_eq!(o.bt_allow.len(), 2);
         assert!(o.bt_allow[0].contains("10.1.2.3".parse().unwrap()));
         assert!(o.bt_allow[1].contains("192.168.7.9".parse().unwrap()));
@@ -488,6 +511,7 @@ mod tests {
             ("bt_allow=10.0.0.0/40", "prefix length"),
             ("bt_allow=everyone", "not an IP address"),
             ("bt_wire=udp", "expected direct or mesh"),
+            ("bt_congestion=BBR!", "not a congestion control name"),
             ("read_timeout=0", "expected a duration"),
             ("prefetch=[", "not a glob"),
             ("cache_size=lots", "expected a size"),

@@ -134,6 +134,17 @@ fn bad_mounts_give_one_line_reasons_and_mount_nothing() {
         "Address already in use",
     );
 
+    // A congestion control the kernel does not have: named, with the list.
+    let cc_opt = format!(
+        "state={},listen=127.0.0.1:0,mdns=off,bt_congestion=nosuchcc",
+        dir.path().join("s3").display()
+    );
+    assert_mount_fails(
+        &["mount", "c", m, "-o", &cc_opt],
+        &mnt,
+        "TCP congestion control \"nosuchcc\" (bt_congestion=)",
+    );
+
     // Busy: something is mounted there already (a btfs, so no double mount).
     let node = Node::start();
     let other_state = format!("state={}", dir.path().join("other").display());

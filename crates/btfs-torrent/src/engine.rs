@@ -53,6 +53,7 @@ use tracing::{debug, info, warn};
 use crate::{
     TorrentError,
     bridge::{self, BoxIo, Cidr, PeerTable, QuickAck},
+    congestion::{self, Congestion, Socket},
     meta::Metainfo,
 };
 
@@ -254,6 +255,9 @@ pub struct EngineConfig {
     /// `cache_size=`: bytes of fetched content kept; beyond it the least
     /// recently used goes, if another member holds it. `None`: all kept.
     pub cache_size: Option<u64>,
+    /// `bt_congestion=`: the TCP congestion control of wires to and from
+    /// other nodes (see `congestion`).
+    pub wire_congestion: Congestion,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -263,6 +267,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("listen", &self.listen)
             .field("allow", &self.allow)
             .field("read_timeout", &self.read_timeout)
+            .field("wire_congestion", &self.wire_congestion)
             .finish_non_exhaustive()
     }
 }
@@ -528,6 +533,7 @@ impl Engine {
             }
         }
         let socks = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        congestion::unpace(&socks);
         let socks_addr = socks.local_addr()?;
         let bt = BtRuntime::start()?;
         let session = bt
@@ -567,12 +573,25 @@ impl Engine {
         let local = session
             .listen_addr()
             .ok_or_else(|| TorrentError::Session("librqbit has no listener".into()))?;
+        match tokio::task::spawn_blocking(move || congestion::unpace_ours(Socket::Listening(local)))
+            .await
+        {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                warn!(%local, "librqbit's listener not found: it keeps the system's congestion control")
+            }
+            Ok(Err(e)) => {
+                warn!(%local, "librqbit's listener keeps the system's congestion control: {e}")
+            }
+            Err(e) => warn!("looking for librqbit's listener: {e}"),
+        }
         let public = TcpListener::bind(cfg.listen).await.map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("BitTorrent listener on {}: {e}", cfg.listen),
             )
         })?;
+        cfg.wire_congestion.apply(&public)?;
         let public_addr = public.local_addr()?;
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
         let engine = Arc::new(Self {
@@ -1398,7 +1417,10 @@ impl Engine {
         };
         let _use = InUse::new(live);
         let mut local = match TcpStream::connect(self.local).await {
-            Ok(s) => QuickAck::new(s),
+            Ok(s) => {
+                congestion::unpace(&s);
+                QuickAck::new(s)
+            }
             Err(e) => return warn!("librqbit listener unreachable: {e}"),
         };
         use tokio::io::AsyncWriteExt as _;
@@ -1480,14 +1502,25 @@ impl Engine {
 
     /// librqbit's outgoing connections: SOCKS5 to a synthetic member address.
     async fn serve_socks(self: Arc<Self>, listener: TcpListener) {
+        let us = listener.local_addr();
         loop {
-            let (conn, _) = tokio::select! {
+            let (conn, from) = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 c = listener.accept() => match c {
                     Ok(c) => c,
                     Err(e) => { warn!("SOCKS5 bridge: {e}"); continue; }
                 },
             };
+            // librqbit's end carries what this node uploads to the member
+            // it dialled: unpaced too (see `congestion`).
+            if let Ok(peer) = us {
+                let librqbit = Socket::Connected { local: from, peer };
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = congestion::unpace_ours(librqbit) {
+                        debug!("librqbit's connection keeps the system's congestion control: {e}");
+                    }
+                });
+            }
             let mut conn = QuickAck::new(conn);
             let this = self.clone();
             tokio::spawn(async move {

@@ -15,6 +15,7 @@
 //!   names a torrent this node holds.
 
 mod bridge;
+pub mod congestion;
 mod engine;
 pub mod meta;
 
