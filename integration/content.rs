@@ -548,7 +548,24 @@ fn plain_tcp(a: &NsNode, b: &NsNode, from: PathBuf, to: Option<PathBuf>) -> Dura
     let server = in_namespace(&b.ns, move || {
         let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
         tx.send(l.local_addr().unwrap().port()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
+        // The sender connects at once; a minute without it is a failure,
+        // not a hang.
+        l.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "plain TCP: no connection within 60 s"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("plain TCP: accept: {e}"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
         match to {
             Some(to) => copy_to(&mut s, &mut std::fs::File::create(to).unwrap()),
             None => drain_from(&mut s),
