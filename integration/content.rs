@@ -560,7 +560,7 @@ fn plain_tcp(a: &NsNode, b: &NsNode, from: PathBuf, to: Option<PathBuf>) -> Dura
                         Instant::now() < deadline,
                         "plain TCP: no connection within 60 s"
                     );
-                    std::thread::sleep(Duration::from_millis(5));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 Err(e) => panic!("plain TCP: accept: {e}"),
             }
