@@ -108,7 +108,7 @@ pub(crate) struct MountOpts {
     /// transfer).
     pub bt_wire_direct: bool,
     /// `bt_congestion=NAME|system`: the TCP congestion control of direct
-    /// wires (default cubic: on short round trips BBR paces the peer wire's
+    /// wires and of connections to `bt_listen` (default cubic: on short round trips BBR paces the peer wire's
     /// bursts; `system` keeps the system's default, e.g. for long lossy
     /// links). btfs's loopback legs are always unpaced.
     pub bt_congestion: Congestion,

@@ -154,16 +154,35 @@ pub(crate) fn unpace_ours(which: Socket) -> io::Result<bool> {
     })
 }
 
+/// Unpaces the sockets that arrive on `queue` as [`unpace_ours`] does, until
+/// its senders are gone. Blocks: run it on a blocking thread.
+pub(crate) fn unpace_each(mut queue: tokio::sync::mpsc::Receiver<Socket>) {
+    while let Some(which) = queue.blocking_recv() {
+        match unpace_ours(which) {
+            Ok(true) => {}
+            Ok(false) => debug!(?which, "socket gone before it was unpaced"),
+            Err(e) => debug!(?which, "socket keeps the system's congestion control: {e}"),
+        }
+    }
+}
+
 /// A duplicate of the socket `which`, if this process has it open.
 fn find(which: Socket) -> io::Result<Option<OwnedFd>> {
     use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
     let me = pidfd_open(getpid(), PidfdFlags::empty())?;
     for entry in std::fs::read_dir("/proc/self/fd")? {
-        let Some(fd) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
+        let entry = entry?;
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
-        // Closed since the listing (or the directory's own descriptor, gone
-        // by now): not the one.
+        // Sockets only: closing a duplicate of a regular file would drop the
+        // process's POSIX record locks on it.
+        let socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !socket {
+            continue;
+        }
+        // Closed since the listing: not the one.
         let Ok(dup) = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) else {
             continue;
         };
@@ -222,6 +241,19 @@ mod tests {
         assert!(unpace_ours(Socket::Connected { local, peer }).unwrap());
         assert!(UNPACED.contains(&congestion(&client).as_str()));
         assert_eq!(congestion(&accepted), system_default());
+    }
+
+    #[test]
+    fn queued_sockets_are_unpaced_until_the_queue_closes() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let worker = std::thread::spawn(move || unpace_each(rx));
+        tx.blocking_send(Socket::Connected { local, peer }).unwrap();
+        drop(tx);
+        worker.join().unwrap();
+        assert!(UNPACED.contains(&congestion(&client).as_str()));
     }
 
     #[test]

@@ -88,6 +88,9 @@ const STALL_RETRY: Duration = Duration::from_millis(1500);
 /// Prefetches waiting for a worker; more are dropped with a log line (the
 /// file is still fetched when it is first read).
 const PREFETCH_QUEUE: usize = 4096;
+/// librqbit's outgoing connections waiting to get an unpaced congestion
+/// control; more keep the system's (see `congestion`).
+const UNPACE_QUEUE: usize = 64;
 /// Buffer of each direction of a bridged peer connection: large writes make
 /// large mesh frames (tokio's default, 8 KiB, costs a frame and its
 /// encryption per 8 KiB).
@@ -1503,6 +1506,10 @@ impl Engine {
     /// librqbit's outgoing connections: SOCKS5 to a synthetic member address.
     async fn serve_socks(self: Arc<Self>, listener: TcpListener) {
         let us = listener.local_addr();
+        // librqbit's ends are looked up one at a time, off the runtime; the
+        // lookup ends with this task (its sender goes).
+        let (unpace, to_unpace) = mpsc::channel(UNPACE_QUEUE);
+        tokio::task::spawn_blocking(move || congestion::unpace_each(to_unpace));
         loop {
             let (conn, from) = tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -1512,14 +1519,10 @@ impl Engine {
                 },
             };
             // librqbit's end carries what this node uploads to the member
-            // it dialled: unpaced too (see `congestion`).
+            // it dialled: unpaced too (see `congestion`). Best effort: with
+            // the queue full, it keeps the system's algorithm.
             if let Ok(peer) = us {
-                let librqbit = Socket::Connected { local: from, peer };
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = congestion::unpace_ours(librqbit) {
-                        debug!("librqbit's connection keeps the system's congestion control: {e}");
-                    }
-                });
+                let _ = unpace.try_send(Socket::Connected { local: from, peer });
             }
             let mut conn = QuickAck::new(conn);
             let this = self.clone();
