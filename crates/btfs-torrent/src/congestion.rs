@@ -218,6 +218,16 @@ mod tests {
         congestion(&std::net::TcpListener::bind("127.0.0.1:0").unwrap())
     }
 
+    /// A loopback connection: the dialling end, the accepting end, and the
+    /// dialling end's addresses as `Socket` names them.
+    fn connection() -> (std::net::TcpStream, std::net::TcpStream, Socket) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        (client, accepted, Socket::Connected { local, peer })
+    }
+
     #[test]
     fn a_listener_found_by_its_address_passes_unpaced_control_to_what_it_accepts() {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -234,23 +244,18 @@ mod tests {
 
     #[test]
     fn a_connection_is_found_by_its_two_addresses() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
-        assert!(unpace_ours(Socket::Connected { local, peer }).unwrap());
+        let (client, accepted, which) = connection();
+        assert!(unpace_ours(which).unwrap());
         assert!(UNPACED.contains(&congestion(&client).as_str()));
         assert_eq!(congestion(&accepted), system_default());
     }
 
     #[test]
     fn queued_sockets_are_unpaced_until_the_queue_closes() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let (client, _accepted, which) = connection();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let worker = std::thread::spawn(move || unpace_each(rx));
-        tx.blocking_send(Socket::Connected { local, peer }).unwrap();
+        tx.blocking_send(which).unwrap();
         drop(tx);
         worker.join().unwrap();
         assert!(UNPACED.contains(&congestion(&client).as_str()));
