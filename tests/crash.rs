@@ -1,6 +1,7 @@
 //! Crash safety: the daemon is killed with SIGKILL while files are being
 //! written, 20 times over one state directory. After each remount every file
-//! must hold one complete version (old or new), never a mix.
+//! must hold one complete version (old or new), never a mix. A mount made
+//! right after a kill, while the killed daemon may still be exiting, succeeds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -124,4 +125,30 @@ fn sigkill_during_writes_never_tears_a_file() {
         );
     }
     assert!(total > ROUNDS, "writers made progress ({total} versions)");
+}
+
+#[test]
+fn a_mount_right_after_sigkill_succeeds_and_keeps_the_files() {
+    let mut node = Node::start();
+    for k in 0..5u64 {
+        fs::write(node.path(&format!("f{k}")), content(k, 0)).unwrap();
+    }
+    // A clean unmount commits and flushes them.
+    node.remount();
+    for round in 0..5u64 {
+        // Work in flight, so the killed daemon has files to close.
+        fs::write(node.path("scratch"), pattern(round, 4 << 20)).unwrap();
+        let old = node.kill9_no_wait().expect("a running daemon");
+        // At once: the killed daemon may still hold the metadata store.
+        node.mount();
+        assert_ne!(node.pid(), Some(old));
+        for k in 0..5u64 {
+            let path = node.path(&format!("f{k}"));
+            assert!(
+                fs::read(&path).unwrap() == content(k, 0),
+                "{}",
+                path.display()
+            );
+        }
+    }
 }

@@ -142,14 +142,21 @@ impl Node {
         self.mount();
     }
 
-    /// SIGKILLs the daemon and detaches its dead mount.
+    /// SIGKILLs the daemon, waits for it to exit and detaches its dead mount.
     pub fn kill9(&mut self) {
-        let Some(pid) = self.pid.take() else { return };
+        if let Some(pid) = self.kill9_no_wait() {
+            wait_exit(pid, Duration::from_secs(10));
+        }
+    }
+
+    /// SIGKILLs the daemon and detaches its dead mount at once, while the
+    /// daemon may still be exiting. Returns its pid.
+    pub fn kill9_no_wait(&mut self) -> Option<u32> {
+        let pid = self.pid.take()?;
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
-        wait_exit(pid, Duration::from_secs(10));
         let out = Command::new("umount")
             .arg("-l")
             .arg(&self.mnt)
@@ -160,6 +167,7 @@ impl Node {
             "umount of a dead mount: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        Some(pid)
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -1,6 +1,12 @@
 //! Ordered key-value backends for the [`Store`](crate::Store).
 
-use std::{collections::BTreeMap, ops::Bound, path::Path, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    ops::Bound,
+    path::Path,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use crate::{Result, StoreError};
 
@@ -32,7 +38,33 @@ pub struct SledBackend {
 }
 
 impl SledBackend {
+    /// Opens (or creates) the store in `dir`. When another process holds
+    /// the store's lock but is exiting (killed, its threads still closing
+    /// their files), waits up to [`EXITING_HOLDER_PATIENCE`] for the lock;
+    /// a live holder is refused at once with [`StoreError::Locked`].
     pub fn open(dir: &Path) -> Result<Self> {
+        let deadline = Instant::now() + EXITING_HOLDER_PATIENCE;
+        let mut logged = false;
+        loop {
+            match Self::try_open(dir) {
+                Err(StoreError::Locked(_))
+                    if Instant::now() < deadline && lock_holder_is_exiting(&dir.join("db")) =>
+                {
+                    if !logged {
+                        tracing::info!(
+                            dir = %dir.display(),
+                            "metadata store is still locked by an exiting process; waiting for it"
+                        );
+                        logged = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_open(dir: &Path) -> Result<Self> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(64 << 20)
@@ -46,6 +78,64 @@ impl SledBackend {
             })?;
         Ok(Self { db })
     }
+}
+
+/// How long [`SledBackend::open`] waits for a lock held by an exiting process.
+pub(crate) const EXITING_HOLDER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Whether the process holding the `flock` on `file` is exiting: gone,
+/// a zombie, or with SIGKILL pending. A process killed with -9 keeps its
+/// files open until its last thread has exited; its restart must not fail
+/// for that. False when the holder is alive or cannot be told.
+fn lock_holder_is_exiting(file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(file) else {
+        return false;
+    };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return false;
+    };
+    match flock_holder(&locks, meta.ino()) {
+        // Released between our attempt and now: try again.
+        None => true,
+        Some(pid) if pid == std::process::id() => false,
+        Some(pid) => process_is_exiting(pid),
+    }
+}
+
+/// The pid holding a `FLOCK` on inode `ino`, from the text of `/proc/locks`
+/// (`1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF`). Lines of waiters
+/// (`1: -> FLOCK ...`) are skipped.
+fn flock_holder(locks: &str, ino: u64) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, "FLOCK", _, _, pid, dev_ino, ..] = fields.as_slice() else {
+            return None;
+        };
+        let lock_ino: u64 = dev_ino.rsplit(':').next()?.parse().ok()?;
+        (lock_ino == ino).then(|| pid.parse().ok()).flatten()
+    })
+}
+
+fn process_is_exiting(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next());
+    if matches!(state, None | Some("Z") | Some("X") | Some("x")) {
+        return true;
+    }
+    // SIGKILL (9) pending for the whole group: bit 8 of ShdPnd.
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("ShdPnd:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|pending| pending & (1 << 8) != 0)
 }
 
 fn sled_err(e: sled::Error) -> StoreError {
@@ -136,5 +226,47 @@ impl Backend for MemBackend {
 
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    const LOCKS: &str = "\
+1: POSIX  ADVISORY  WRITE 77 00:2f:5678 0 EOF
+2: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF
+2: -> FLOCK  ADVISORY  WRITE 99 00:2f:1234 0 EOF
+3: FLOCK  ADVISORY  WRITE 31 fd:01:1234567 0 EOF
+";
+
+    #[test]
+    fn the_flock_holder_is_found_by_inode_and_waiters_and_posix_locks_are_skipped() {
+        assert_eq!(flock_holder(LOCKS, 1234), Some(4242));
+        assert_eq!(flock_holder(LOCKS, 1234567), Some(31));
+        assert_eq!(
+            flock_holder(LOCKS, 5678),
+            None,
+            "a POSIX lock is not sled's"
+        );
+        assert_eq!(flock_holder(LOCKS, 1), None);
+    }
+
+    #[test]
+    fn a_live_process_is_not_exiting_and_a_gone_or_zombie_one_is() {
+        assert!(!process_is_exiting(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not yet reaped: a zombie once it has run.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !process_is_exiting(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "child {pid} never became a zombie"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(process_is_exiting(pid), "a reaped process is gone");
     }
 }

@@ -289,7 +289,10 @@ proptest! {
 fn second_open_of_the_same_dir_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Store::open_sled(dir.path()).unwrap();
+    // The holder (this process) is alive: refused without waiting for it.
+    let started = std::time::Instant::now();
     let err = Store::open_sled(dir.path()).unwrap_err();
+    assert!(started.elapsed() < crate::backend::EXITING_HOLDER_PATIENCE);
     assert!(matches!(err, StoreError::Locked(_)), "{err:?}");
     assert!(err.to_string().contains("in use by another btfs process"));
 }
@@ -452,4 +455,38 @@ fn the_log_numbers_version_changes_and_never_goes_back() {
     let log = store.log_since(0, 10).unwrap();
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].1.as_ref().unwrap().0, a);
+}
+
+/// The process that took the store's lock is gone but the lock lives on in
+/// a process that inherited it, as in a killed daemon whose last threads
+/// are still closing its files: the open waits for the release.
+#[test]
+fn an_open_waits_for_a_lock_whose_taker_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(reopen(dir.path()));
+    let db = dir.path().join("db");
+    // flock(1) locks fd 9 and exits; `sleep`, holding fd 9, outlives the shell.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 9>>\"$1\"; flock -x 9 || exit 1; sleep 1 >/dev/null 2>&1 & echo $!")
+        .arg("sh")
+        .arg(&db)
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let holder: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    assert!(alive(holder), "the lock's holder runs while we open");
+    let store = Store::open_sled(dir.path()).unwrap();
+    assert!(!alive(holder), "the open waited for the holder to exit");
+    drop(store);
 }
