@@ -148,6 +148,10 @@ struct OpenInode {
     /// it (a conflict), not its successor.
     base: Option<(btfs_core::VersionVector, Option<ContentId>)>,
     backing: Option<(Target, Arc<BackingId>)>,
+    /// A writer called fsync: the commit makes the new version durable
+    /// (object and metadata on disk) before it completes, not within the
+    /// store's flush interval.
+    sync_on_commit: bool,
 }
 
 #[derive(Debug, Default)]
@@ -1060,6 +1064,10 @@ impl<B: Backend> Shared<B> {
     /// by every path with the same content.
     fn commit(&self, ino: u64, st: &mut OpenInode, shared: bool) -> Result<()> {
         self.commit_staging(ino, st, shared)?;
+        if st.sync_on_commit {
+            self.store.flush()?;
+            st.sync_on_commit = false;
+        }
         st.uncommitted = false;
         st.base = match &st.staging {
             // Kept for readers: the next writer starts from what was committed.
@@ -1113,10 +1121,11 @@ impl<B: Backend> Shared<B> {
             self.publish(ino, &content, &staging.path, meta.len())
         };
         let _ns = lock(&self.ns);
+        let durable = st.sync_on_commit;
         let installed = if keep_private {
-            self.objects.install_copy(&staging.path, &content)
+            self.objects.install_copy(&staging.path, &content, durable)
         } else {
-            self.objects.install(&staging.path, &content)
+            self.objects.install(&staging.path, &content, durable)
         };
         if keep_private {
             st.staging = Some(staging);
@@ -1415,6 +1424,9 @@ impl<B: Backend> Shared<B> {
         nix::sys::statvfs::statvfs(&self.cfg.state_dir).map_err(|e| FsError::Io(e.into()))
     }
 
+    /// Flushes a writer's staging data and the metadata store. The version
+    /// being written is committed when its last writer closes; that commit
+    /// is then made durable before it completes.
     fn fsync(&self, fh: Option<u64>, datasync: bool) -> Result<()> {
         if let Some(fh) = fh {
             let h = self.handle(fh)?;
@@ -1423,6 +1435,9 @@ impl<B: Backend> Shared<B> {
                     file.sync_data()?
                 } else {
                     file.sync_all()?
+                }
+                if let Some(cell) = self.cell(h.ino) {
+                    lock(&cell.state).sync_on_commit = true;
                 }
             }
         }

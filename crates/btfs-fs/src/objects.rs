@@ -128,31 +128,63 @@ impl ObjectStore {
     }
 
     /// Moves a finished staging file into place as object `c` (or drops it if
-    /// that content is already stored).
-    pub(crate) fn install(&self, staging: &Path, c: &ContentId) -> io::Result<()> {
+    /// that content is already stored). `durable`: the object's data and
+    /// name are on disk when this returns.
+    pub(crate) fn install(&self, staging: &Path, c: &ContentId, durable: bool) -> io::Result<()> {
         let dest = self.object_path(c);
         if dest.exists() {
+            if durable {
+                File::open(&dest)?.sync_all()?;
+                sync_dir(&dest)?;
+            }
             return fs::remove_file(staging);
+        }
+        if durable {
+            File::open(staging)?.sync_all()?;
         }
         match fs::rename(staging, &dest) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir_all(dest.parent().unwrap_or(&self.objects))?;
+                if durable {
+                    sync_dir(&self.objects.join("x"))?;
+                }
                 fs::rename(staging, &dest)
             }
             other => other,
+        }?;
+        if durable {
+            sync_dir(&dest)?;
         }
+        Ok(())
     }
 
-    /// Installs a copy of a staging file as object `c`; the staging file stays.
-    pub(crate) fn install_copy(&self, staging: &Path, c: &ContentId) -> io::Result<()> {
+    /// Installs a copy of a staging file as object `c`; the staging file
+    /// stays. `durable` as for [`install`](Self::install).
+    pub(crate) fn install_copy(
+        &self,
+        staging: &Path,
+        c: &ContentId,
+        durable: bool,
+    ) -> io::Result<()> {
         let dest = self.object_path(c);
         if dest.exists() {
+            if durable {
+                File::open(&dest)?.sync_all()?;
+                sync_dir(&dest)?;
+            }
             return Ok(());
         }
         fs::create_dir_all(dest.parent().unwrap_or(&self.objects))?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.staging.join(format!("{n:016x}.copy"));
-        let copied = fs::copy(staging, &tmp).and_then(|_| fs::rename(&tmp, &dest));
+        let copied = fs::copy(staging, &tmp)
+            .and_then(|_| {
+                if durable {
+                    File::open(&tmp)?.sync_all()?;
+                }
+                fs::rename(&tmp, &dest)
+            })
+            .and_then(|()| if durable { sync_dir(&dest) } else { Ok(()) });
         if copied.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -219,6 +251,14 @@ pub(crate) fn hash_file(path: &Path, len: u64) -> io::Result<ContentId> {
     Ok(hasher.finalize().into())
 }
 
+/// Makes the entry of `path` in its directory durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -233,14 +273,29 @@ mod tests {
         (&*s.file).write_all(b"hello").unwrap();
         let c = hash_file(&s.path, 5).unwrap();
         assert_eq!(c, ContentId::of(b"hello"));
-        store.install(&s.path, &c).unwrap();
+        store.install(&s.path, &c, false).unwrap();
         assert_eq!(fs::read(store.object_path(&c)).unwrap(), b"hello");
 
         // Copy-on-write staging from the object, then the same content again.
         let copy = store.new_staging(Some(&c)).unwrap();
         assert_eq!(fs::read(&copy.path).unwrap(), b"hello");
-        store.install(&copy.path, &c).unwrap();
+        store.install(&copy.path, &c, true).unwrap();
         assert!(!copy.path.exists(), "duplicate staging is dropped");
+
+        // Durable installs, by rename and by copy, give the same objects.
+        for (i, by_copy) in [(0u8, false), (1, true)] {
+            let s = store.new_staging(None).unwrap();
+            (&*s.file).write_all(&[i; 3]).unwrap();
+            let c = hash_file(&s.path, 3).unwrap();
+            if by_copy {
+                store.install_copy(&s.path, &c, true).unwrap();
+                assert!(s.path.exists(), "a copy leaves the staging file");
+            } else {
+                store.install(&s.path, &c, true).unwrap();
+            }
+            assert_eq!(fs::read(store.object_path(&c)).unwrap(), [i; 3]);
+            store.remove(&c).unwrap();
+        }
 
         assert_eq!(store.sweep(|_| true).unwrap(), 0);
         assert_eq!(store.sweep(|_| false).unwrap(), 1);
