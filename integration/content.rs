@@ -773,7 +773,7 @@ fn bench_content_first_byte_throughput_and_publish() {
     let rounds: u64 = std::env::var("BTFS_BENCH_ROUNDS")
         .ok()
         .map(|n| n.parse().expect("BTFS_BENCH_ROUNDS is a number of rounds"))
-        .unwrap_or(3)
+        .unwrap_or(5)
         .max(1);
     let object = object_of(a, &data);
     let copies: Vec<PathBuf> = (0..rounds)
