@@ -146,7 +146,8 @@ impl ObjectStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir_all(dest.parent().unwrap_or(&self.objects))?;
                 if durable {
-                    sync_dir(&self.objects.join("x"))?;
+                    // The new fan-out directory's own entry.
+                    File::open(&self.objects)?.sync_all()?;
                 }
                 fs::rename(staging, &dest)
             }
