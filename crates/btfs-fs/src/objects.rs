@@ -133,30 +133,15 @@ impl ObjectStore {
     pub(crate) fn install(&self, staging: &Path, c: &ContentId, durable: bool) -> io::Result<()> {
         let dest = self.object_path(c);
         if dest.exists() {
-            if durable {
-                File::open(&dest)?.sync_all()?;
-                sync_dir(&dest)?;
+            fs::remove_file(staging)?;
+        } else if let Err(e) = fs::rename(staging, &dest) {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(e);
             }
-            return fs::remove_file(staging);
+            self.create_fan_out(&dest, durable)?;
+            fs::rename(staging, &dest)?;
         }
-        if durable {
-            File::open(staging)?.sync_all()?;
-        }
-        match fs::rename(staging, &dest) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(dest.parent().unwrap_or(&self.objects))?;
-                if durable {
-                    // The new fan-out directory's own entry.
-                    File::open(&self.objects)?.sync_all()?;
-                }
-                fs::rename(staging, &dest)
-            }
-            other => other,
-        }?;
-        if durable {
-            sync_dir(&dest)?;
-        }
-        Ok(())
+        if durable { make_durable(&dest) } else { Ok(()) }
     }
 
     /// Installs a copy of a staging file as object `c`; the staging file
@@ -168,28 +153,30 @@ impl ObjectStore {
         durable: bool,
     ) -> io::Result<()> {
         let dest = self.object_path(c);
-        if dest.exists() {
-            if durable {
-                File::open(&dest)?.sync_all()?;
-                sync_dir(&dest)?;
+        if !dest.exists() {
+            self.create_fan_out(&dest, durable)?;
+            let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            let tmp = self.staging.join(format!("{n:016x}.copy"));
+            if let Err(e) = fs::copy(staging, &tmp).and_then(|_| fs::rename(&tmp, &dest)) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
             }
+        }
+        if durable { make_durable(&dest) } else { Ok(()) }
+    }
+
+    /// Creates the fan-out directory of object path `dest`; `durable`: its
+    /// own entry is on disk too.
+    fn create_fan_out(&self, dest: &Path, durable: bool) -> io::Result<()> {
+        let dir = dest.parent().unwrap_or(&self.objects);
+        if dir.exists() {
             return Ok(());
         }
-        fs::create_dir_all(dest.parent().unwrap_or(&self.objects))?;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.staging.join(format!("{n:016x}.copy"));
-        let copied = fs::copy(staging, &tmp)
-            .and_then(|_| {
-                if durable {
-                    File::open(&tmp)?.sync_all()?;
-                }
-                fs::rename(&tmp, &dest)
-            })
-            .and_then(|()| if durable { sync_dir(&dest) } else { Ok(()) });
-        if copied.is_err() {
-            let _ = fs::remove_file(&tmp);
+        fs::create_dir_all(dir)?;
+        if durable {
+            File::open(&self.objects)?.sync_all()?;
         }
-        copied
+        Ok(())
     }
 
     /// Moves the data of a version that could not be committed to
@@ -252,8 +239,10 @@ pub(crate) fn hash_file(path: &Path, len: u64) -> io::Result<ContentId> {
     Ok(hasher.finalize().into())
 }
 
-/// Makes the entry of `path` in its directory durable.
-fn sync_dir(path: &Path) -> io::Result<()> {
+/// Puts the data of the file at `path`, and its entry in its directory, on
+/// disk.
+fn make_durable(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()?;
     match path.parent() {
         Some(dir) => File::open(dir)?.sync_all(),
         None => Ok(()),

@@ -117,7 +117,7 @@ fn flock_holder(locks: &str, ino: u64) -> Option<u32> {
     })
 }
 
-fn process_is_exiting(pid: u32) -> bool {
+pub(crate) fn process_is_exiting(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return true;
     };

@@ -476,15 +476,7 @@ fn an_open_waits_for_a_lock_whose_taker_is_gone() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let holder: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    let alive = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-    };
+    let alive = |pid: u32| !crate::backend::process_is_exiting(pid);
     assert!(alive(holder), "the lock's holder runs while we open");
     let store = Store::open_sled(dir.path()).unwrap();
     assert!(!alive(holder), "the open waited for the holder to exit");
