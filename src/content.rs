@@ -14,7 +14,7 @@ use std::{
 use btfs_core::{ContentId, FileRecord, InfoHash, NodeId, RelPath};
 use btfs_fs::{ContentSource, Done, Wanted};
 use btfs_mesh::Mesh;
-use btfs_torrent::{BoxIo, Engine, Network};
+use btfs_torrent::{BoxIo, Engine, Network, PeerIo, QuickAck, RelayFuture};
 use futures::StreamExt;
 use libp2p_identity::{Keypair, PeerId};
 use tokio::net::TcpStream;
@@ -291,6 +291,50 @@ impl MeshNet {
     }
 }
 
+/// A direct peer wire as the engine's peer stream: its relay seals and
+/// opens in place (`Wire::relay`) instead of copying through a buffer.
+struct DirectWire(btfs_mesh::wire::Wire<TcpStream>);
+
+impl PeerIo for DirectWire {
+    fn relay<'a>(&'a mut self, local: &'a mut QuickAck) -> RelayFuture<'a> {
+        Box::pin(self.0.relay(local.socket()))
+    }
+}
+
+impl tokio::io::AsyncRead for DirectWire {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for DirectWire {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 impl Network for MeshNet {
     fn members(&self) -> Vec<String> {
         self.connected().iter().map(ToString::to_string).collect()
@@ -328,7 +372,7 @@ impl Network for MeshNet {
                         if let Some(w) = lock(&wires).get_mut(&peer) {
                             w.failures = 0;
                         }
-                        return Ok(Box::new(w) as BoxIo);
+                        return Ok(Box::new(DirectWire(w)) as BoxIo);
                     }
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("no handshake within {WIRE_CONNECT:?}"),
@@ -369,7 +413,7 @@ impl Network for MeshNet {
                     format!("{peer} is not a connected member"),
                 ));
             }
-            Ok((Box::new(w) as BoxIo, peer.to_string()))
+            Ok((Box::new(DirectWire(w)) as BoxIo, peer.to_string()))
         })
     }
 

@@ -14,6 +14,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     pin::Pin,
@@ -26,10 +27,34 @@ use tokio::{
     net::TcpStream,
 };
 
+/// Buffer of each direction of a relay that copies: large writes make large
+/// frames (tokio's default, 8 KiB, costs a frame and its encryption per
+/// 8 KiB).
+const RELAY_BUF: usize = 256 << 10;
+
 /// A byte stream to or from a peer.
-pub trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> PeerIo for T {}
+pub trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin {
+    /// Carries bytes both ways between this stream and `local`, librqbit's
+    /// end of a loopback connection, until both directions have ended;
+    /// returns the bytes sent to the peer and the bytes received from it.
+    /// This one copies through a buffer; a stream that can move the bytes
+    /// with fewer copies says so here.
+    fn relay<'a>(&'a mut self, local: &'a mut QuickAck) -> RelayFuture<'a> {
+        Box::pin(tokio::io::copy_bidirectional_with_sizes(
+            local, self, RELAY_BUF, RELAY_BUF,
+        ))
+    }
+}
 pub type BoxIo = Box<dyn PeerIo>;
+pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = io::Result<(u64, u64)>> + Send + 'a>>;
+
+/// A standard client's connection, from a `bt_allow=` network.
+impl PeerIo for TcpStream {}
+/// A peer wire carried as a stream of the mesh connection.
+impl<S: futures::io::AsyncRead + futures::io::AsyncWrite + Send + Unpin> PeerIo
+    for tokio_util::compat::Compat<S>
+{
+}
 
 /// Our end of a loopback connection with librqbit, acknowledging every read
 /// at once.
@@ -40,12 +65,19 @@ pub type BoxIo = Box<dyn PeerIo>;
 /// after an interested) waits up to 40 ms for the ACK of the first: that was
 /// most of a cold read's latency. `TCP_QUICKACK` is not sticky, so it is
 /// armed again after each read.
-pub(crate) struct QuickAck(pub(crate) TcpStream);
+#[derive(Debug)]
+pub struct QuickAck(TcpStream);
 
 impl QuickAck {
     pub(crate) fn new(s: TcpStream) -> Self {
         let _ = s.set_nodelay(true);
         Self(s)
+    }
+
+    /// The socket, for a relay that reads it itself (and acknowledges its
+    /// reads at once as this does).
+    pub fn socket(&self) -> &TcpStream {
+        &self.0
     }
 }
 

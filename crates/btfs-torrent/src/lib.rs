@@ -23,7 +23,7 @@ use std::io;
 
 use btfs_core::InfoHash;
 
-pub use bridge::{BoxIo, Cidr};
+pub use bridge::{BoxIo, Cidr, PeerIo, QuickAck, RelayFuture};
 pub use engine::{Engine, EngineConfig, FetchStatus, Network, ObjectPath, Status};
 pub use meta::Metainfo;
 
