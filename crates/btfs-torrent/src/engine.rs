@@ -91,18 +91,27 @@ const PREFETCH_QUEUE: usize = 4096;
 /// librqbit's outgoing connections waiting to get an unpaced congestion
 /// control; more keep the system's (see `congestion`).
 const UNPACE_QUEUE: usize = 64;
-/// Buffer of each direction of a bridged peer connection: large writes make
-/// large mesh frames (tokio's default, 8 KiB, costs a frame and its
-/// encryption per 8 KiB).
-const SPLICE_BUF: usize = 256 << 10;
 /// Chunk requests (16 KiB each) librqbit keeps outstanding per peer, never
-/// more than the peer's `reqq`. librqbit's default, 128 (2 MiB), is what a
+/// more than the peer's `reqq`, in a torrent fetched whole (a prefetch, a
+/// followed sequential reader). librqbit's default, 128 (2 MiB), is what a
 /// peer connection carries per round trip; through the wire's two bridges
 /// and three TCP legs a round trip under load is long enough that 128 left
 /// a full-file read window-bound (188–220 MB/s at best over two runs,
 /// against 257–282 MB/s with 512). The cost: a newly needed piece (a seek
 /// during a fetch) is requested after the 8 MiB already asked for.
 const PEER_REQUEST_WINDOW: usize = 512;
+/// The same in a torrent brought up for reads: a read asks librqbit's
+/// stream for its pieces, and the stream keeps the window full with the
+/// pieces after them, which arrive even though the stream is dropped as
+/// soon as the read has its bytes. A 4 KiB read fetched up to 8.6 MB with
+/// 512, and 2.3–2.9 MB with 128. 64 (1 MiB) is still four 256 KiB pieces
+/// in flight for a read that needs more than one.
+const READ_REQUEST_WINDOW: usize = 64;
+/// A first read this large at the start of a file brings its torrent up
+/// for a whole-file fetch at once: that is how whole-file readers (`cp`,
+/// `cat`, checksums) begin. Other sequential readers get there after
+/// `SEQUENTIAL_AFTER` bytes, by bringing the torrent up again (some 100 ms).
+const WHOLE_FILE_FIRST_READ: u64 = 128 << 10;
 /// Time for a peer to send its handshake, and for a stream to a member to
 /// open.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -303,6 +312,9 @@ struct Live {
     sequential: Mutex<(u64, u64, Instant)>,
     /// A background fetch follows a sequential reader.
     following: AtomicBool,
+    /// Added for a whole-file fetch (`PEER_REQUEST_WINDOW`), not for reads
+    /// (`READ_REQUEST_WINDOW`); a complete torrent requests nothing.
+    whole: bool,
     /// The member known to hold the content (its author), if any.
     holder: Option<String>,
     /// Pieces were marked since the bitfield was last kept.
@@ -717,21 +729,48 @@ impl Engine {
     }
 
     /// The live torrent of `meta`, added if needed: seeding the object when
-    /// it is here, else lazily fetching into `bt/partial/`.
+    /// it is here, else lazily fetching into `bt/partial/`. A torrent wanted
+    /// `whole` that was brought up for reads is added again for a
+    /// whole-file fetch (see `PEER_REQUEST_WINDOW`), keeping its pieces.
     async fn bring_up(
         &self,
         meta: Arc<Metainfo>,
         label: &str,
         first: Option<String>,
+        whole: bool,
     ) -> Result<Arc<Live>, TorrentError> {
-        if let Some(l) = self.live_of(&meta.info_hash) {
+        let suits = |l: &Live| !whole || l.whole || l.complete.load(Ordering::Acquire);
+        if let Some(l) = self.live_of(&meta.info_hash)
+            && suits(&l)
+        {
             l.touch();
             return Ok(l);
         }
         let _adding = self.adding.lock().await;
-        if let Some(l) = self.live_of(&meta.info_hash) {
-            return Ok(l);
+        let Some(old) = self.live_of(&meta.info_hash) else {
+            return self.add(meta, label, first, whole, None).await;
+        };
+        if suits(&old) {
+            return Ok(old);
         }
+        debug!(torrent = %meta.info_hash, %label, "bringing a torrent up again for a whole-file fetch");
+        lock(&self.live).remove(&meta.info_hash);
+        self.retire(&old).await;
+        let first = first.or_else(|| old.holder.clone());
+        self.add(meta, label, first, whole, Some(&old)).await
+    }
+
+    /// Adds the torrent of `meta` to the session (`bring_up`, under the
+    /// `adding` lock). A torrent added again in place of `old` takes over
+    /// what its readers did (the sequential reader and its follower).
+    async fn add(
+        &self,
+        meta: Arc<Metainfo>,
+        label: &str,
+        first: Option<String>,
+        whole: bool,
+        old: Option<&Live>,
+    ) -> Result<Arc<Live>, TorrentError> {
         let ih = meta.info_hash;
         let object = (self.cfg.object_path)(&meta.content);
         let complete = object.exists();
@@ -789,6 +828,7 @@ impl Engine {
             }
         }
         debug!(torrent = %ih, %label, complete, peers = peers.len(), "bringing up");
+        let whole = whole || complete;
         let opts = AddTorrentOptions {
             paused: false,
             // Lazy: nothing selected, reads fetch what they touch.
@@ -796,6 +836,14 @@ impl Engine {
             overwrite: true,
             output_folder: Some(folder.to_string_lossy().into_owned()),
             initial_peers: Some(peers),
+            peer_opts: Some(PeerConnectionOptions {
+                max_request_window: Some(if whole {
+                    PEER_REQUEST_WINDOW
+                } else {
+                    READ_REQUEST_WINDOW
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let (session, torrent) = (self.session.clone(), meta.bytes.clone());
@@ -825,8 +873,11 @@ impl Engine {
             users: AtomicUsize::new(0),
             label: Mutex::new(label.to_owned()),
             fetching: AtomicBool::new(false),
-            sequential: Mutex::new((u64::MAX, 0, Instant::now())),
-            following: AtomicBool::new(false),
+            sequential: Mutex::new(
+                old.map_or((u64::MAX, 0, Instant::now()), |o| *lock(&o.sequential)),
+            ),
+            following: AtomicBool::new(old.is_some_and(|o| o.following.load(Ordering::Acquire))),
+            whole,
             holder: first,
             installing: AtomicBool::new(false),
             have_dirty: AtomicBool::new(false),
@@ -1125,8 +1176,14 @@ impl Engine {
             _ => self.metainfo(want).await?,
         };
         loop {
+            let whole = offset == 0 && end - offset >= WHOLE_FILE_FIRST_READ.min(want.size);
             let live = self
-                .bring_up(meta.clone(), &want.path, self.net.member_of(&want.author))
+                .bring_up(
+                    meta.clone(),
+                    &want.path,
+                    self.net.member_of(&want.author),
+                    whole,
+                )
                 .await?;
             let up = started.elapsed();
             let _use = InUse::new(live.clone());
@@ -1208,6 +1265,19 @@ impl Engine {
     /// Fetches the rest of the file while its sequential reader keeps
     /// reading; stops `FOLLOW_IDLE` after its last read.
     async fn follow(self: Arc<Self>, live: Arc<Live>) {
+        let label = lock(&live.label).clone();
+        let live = match self
+            .bring_up(live.meta.clone(), &label, live.holder.clone(), true)
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                live.following.store(false, Ordering::Release);
+                return debug!(path = %label, "background fetch: {e:#}");
+            }
+        };
+        // Brought up again meanwhile (a stalled read), it may not know.
+        live.following.store(true, Ordering::Release);
         let _use = InUse::new(live.clone());
         debug!(path = %lock(&live.label), "sequential reader: fetching ahead in the background");
         let all = HashSet::from([0usize]);
@@ -1284,7 +1354,7 @@ impl Engine {
         }
         let meta = self.metainfo(&want).await?;
         let live = self
-            .bring_up(meta, &want.path, self.net.member_of(&want.author))
+            .bring_up(meta, &want.path, self.net.member_of(&want.author), true)
             .await?;
         if live.complete.load(Ordering::Acquire) {
             return Ok(());
@@ -1441,9 +1511,7 @@ impl Engine {
         if local.write_all(&hs).await.is_err() {
             return;
         }
-        match tokio::io::copy_bidirectional_with_sizes(&mut io, &mut local, SPLICE_BUF, SPLICE_BUF)
-            .await
-        {
+        match io.relay(&mut local).await {
             Ok((up, down)) => debug!(%from, torrent = %ih, up, down, "peer connection closed"),
             Err(e) => debug!(%from, torrent = %ih, "peer connection ended: {e}"),
         }
@@ -1472,7 +1540,10 @@ impl Engine {
             debug!(%from, torrent = %ih, "peer wants content not held here");
             return None;
         }
-        match self.bring_up(meta, &format!("torrent {ih}"), None).await {
+        match self
+            .bring_up(meta, &format!("torrent {ih}"), None, false)
+            .await
+        {
             Ok(l) => Some(l),
             Err(e) => {
                 warn!(torrent = %ih, "could not serve a peer: {e}");
@@ -1567,13 +1638,7 @@ impl Engine {
                 if bridge::socks5_reply(&mut conn, 0).await.is_err() {
                     return;
                 }
-                let _ = tokio::io::copy_bidirectional_with_sizes(
-                    &mut conn,
-                    &mut remote,
-                    SPLICE_BUF,
-                    SPLICE_BUF,
-                )
-                .await;
+                let _ = remote.relay(&mut conn).await;
             });
         }
     }
