@@ -379,18 +379,19 @@ impl<T> Wire<T> {
             self.plain_end += n;
             self.raw_at = body + len;
         }
-        if self.plain_at == self.plain_end {
-            (self.plain_at, self.plain_end) = (0, 0);
-            if self.raw_at == self.read_end {
-                (self.raw_at, self.read_end) = (0, 0);
-            }
-        }
+        self.settle();
         Ok(())
     }
 
     /// Takes `n` bytes of the opened data as handed on.
     fn consume(&mut self, n: usize) {
         self.plain_at += n;
+        self.settle();
+    }
+
+    /// Once the opened data is all handed on, the next goes to the front
+    /// of the buffer (and so do received frames, when none is left).
+    fn settle(&mut self) {
         if self.plain_at == self.plain_end {
             (self.plain_at, self.plain_end) = (0, 0);
             if self.raw_at == self.read_end {
