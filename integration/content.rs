@@ -231,6 +231,36 @@ fn a_file_still_being_fetched_can_be_mapped_and_opened_again_once_held() {
     assert!(same_bytes(&path, &data));
 }
 
+/// A reader that starts in the middle of a remote file gets it through a
+/// torrent brought up for reads; once it has read on in order, the torrent
+/// is brought up again for a whole-file fetch that follows it, and the
+/// node ends up holding the whole file, the part before the reader's start
+/// included.
+#[test]
+fn a_sequential_reader_that_starts_mid_file_is_followed_to_the_whole_file() {
+    let (_keys, _net, nodes) = connected_cluster(2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let data = common::pattern(43, 32 << 20);
+    write_file(&a.mnt.join("seq.bin"), &data);
+    let path = b.mnt.join("seq.bin");
+    wait_listed(&path, data.len() as u64);
+    let f = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut off = 8 << 20;
+    while off < data.len() {
+        f.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(buf == data[off..off + buf.len()], "bytes at {off} differ");
+        off += buf.len();
+    }
+    eventually(Duration::from_secs(30), "B holds the file in full", || {
+        object_of(b, &data).exists()
+    });
+    assert!(same_bytes(&path, &data));
+    if std::env::var_os("BTFS_TEST_LOGS").is_some() {
+        eprintln!("{}", b.log());
+    }
+}
+
 #[test]
 fn a_reader_completes_from_another_holder_when_the_writer_dies() {
     let (_keys, _net, mut nodes) = connected_cluster(3);

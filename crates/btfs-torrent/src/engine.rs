@@ -79,12 +79,24 @@ const FOLLOW_IDLE: Duration = Duration::from_secs(3);
 const WARM_AHEAD: u64 = 64 << 20;
 const WARM_STEP: u64 = 4 << 20;
 const WARM_EVERY: Duration = Duration::from_millis(5);
-/// A stream read with no answer for this long brings the torrent up again,
-/// with the members connected now. librqbit's request loop sleeps up to 5 s
-/// when a read arrives while an idle peer is still connected, and it can
-/// give up on a peer for the life of a torrent; adding the torrent again
-/// (fastresume keeps its pieces) costs about 100 ms.
+/// A stream read during which the torrent receives nothing for this long,
+/// with no peer connected, brings the torrent up again, with the members
+/// connected now: librqbit can give up on a peer for the life of a
+/// torrent. Adding the torrent again (fastresume keeps its pieces) costs
+/// about 100 ms.
 const STALL_RETRY: Duration = Duration::from_millis(1500);
+/// The same with a peer connected. librqbit's request loop sleeps up to 5 s
+/// once it finds nothing to ask for (after a read's stream is dropped, see
+/// `READ_REQUEST_WINDOW`), and a new stream does not wake it; over a live
+/// connection the first block of a piece comes within milliseconds. Each
+/// further stall of the same read doubles it, up to `STALL_RETRY`.
+const STALL_QUIET: Duration = Duration::from_millis(300);
+/// How often a waiting read looks at what its torrent received.
+const STALL_CHECK: Duration = Duration::from_millis(50);
+/// Blocks a rate-limited node is given to receive before a read counts as
+/// stalled (`down_rate=`): librqbit asks for one 16 KiB block at a time
+/// when the limiter allows.
+const STALL_BLOCKS: u64 = 4;
 /// Prefetches waiting for a worker; more are dropped with a log line (the
 /// file is still fetched when it is first read).
 const PREFETCH_QUEUE: usize = 4096;
@@ -104,14 +116,22 @@ const PEER_REQUEST_WINDOW: usize = 512;
 /// stream for its pieces, and the stream keeps the window full with the
 /// pieces after them, which arrive even though the stream is dropped as
 /// soon as the read has its bytes. A 4 KiB read fetched up to 8.6 MB with
-/// 512, and 2.3–2.9 MB with 128. 64 (1 MiB) is still four 256 KiB pieces
-/// in flight for a read that needs more than one.
-const READ_REQUEST_WINDOW: usize = 64;
-/// A first read this large at the start of a file brings its torrent up
-/// for a whole-file fetch at once: that is how whole-file readers (`cp`,
-/// `cat`, checksums) begin. Other sequential readers get there after
-/// `SEQUENTIAL_AFTER` bytes, by bringing the torrent up again (some 100 ms).
-const WHOLE_FILE_FIRST_READ: u64 = 128 << 10;
+/// 512, and 2.3–2.9 MB with 128.
+///
+/// Invariant: the window (2 MiB) is more than `SEQUENTIAL_AFTER` and a
+/// read. After a read, librqbit's request loop finds nothing to ask for
+/// and sleeps up to 5 s, and a new stream does not wake it: a read that
+/// needs a piece not yet asked for waits `STALL_QUIET` and brings the
+/// torrent up again. A sequential reader should be followed before it
+/// reads past what its first read brought. With 64 (1 MiB), a reader of
+/// 256 KiB at a time from the middle of a file stalled twice.
+const READ_REQUEST_WINDOW: usize = 128;
+/// A read this large at the start of a file brings its torrent up with the
+/// window of a whole-file fetch: that is how whole-file readers (`cp`,
+/// `cat`, checksums) begin, and they are followed after `SEQUENTIAL_AFTER`
+/// bytes. Other sequential readers get the window when they are followed,
+/// by bringing the torrent up again (some 100 ms; its pieces are kept).
+const WHOLE_FILE_READ: u64 = 128 << 10;
 /// Time for a peer to send its handshake, and for a stream to a member to
 /// open.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1171,12 +1191,13 @@ impl Engine {
             return pread(object, offset, end).await;
         }
         let started = Instant::now();
+        let mut quiet = self.stall_quiet();
         let meta = match self.live_of(&want.torrent) {
             Some(l) if l.meta.content == want.content => l.meta.clone(),
             _ => self.metainfo(want).await?,
         };
         loop {
-            let whole = offset == 0 && end - offset >= WHOLE_FILE_FIRST_READ.min(want.size);
+            let whole = offset == 0 && end - offset >= WHOLE_FILE_READ.min(want.size);
             let live = self
                 .bring_up(
                     meta.clone(),
@@ -1215,22 +1236,32 @@ impl Engine {
                 // 32 MiB ahead, and keeps idle peers connected.
                 Ok::<_, TorrentError>(buf)
             };
-            match tokio::time::timeout(STALL_RETRY, read).await {
-                Ok(Ok(buf)) => {
+            match unless_stalled(&live, quiet, read).await {
+                Some(Ok(buf)) => {
                     live.mark(pieces);
                     debug!(path = %want.path, offset, ?up, total = ?started.elapsed(), "fetched a range");
                     self.install_if_whole(&live);
                     return Ok(buf);
                 }
                 // The torrent was brought up again by another reader.
-                Ok(Err(_)) if !self.is_current(&live) => continue,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    debug!(path = %want.path, offset, "read stalled: bringing the torrent up again");
+                Some(Err(_)) if !self.is_current(&live) => continue,
+                Some(Err(e)) => return Err(e),
+                None => {
+                    debug!(path = %want.path, offset, ?quiet, "read stalled: bringing the torrent up again");
+                    quiet = (quiet * 2).min(STALL_RETRY.max(quiet));
                     self.restart(&live).await;
                 }
             }
         }
+    }
+
+    /// How long a read waits with nothing received over a live connection
+    /// before it counts as stalled (`STALL_QUIET`, longer under `down_rate=`).
+    fn stall_quiet(&self) -> Duration {
+        let limited = self.cfg.down_rate.map_or(Duration::ZERO, |r| {
+            Duration::from_millis(STALL_BLOCKS * (16 << 10) * 1000 / u64::from(r.get()))
+        });
+        STALL_QUIET.max(limited)
     }
 
     fn is_current(&self, live: &Arc<Live>) -> bool {
@@ -1728,6 +1759,41 @@ impl Engine {
             }
         }
         s
+    }
+}
+
+/// Waits for `read`, unless `live` stalls first (`None`): it receives
+/// nothing for `quiet` while a peer is connected, or for `STALL_RETRY`
+/// (at least) while none is. Bytes received for any reader of the torrent
+/// count: they show its request loop is awake.
+async fn unless_stalled<T>(
+    live: &Live,
+    quiet: Duration,
+    read: impl Future<Output = T>,
+) -> Option<T> {
+    let probe = || {
+        live.handle.live().map(|l| {
+            let s = l.stats_snapshot();
+            (s.fetched_bytes, s.peer_stats.live > 0)
+        })
+    };
+    let mut seen = probe().map_or(0, |(fetched, _)| fetched);
+    let mut since = Instant::now();
+    let mut tick = tokio::time::interval(STALL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(read);
+    loop {
+        tokio::select! {
+            r = &mut read => return Some(r),
+            _ = tick.tick() => {
+                let (fetched, connected) = probe().unwrap_or((seen, false));
+                if fetched != seen {
+                    (seen, since) = (fetched, Instant::now());
+                } else if since.elapsed() >= if connected { quiet } else { STALL_RETRY.max(quiet) } {
+                    return None;
+                }
+            }
+        }
     }
 }
 
