@@ -543,7 +543,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Wire<T> {
             ready!(this.poll_send(cx))?;
         }
         let mut taken = 0;
-        for (body, n) in this.frame_slots(buf.len()).collect::<Vec<_>>() {
+        for (body, n) in this.frame_slots(buf.len()) {
             this.sealed[body..body + n].copy_from_slice(&buf[taken..taken + n]);
             this.seal_frame(n)?;
             taken += n;
@@ -604,14 +604,12 @@ fn poll_io<R>(
 }
 
 impl Wire<tokio::net::TcpStream> {
-    /// The frame regions a read of the local end fills: none while there
-    /// is no room for a frame of `MIN_READ` (the sealed frames go first).
-    fn read_slots(&self) -> Vec<(usize, usize)> {
-        let slots: Vec<_> = self.frame_slots(usize::MAX).collect();
-        match slots.first() {
-            Some(&(_, n)) if n >= MIN_READ => slots,
-            _ => Vec::new(),
-        }
+    /// Whether there is room for a frame of `MIN_READ` after the sealed
+    /// frames (without it, they go first).
+    fn room_to_read(&self) -> bool {
+        self.frame_slots(usize::MAX)
+            .next()
+            .is_some_and(|(_, n)| n >= MIN_READ)
     }
 
     /// Carries bytes both ways between this wire and `local`, a loopback
@@ -652,8 +650,8 @@ impl Wire<tokio::net::TcpStream> {
         }
         loop {
             let mut progress = false;
-            let slots = self.read_slots();
-            if !r.up_eof && !slots.is_empty() {
+            if !r.up_eof && self.room_to_read() {
+                let slots: Vec<_> = self.frame_slots(usize::MAX).collect();
                 let got = {
                     let mut rest: &mut [u8] = &mut self.sealed;
                     let mut cut = 0;
@@ -693,7 +691,7 @@ impl Wire<tokio::net::TcpStream> {
             if self.sealed_at < self.sealed_end {
                 // With room left and the local end open: more to read
                 // first while it comes, then linger if the wire is busy.
-                if !(r.up_eof || self.read_slots().is_empty()) {
+                if !r.up_eof && self.room_to_read() {
                     if progress {
                         continue;
                     }
@@ -701,21 +699,9 @@ impl Wire<tokio::net::TcpStream> {
                         return Poll::Pending;
                     }
                 }
-                self.linger = None;
-                self.last_send = Some(tokio::time::Instant::now());
-                let sent = poll_io(
-                    cx,
-                    |cx| self.io.poll_write_ready(cx),
-                    || {
-                        self.io
-                            .try_write(&self.sealed[self.sealed_at..self.sealed_end])
-                    },
-                );
-                if let Poll::Ready(n) = sent {
-                    self.sealed_at += n?;
-                    if self.sealed_at == self.sealed_end {
-                        (self.sealed_at, self.sealed_end) = (0, 0);
-                    }
+                // Room for more opens only once all of it is sent.
+                if let Poll::Ready(sent) = self.poll_send(cx) {
+                    sent?;
                     progress = true;
                 }
             } else if r.up_eof {
