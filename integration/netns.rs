@@ -21,6 +21,8 @@ use common::{btfs, btfs_bin, require_fuse, run_ok, wait_exit};
 
 /// Content over BitTorrent between these nodes.
 mod content;
+/// A member gone bad, and what the others do about it.
+mod hostile;
 
 static NEXT_NET: AtomicU32 = AtomicU32::new(0);
 const PORT: u16 = 4410;
@@ -107,6 +109,8 @@ impl Drop for Net {
 
 /// A daemon running in a namespace, mounted on the host.
 struct NsNode {
+    /// The cluster name it mounts.
+    cluster: String,
     mnt: PathBuf,
     ns: String,
     addr: String,
@@ -117,18 +121,26 @@ struct NsNode {
 
 impl NsNode {
     fn start(ns: &str, addr: &str, key: &Path, extra: &str) -> Self {
+        Self::start_in(
+            ns,
+            addr,
+            "cluster",
+            &format!("key={},listen={addr}:{PORT}{extra}", key.display()),
+        )
+    }
+
+    /// A node of cluster `cluster` with exactly `opts` and a state dir of
+    /// its own.
+    fn start_in(ns: &str, addr: &str, cluster: &str, opts: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("btfs-ns-")
             .tempdir()
             .unwrap();
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let opts = format!(
-            "key={},state={},listen={addr}:{PORT}{extra}",
-            key.display(),
-            dir.path().join("state").display()
-        );
+        let opts = format!("{opts},state={}", dir.path().join("state").display());
         let mut node = NsNode {
+            cluster: cluster.into(),
             mnt,
             ns: ns.to_owned(),
             addr: addr.to_owned(),
@@ -146,7 +158,7 @@ impl NsNode {
             .args([
                 btfs_bin(),
                 "mount",
-                "cluster",
+                &self.cluster,
                 self.mnt.to_str().unwrap(),
                 "-o",
                 &self.opts,
@@ -873,4 +885,107 @@ fn a_write_in_progress_survives_a_remote_delete() {
                 == Some(29)
         })
     });
+}
+
+/// The README's first command, exactly: `btfs mount NAME DIR` with no `-o`
+/// at all, so every default is the one used: the state dir under
+/// `/var/lib/btfs`, a key created on first use, the mesh on 0.0.0.0:4410,
+/// the peer wire on the next port, no mDNS. It runs in a namespace of its
+/// own (the default address listens on every interface); a second node
+/// that names only its key, state and the first node in `peers=` then
+/// reads a file written there, over those default ports.
+#[test]
+fn the_readme_first_command_mounts_a_working_node_on_the_defaults() {
+    let mut net = Net::new();
+    let name = format!("btfs-defaults-{}", std::process::id());
+    let state = PathBuf::from("/var/lib/btfs").join(&name);
+    struct RemoveState(PathBuf);
+    impl Drop for RemoveState {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveState(state.clone());
+    assert!(
+        !state.exists(),
+        "{} is left from an earlier run",
+        state.display()
+    );
+
+    let (ns, addr) = net.add();
+    let dir = tempfile::Builder::new()
+        .prefix("btfs-ns-")
+        .tempdir()
+        .unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .args([btfs_bin(), "mount", &name, mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the README's mount failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(state.join("btfs.log")).unwrap_or_default()
+    );
+    // Its log where `NsNode::log` looks.
+    std::os::unix::fs::symlink(&state, dir.path().join("state")).unwrap();
+    let mut a = NsNode {
+        cluster: name.clone(),
+        mnt,
+        ns,
+        addr,
+        opts: String::new(),
+        pid: 0,
+        dir,
+    };
+    let status = a.status();
+    a.pid = status["pid"].as_u64().unwrap() as u32;
+    // The key was made on first use, private to root.
+    use std::os::unix::fs::PermissionsExt;
+    let key = state.join("swarm.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{} has mode {mode:o}", key.display());
+    let listen = status["listen"].to_string();
+    assert!(listen.contains("/tcp/4410"), "mesh listens on {listen}");
+    assert_eq!(status["mdns"], serde_json::json!(false), "{status}");
+
+    std::fs::write(a.mnt.join("hello.txt"), b"hello from the defaults").unwrap();
+    assert_eq!(
+        std::fs::read(a.mnt.join("hello.txt")).unwrap(),
+        b"hello from the defaults"
+    );
+    let out = btfs(&["status", a.mnt.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(10), "the write committed", || {
+        a.counter("commits") >= 1
+    });
+
+    // A second member with the key the first one made reaches it on the
+    // default ports: the mesh's, then the peer wire's for the content.
+    let (ns_b, addr_b) = net.add();
+    let b = NsNode::start_in(
+        &ns_b,
+        &addr_b,
+        &name,
+        &format!("key={},peers={}:{PORT}", key.display(), a.addr),
+    );
+    eventually(Duration::from_secs(30), "B lists A's file", || {
+        b.mnt.join("hello.txt").exists()
+    });
+    assert_eq!(
+        std::fs::read(b.mnt.join("hello.txt")).unwrap(),
+        b"hello from the defaults"
+    );
+    assert!(
+        b.counter("peer_wires_direct") >= 1,
+        "the content came over a direct wire to the default port: {}",
+        b.status()
+    );
 }

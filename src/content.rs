@@ -185,15 +185,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where to dial a member's direct wire: the address it gave, or, when it
-/// listens on every address (or gave a loopback one), its port on the IP
-/// its mesh connection comes from.
+/// Where to dial a member's direct wire: the port it gave, on the IP its
+/// mesh connection comes from. The IP it gives is never dialled: a member
+/// could otherwise point every node at any address and port.
 fn wire_addr(advertised: SocketAddr, seen: Option<IpAddr>) -> Option<SocketAddr> {
-    let ip = advertised.ip();
-    if ip.is_unspecified() || ip.is_loopback() {
-        seen.map(|ip| SocketAddr::new(ip, advertised.port()))
-    } else {
-        Some(advertised)
+    match advertised.port() {
+        0 => None,
+        port => seen.map(|ip| SocketAddr::new(ip, port)),
     }
 }
 
@@ -457,7 +455,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn direct_wires_are_dialled_where_the_member_can_be_reached() {
+    fn direct_wires_are_dialled_at_the_port_given_on_the_address_seen() {
         let seen: IpAddr = "10.0.0.7".parse().unwrap();
         let any: SocketAddr = "0.0.0.0:4411".parse().unwrap();
         assert_eq!(
@@ -470,8 +468,13 @@ mod tests {
             wire_addr(lo, Some(seen)),
             Some("10.0.0.7:4411".parse().unwrap())
         );
+        // Another address is not dialled: only its port is taken.
         let given: SocketAddr = "192.168.1.2:5000".parse().unwrap();
-        assert_eq!(wire_addr(given, Some(seen)), Some(given));
+        assert_eq!(
+            wire_addr(given, Some(seen)),
+            Some("10.0.0.7:5000".parse().unwrap())
+        );
+        assert_eq!(wire_addr("10.0.0.7:0".parse().unwrap(), Some(seen)), None);
     }
 
     #[test]

@@ -26,15 +26,90 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A request that may ask other members (`torrent`) gets this long.
 const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Answers `torrent PATH`: the `.torrent` of a file, as hex, or an error.
+/// Answers `torrent PATH` from `Caller`: the `.torrent` of a file, as hex,
+/// or an error.
 pub(crate) type TorrentFn = Arc<
-    dyn Fn(String) -> std::pin::Pin<Box<dyn Future<Output = serde_json::Value> + Send>>
+    dyn Fn(String, Caller) -> std::pin::Pin<Box<dyn Future<Output = serde_json::Value> + Send>>
         + Send
         + Sync,
 >;
 
+/// Who is on the other end of a control connection (`SO_PEERCRED`), for
+/// requests that name a path: they get only what the file's permissions
+/// would let them read.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub uid: u32,
+    /// The primary group and the supplementary ones (from `/proc`).
+    pub gids: Vec<u32>,
+}
+
+impl Caller {
+    fn of(stream: &tokio::net::UnixStream) -> std::io::Result<Self> {
+        let cred = stream.peer_cred()?;
+        let mut gids = vec![cred.gid()];
+        if let Some(pid) = cred.pid() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
+                gids.extend(
+                    line["Groups:".len()..]
+                        .split_whitespace()
+                        .filter_map(|g| g.parse::<u32>().ok()),
+                );
+            }
+        }
+        Ok(Self {
+            uid: cred.uid(),
+            gids,
+        })
+    }
+
+    /// Whether the permission bits `mode` of a file owned by `uid`:`gid`
+    /// grant this caller `want` (a mask of 4 read, 2 write, 1 search).
+    pub(crate) fn may(&self, mode: u32, uid: u32, gid: u32, want: u32) -> bool {
+        if self.uid == 0 {
+            return want & 1 == 0 || mode & 0o111 != 0;
+        }
+        let bits = if self.uid == uid {
+            mode >> 6
+        } else if self.gids.contains(&gid) {
+            mode >> 3
+        } else {
+            mode
+        };
+        bits & want == want
+    }
+}
+
+/// Creates the directory of control sockets, private to this user (0700).
+/// An existing one must belong to this user; its mode is set to 0700.
+pub(crate) fn create_run_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("control socket directory {}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("control socket directory {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me {
+        bail!(
+            "control socket directory {} is not a directory owned by uid {me} (owner {}): remove it or set BTFS_RUN_DIR",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("control socket directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Directory of control sockets: `$BTFS_RUN_DIR`, else `/run/btfs` for root,
-/// else `$XDG_RUNTIME_DIR/btfs`, else `/tmp/btfs-UID`.
+/// else `$XDG_RUNTIME_DIR/btfs`, else `/tmp/btfs-UID`. The daemon makes it
+/// private (see [`create_run_dir`]); its socket is 0600.
 pub(crate) fn run_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("BTFS_RUN_DIR") {
         return PathBuf::from(d);
@@ -78,6 +153,13 @@ pub(crate) async fn serve(
         let torrent = torrent.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let caller = match Caller::of(&stream) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("control socket: no credentials for a client: {e}");
+                    return;
+                }
+            };
             let exchange = async {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
@@ -86,7 +168,7 @@ pub(crate) async fn serve(
                 let line = line.trim_end_matches('\n');
                 let reply = match line.split_once(' ') {
                     _ if line == "status" => status(),
-                    Some(("torrent", path)) => torrent(path.to_owned()).await,
+                    Some(("torrent", path)) => torrent(path.to_owned(), caller).await,
                     _ => serde_json::json!({ "error": format!("unknown request {line:?}") }),
                 };
                 let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
@@ -154,4 +236,31 @@ fn query(canonical: &Path, request: &str, timeout: Duration) -> Result<serde_jso
         bail!("{err}");
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Caller;
+
+    #[test]
+    fn a_caller_gets_what_the_permission_bits_grant_it() {
+        let user = Caller {
+            uid: 1000,
+            gids: vec![1000, 27],
+        };
+        // Owner, group (primary and supplementary), others.
+        assert!(user.may(0o600, 1000, 0, 4));
+        assert!(!user.may(0o060, 1000, 1000, 4), "the owner's bits decide");
+        assert!(user.may(0o040, 0, 27, 4));
+        assert!(!user.may(0o004 | 0o600, 0, 5, 2));
+        assert!(user.may(0o004, 0, 5, 4));
+        assert!(!user.may(0o640, 0, 5, 4));
+        assert!(user.may(0o711, 0, 0, 1) && !user.may(0o700, 0, 0, 1));
+        let root = Caller {
+            uid: 0,
+            gids: vec![0],
+        };
+        assert!(root.may(0o000, 5, 5, 4));
+        assert!(!root.may(0o600, 5, 5, 1) && root.may(0o100, 5, 5, 1));
+    }
 }

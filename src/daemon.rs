@@ -8,7 +8,7 @@
 use std::{
     fs,
     io::{Read, Write},
-    os::unix::fs::DirBuilderExt,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     sync::atomic::Ordering,
@@ -45,11 +45,7 @@ fn bt_listen(plan: &MountPlan) -> std::net::SocketAddr {
     if let Some(a) = plan.opts.bt_listen {
         return a;
     }
-    let mesh = plan.opts.listen.unwrap_or_else(|| {
-        crate::options::DEFAULT_LISTEN
-            .parse()
-            .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 4410)))
-    });
+    let mesh = plan.opts.mesh_listen();
     let port = if mesh.port() == 0 {
         0
     } else {
@@ -75,6 +71,30 @@ pub(crate) struct MountPlan {
 }
 
 /// Validates the request and prepares the state directory and key.
+/// Refuses a state dir that another user owns or may write: it holds the
+/// node's identity, its store and every object.
+fn check_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        bail!(
+            "state dir {} belongs to uid {}, not to this user (uid {me}): chown it or choose another",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "state dir {} may be written by other users (mode {:o}): run `chmod 700 {}`",
+            dir.display(),
+            meta.mode() & 0o7777,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn prepare(name: &str, mountpoint: &Path, opts: MountOpts) -> Result<MountPlan> {
     validate_cluster_name(name)?;
     let mountpoint = btfs_fs::check_mountpoint(mountpoint)?;
@@ -107,6 +127,7 @@ pub(crate) fn prepare(name: &str, mountpoint: &Path, opts: MountOpts) -> Result<
         .create(&state_dir)
         .with_context(|| format!("state dir {} cannot be created", state_dir.display()))?;
     let state_dir = fs::canonicalize(&state_dir)?;
+    check_state_dir(&state_dir)?;
     if state_dir.starts_with(&mountpoint) {
         bail!(
             "state dir {} must not lie inside the mountpoint {}",
@@ -271,17 +292,34 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
 }
 
 /// What `btfs torrent` exports for a path in the mount.
+/// The content of the file at `path` for `torrent PATH`, if `caller` may
+/// read it (search permission on every directory above it, read permission
+/// on the file), as the kernel would decide.
 fn export_want(
     fs: &btfs_fs::FsHandle<btfs_store::SledBackend>,
     path: &str,
+    caller: &control::Caller,
 ) -> std::result::Result<Wanted, String> {
     let rel = RelPath::parse(path).map_err(|e| format!("{path}: {e}"))?;
-    let entry = fs
-        .store()
-        .get_live(&rel)
-        .map_err(|e| format!("{path}: {e}"))?
-        .ok_or_else(|| format!("{path}: no such file"))?;
+    let live = |p: &RelPath| {
+        fs.store()
+            .get_live(p)
+            .map_err(|e| format!("{path}: {e}"))?
+            .ok_or_else(|| format!("{path}: no such file"))
+    };
+    let mut dir = rel.parent();
+    while let Some(d) = dir {
+        let r = live(&d)?.record;
+        if !caller.may(r.mode, r.uid, r.gid, 1) {
+            return Err(format!("{path}: permission denied"));
+        }
+        dir = d.parent();
+    }
+    let entry = live(&rel)?;
     let r = &entry.record;
+    if !caller.may(r.mode, r.uid, r.gid, 4) {
+        return Err(format!("{path}: permission denied"));
+    }
     match Wanted::of(path.to_owned(), r) {
         Some(w) => Ok(w),
         None if r.kind != btfs_core::FileKind::File => Err(format!("{path}: not a regular file")),
@@ -325,7 +363,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
     let fs = BtfsFs::new(store, objects, cfg)?;
     let handle = fs.handle();
     let peer_id = keypair.public().to_peer_id().to_string();
-    let (mesh_cfg, membership) = mesh::config(plan, keypair)?;
+    let (mesh_cfg, membership, mesh_counters) = mesh::config(plan, keypair)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(RUNTIME_THREADS)
@@ -337,6 +375,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         mesh::start(
             mesh_cfg,
             membership,
+            mesh_counters,
             announce_rx,
             handle.clone(),
             content.clone(),
@@ -362,13 +401,16 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .block_on(Engine::start(engine_cfg, net.clone()))
         .context("starting the BitTorrent engine")?;
     content.set(engine.clone(), rt.handle().clone());
+    let recovered = handle
+        .recover_synced()
+        .context("recovering the versions synced before a crash")?;
+    if recovered > 0 {
+        info!(recovered, "versions synced before a crash were committed");
+    }
     rt.spawn(MeshNet::serve(net.mesh.clone(), engine.clone()));
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)?;
+        control::create_run_dir(dir)?;
     }
     let _ = fs::remove_file(&sock);
     let listener = {
@@ -376,6 +418,8 @@ fn start(plan: &MountPlan) -> Result<Started> {
         tokio::net::UnixListener::bind(&sock)
             .with_context(|| format!("control socket {}", sock.display()))?
     };
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("control socket {}", sock.display()))?;
 
     let session = btfs_fs::mount(
         fs,
@@ -401,6 +445,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         "peer_id": peer_id,
         "key_file": plan.key_path,
         "key_fingerprint": plan.key_fingerprint,
+        "mdns": plan.opts.mdns,
 
         "pid": std::process::id(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -443,10 +488,10 @@ fn start(plan: &MountPlan) -> Result<Started> {
         v
     };
     let (torrent_fs, torrent_engine) = (handle.clone(), engine.clone());
-    let torrent: control::TorrentFn = Arc::new(move |path: String| {
+    let torrent: control::TorrentFn = Arc::new(move |path: String, caller: control::Caller| {
         let (fs, engine) = (torrent_fs.clone(), torrent_engine.clone());
         Box::pin(async move {
-            let want = match export_want(&fs, &path) {
+            let want = match export_want(&fs, &path, &caller) {
                 Ok(w) => w,
                 Err(e) => return serde_json::json!({ "error": e }),
             };

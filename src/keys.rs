@@ -46,16 +46,47 @@ pub(crate) fn read_swarm_key(path: &Path) -> Result<PreSharedKey> {
         }
         Err(e) => bail!("key file {} cannot be read: {e}", path.display()),
     };
-    text.parse::<PreSharedKey>().map_err(|e| {
+    let key = text.parse::<PreSharedKey>().map_err(|e| {
         anyhow::anyhow!("key file {} is not a valid swarm key ({e:?}); expected the three lines `/key/swarm/psk/1.0.0/`, `/base16/` and 64 hex digits", path.display())
-    })
+    })?;
+    check_private(path, "key file")?;
+    Ok(key)
+}
+
+/// Refuses a secret that another user could read or replace: it must belong
+/// to this user (or root) and be closed to group and others, as ssh asks
+/// of its keys.
+pub(crate) fn check_private(path: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        fs::metadata(path).with_context(|| format!("{what} {} cannot be read", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        bail!(
+            "{what} {} belongs to uid {}, not to this user (uid {me}) or root: chown it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        bail!(
+            "{what} {} is open to other users (mode {:o}): run `chmod 600 {}`",
+            path.display(),
+            meta.mode() & 0o7777,
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Loads the node's ed25519 identity from `path`, creating it on first use.
 pub(crate) fn load_or_create_identity(path: &Path) -> Result<(Keypair, NodeId)> {
     let keypair = match fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
-            .with_context(|| format!("identity file {} is corrupt", path.display()))?,
+        Ok(bytes) => {
+            check_private(path, "identity file")?;
+            Keypair::from_protobuf_encoding(&bytes)
+                .with_context(|| format!("identity file {} is corrupt", path.display()))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let kp = Keypair::generate_ed25519();
             let bytes = kp

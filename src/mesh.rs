@@ -39,7 +39,6 @@ use tracing::{debug, info, warn};
 use crate::{
     content::{Content, MeshNet},
     daemon::MountPlan,
-    options::DEFAULT_LISTEN,
 };
 
 /// Requests between members.
@@ -137,6 +136,8 @@ const PEERS_REFRESH: Duration = Duration::from_secs(1);
 /// Least time between two gossip messages: a burst of changes goes out as
 /// full batches at this pace (about 50 messages, some 8,000 records, a second).
 const GOSSIP_PACE: Duration = Duration::from_millis(20);
+/// Pages of records one sync round asks a peer for at most.
+const MAX_PAGES_PER_ROUND: usize = 256;
 /// How often every connected peer is asked for what it stored since.
 const SYNC_INTERVAL: Duration = Duration::from_secs(15);
 
@@ -174,27 +175,39 @@ fn read_peers_file(path: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
-/// Admitted peers from `members=`: one peer id a line.
-fn read_members(path: &Path) -> Result<HashSet<PeerId>> {
+/// Peers from `members=`: one peer id a line, admitted; `removed PEER_ID`
+/// for a former member, refused, whose id may still stand in the version
+/// vectors of the paths it once changed. Returns (members, former).
+fn read_members(path: &Path) -> Result<(HashSet<PeerId>, HashSet<PeerId>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("members file {}", path.display()))?;
-    let mut out = HashSet::new();
+    let (mut members, mut former) = (HashSet::new(), HashSet::new());
     for l in text
         .lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())
         .filter(|l| !l.is_empty())
     {
-        match l.parse::<PeerId>() {
+        let (set, id) = match l.strip_prefix("removed ") {
+            Some(id) => (&mut former, id.trim()),
+            None => (&mut members, l),
+        };
+        match id.parse::<PeerId>() {
             Ok(p) => {
-                out.insert(p);
+                set.insert(p);
             }
             Err(e) => bail!(
-                "members file {}: {l:?} is not a peer id ({e})",
+                "members file {}: {l:?} is not a peer id or `removed PEER_ID` ({e})",
                 path.display()
             ),
         }
     }
-    Ok(out)
+    if let Some(both) = members.intersection(&former).next() {
+        bail!(
+            "members file {}: {both} is listed both as a member and as removed",
+            path.display()
+        );
+    }
+    Ok((members, former))
 }
 
 /// The libp2p peer id of a node id (its ed25519 public key).
@@ -204,47 +217,66 @@ pub(crate) fn peer_of(node: &NodeId) -> Option<PeerId> {
         .map(|k| PublicKey::from(k).to_peer_id())
 }
 
-/// Who may author records: everyone holding the key, or the `members=` list.
+/// Who may author records: everyone holding the key, or the `members=` list;
+/// and whose ids may stand in a record's version vector: those, and the
+/// members marked `removed`.
 #[derive(Debug, Clone)]
-pub(crate) struct Membership(Option<Arc<HashSet<PeerId>>>);
+pub(crate) struct Membership(Option<Arc<(HashSet<PeerId>, HashSet<PeerId>)>>);
 
 impl Membership {
     fn admits(&self, n: &NodeId) -> bool {
         match (&self.0, peer_of(n)) {
             (None, _) => true,
-            (Some(m), Some(p)) => m.contains(&p),
+            (Some(m), Some(p)) => m.0.contains(&p),
             (Some(_), None) => false,
         }
     }
+
+    fn knows(&self, n: &NodeId) -> bool {
+        match (&self.0, peer_of(n)) {
+            (None, _) => true,
+            (Some(m), Some(p)) => m.0.contains(&p) || m.1.contains(&p),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Checks a signed record against this membership (see
+    /// [`SignedRecord::verify_with`]).
+    fn verify(&self, cluster: &str, r: &SignedRecord) -> Result<(), btfs_sync::WireError> {
+        r.verify_with(cluster, |n| self.admits(n), |n| self.knows(n))
+    }
 }
 
-pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<(MeshConfig, Membership)> {
+/// The mesh's configuration, who is admitted, and the record counters (the
+/// gossip validator counts what it refuses).
+pub(crate) fn config(
+    plan: &MountPlan,
+    keypair: Keypair,
+) -> Result<(MeshConfig, Membership, Arc<Counters>)> {
     let o = &plan.opts;
-    let listen = o
-        .listen
-        .map_or_else(|| DEFAULT_LISTEN.to_owned(), multiaddr);
+    let listen = multiaddr(o.mesh_listen());
     let mut bootstrap: Vec<String> = o.peers.iter().copied().map(multiaddr).collect();
     if let Some(f) = &o.peers_file {
         bootstrap.extend(read_peers_file(f)?);
     }
     let members = o.members.as_deref().map(read_members).transpose()?;
     let membership = Membership(members.clone().map(Arc::new));
+    let members = members.map(|(m, _)| m);
     let cluster = plan.name.clone();
     let admitted = membership.clone();
+    let counters = Arc::new(Counters::default());
+    let refused = counters.clone();
     let validate = Arc::new(move |source: &PeerId, topic: Topic, bytes: &[u8]| {
         let checked = match topic {
             Topic::Records => SignedRecord::decode_batch(bytes)
-                .and_then(|batch| {
-                    batch
-                        .iter()
-                        .try_for_each(|r| r.verify(&cluster, |n| admitted.admits(n)))
-                })
+                .and_then(|batch| batch.iter().try_for_each(|r| admitted.verify(&cluster, r)))
                 .map_err(anyhow::Error::from),
             Topic::Holdings => Holdings::decode(bytes).map(drop),
         };
         match checked {
             Ok(()) => true,
             Err(e) => {
+                refused.refused.fetch_add(1, Ordering::Relaxed);
                 warn!(%source, ?topic, "refused gossip: {e:#}");
                 false
             }
@@ -261,7 +293,7 @@ pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<(MeshConfig, 
         members,
         validate,
     };
-    Ok((cfg, membership))
+    Ok((cfg, membership, counters))
 }
 
 /// Record counts, for `btfs status`.
@@ -273,8 +305,9 @@ pub(crate) struct Counters {
     pub received: AtomicU64,
     /// Records received by anti-entropy.
     pub synced: AtomicU64,
-    /// Records refused by anti-entropy (bad signature, unknown author...);
-    /// refused gossip is dropped by the mesh's validator and logged there.
+    /// Records refused (bad shape, signature, unknown author...), by
+    /// anti-entropy, or as gossip messages by the mesh's validator (one a
+    /// message).
     pub refused: AtomicU64,
     /// Records stored next to a concurrent version (conflicts seen).
     pub merged: AtomicU64,
@@ -439,14 +472,22 @@ impl Replicator {
             .and_then(|b| postcard::from_bytes(&b).ok())
             .unwrap_or_default();
         let mut total = 0;
-        loop {
+        // A peer decides how many pages there are: a round takes a bounded
+        // number, and the next round goes on from the progress kept.
+        for _ in 0..MAX_PAGES_PER_ROUND {
             let req = postcard::to_allocvec(&Rpc::Sync(progress.request()))?;
             let bytes = self.mesh.request(peer, req).await?;
-            let resp: SyncResponse =
-                postcard::from_bytes(&bytes).context("malformed sync response")?;
+            let resp = match SyncResponse::decode(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(%peer, "refused a sync response: {e}");
+                    return Err(e).context("malformed sync response");
+                }
+            };
             let mut good = Vec::with_capacity(resp.records.len());
             for r in &resp.records {
-                match r.verify(&self.cluster, |n| self.membership.admits(n)) {
+                match self.membership.verify(&self.cluster, r) {
                     Ok(()) => good.push(r.clone()),
                     Err(e) => {
                         self.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -465,6 +506,8 @@ impl Replicator {
                 return Ok(total);
             }
         }
+        debug!(%peer, pages = MAX_PAGES_PER_ROUND, "sync round ended at its page limit; the next goes on");
+        Ok(total)
     }
 
     /// Answers a peer's sync request from the store's log.
@@ -594,6 +637,7 @@ async fn holdings_loop(mesh: Mesh, mut changes: mpsc::Receiver<(Vec<ContentId>, 
 pub(crate) fn start(
     cfg: MeshConfig,
     membership: Membership,
+    counters: Arc<Counters>,
     announce: mpsc::Receiver<Announced>,
     fs: FsHandle<SledBackend>,
     content: Arc<Content>,
@@ -608,7 +652,6 @@ pub(crate) fn start(
         congestion: wire_congestion,
     };
     let (mesh, mut events, _task) = btfs_mesh::start(cfg).context("mesh")?;
-    let counters = Arc::new(Counters::default());
     tokio::spawn(publish_loop(mesh.clone(), announce, counters.clone()));
     let rep = Arc::new(Replicator {
         mesh: mesh.clone(),
@@ -759,5 +802,45 @@ mod tests {
             ..Holdings::default()
         };
         assert!(Holdings::decode(&postcard::to_allocvec(&too_many).unwrap()).is_err());
+    }
+
+    #[test]
+    fn removed_members_may_stand_in_vectors_but_neither_connect_nor_author() {
+        let ids: Vec<(PeerId, NodeId)> = (0..3)
+            .map(|_| {
+                let kp = Keypair::generate_ed25519();
+                let node = btfs_sync::wire::node_id(&kp).unwrap();
+                (kp.public().to_peer_id(), node)
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("members");
+        std::fs::write(&file, format!("{} # a\nremoved {}\n\n", ids[0].0, ids[1].0)).unwrap();
+        let (members, former) = read_members(&file).unwrap();
+        assert_eq!((members.len(), former.len()), (1, 1));
+        let m = Membership(Some(Arc::new((members, former))));
+        assert!(m.admits(&ids[0].1) && m.knows(&ids[0].1));
+        assert!(!m.admits(&ids[1].1) && m.knows(&ids[1].1));
+        assert!(!m.admits(&ids[2].1) && !m.knows(&ids[2].1));
+        let open = Membership(None);
+        assert!(open.admits(&ids[2].1) && open.knows(&ids[2].1));
+
+        std::fs::write(&file, format!("{0}\nremoved {0}\n", ids[0].0)).unwrap();
+        let err = read_members(&file).unwrap_err().to_string();
+        assert!(err.contains("both as a member and as removed"), "{err}");
+        std::fs::write(&file, "removed nonsense\n").unwrap();
+        let err = read_members(&file).unwrap_err().to_string();
+        assert!(err.contains("is not a peer id"), "{err}");
+    }
+
+    /// The README's first command mounts without `listen=`: the default must
+    /// be a mesh address libp2p accepts (it once was a bare `IP:PORT`).
+    #[test]
+    fn the_default_listen_address_is_a_valid_multiaddr() {
+        let a = multiaddr(crate::options::MountOpts::default().mesh_listen());
+        assert_eq!(a, "/ip4/0.0.0.0/tcp/4410");
+        a.parse::<btfs_mesh::Multiaddr>().unwrap();
+        let v6 = multiaddr("[::1]:9".parse().unwrap());
+        v6.parse::<btfs_mesh::Multiaddr>().unwrap();
     }
 }

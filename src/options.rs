@@ -67,7 +67,8 @@ pub(crate) struct MountOpts {
     /// `state=DIR`: where the node keeps its store. `None`: the default for the
     /// cluster name (see [`default_state_dir`]).
     pub state: Option<PathBuf>,
-    /// `listen=IP:PORT`: where the mesh listens. `None`: [`DEFAULT_LISTEN`].
+    /// `listen=IP:PORT`: where the mesh listens. `None`: [`DEFAULT_LISTEN`]
+    /// (see [`MountOpts::mesh_listen`]).
     pub listen: Option<SocketAddr>,
     /// `peers=IP:PORT/IP:PORT`: static bootstrap peers (other subnets).
     pub peers: Vec<SocketAddr>,
@@ -205,8 +206,11 @@ fn parse_glob(v: &str) -> Result<glob::Pattern> {
         .map_err(|e| anyhow::anyhow!("mount option prefetch: {v:?} is not a glob: {e}"))
 }
 
-/// Where the mesh listens when `listen=` is not given.
-pub(crate) const DEFAULT_LISTEN: &str = "0.0.0.0:4410";
+/// Where the mesh listens when `listen=` is not given: every address, port 4410.
+pub(crate) const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    4410,
+));
 
 /// Parses `IP:PORT` with a message that names the option.
 fn socket_addr(option: &str, v: &str) -> Result<SocketAddr> {
@@ -271,6 +275,11 @@ fn on_off(name: &str, v: &str) -> Result<bool> {
 }
 
 impl MountOpts {
+    /// Where the mesh listens: `listen=`, else [`DEFAULT_LISTEN`].
+    pub(crate) fn mesh_listen(&self) -> SocketAddr {
+        self.listen.unwrap_or(DEFAULT_LISTEN)
+    }
+
     /// Parses a comma-separated option string (several `-o` are joined).
     pub(crate) fn parse(s: &str) -> Result<Self> {
         let mut o = Self::default();

@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::{fs, path::Path};
+use std::{fs, path::Path, process::Command};
 
-use common::{Node, btfs, require_fuse};
+use common::{Node, btfs, btfs_bin, require_fuse};
 
 fn mounted(path: &Path) -> bool {
     let target = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
@@ -80,6 +80,40 @@ fn bad_mounts_give_one_line_reasons_and_mount_nothing() {
         &["mount", "c", m, "-o", &key_opt],
         &mnt,
         "is not a valid swarm key",
+    );
+    // A valid key that other users can read, and a state dir they can write.
+    let open_key = dir.path().join("open.key");
+    assert!(
+        btfs(&["keygen", open_key.to_str().unwrap()])
+            .status
+            .success()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&open_key, fs::Permissions::from_mode(0o644)).unwrap();
+    assert_mount_fails(
+        &[
+            "mount",
+            "c",
+            m,
+            "-o",
+            &format!("key={},state={}", open_key.display(), state.display()),
+        ],
+        &mnt,
+        "is open to other users (mode 644): run `chmod 600",
+    );
+    let open_state = dir.path().join("open-state");
+    fs::create_dir(&open_state).unwrap();
+    fs::set_permissions(&open_state, fs::Permissions::from_mode(0o777)).unwrap();
+    assert_mount_fails(
+        &[
+            "mount",
+            "c",
+            m,
+            "-o",
+            &format!("state={}", open_state.display()),
+        ],
+        &mnt,
+        "may be written by other users (mode 777)",
     );
     let missing_key = format!(
         "key={}/nope.key,state={}",
@@ -236,4 +270,45 @@ fn help_and_version() {
     );
     let mh = btfs(&["mount", "--help"]);
     assert!(String::from_utf8_lossy(&mh.stdout).contains("key=FILE"));
+}
+
+/// The control socket is the daemon's: 0600 in a 0700 directory, so another
+/// local user can neither ask for a status nor for any file's torrent.
+#[test]
+fn the_control_socket_is_private_to_the_daemons_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let node = Node::start();
+    let run = Path::new("/run/btfs");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(run), 0o700, "{}", run.display());
+    let socks: Vec<_> = std::fs::read_dir(run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    assert!(!socks.is_empty());
+    for s in &socks {
+        assert_eq!(mode(s), 0o600, "{}", s.display());
+        assert_eq!(std::fs::metadata(s).unwrap().uid(), 0);
+    }
+    // The mount itself is open to all (allow_other); the socket is not.
+    let parent = node.mnt.parent().unwrap();
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            btfs_bin(),
+        ])
+        .args(["status", node.mnt.to_str().unwrap()])
+        .env("BTFS_RUN_DIR", run)
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(!out.status.success(), "another user got a status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no btfs daemon answers") && err.contains("Permission denied"),
+        "{err}"
+    );
 }

@@ -58,9 +58,15 @@ fn pjdfstest_passes_except_documented_cases() {
             _ => {}
         }
     }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No user found") && !stderr.contains("No group found"),
+        "pjdfstest needs the users and groups named in integration/pjdfstest.toml \
+         (.ci/run creates them: `useradd -M -U tests`, and `nobody`/`nogroup`): {stderr}"
+    );
     assert!(
         passed.len() > 150,
-        "pjdfstest ran too few cases ({} passed):\n{stdout}",
+        "pjdfstest ran too few cases ({} passed):\n{stdout}\n{stderr}",
         passed.len()
     );
     let expected = expected_failures();

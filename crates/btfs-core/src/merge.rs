@@ -25,10 +25,28 @@
 //! same one. A node that edits a conflicted path must first store its copies as
 //! records of their own, because the edit descends from every version and so
 //! ends the conflict (see [`Versions::joined_version`]).
+//!
+//! ## The cap on concurrent versions
+//!
+//! A path keeps at most [`MAX_VERSIONS`] versions: honest concurrency is one
+//! or two versions per node that edited the path while apart, but a member can
+//! sign any number of pairwise concurrent vectors. Past the cap the version
+//! evicted is the lowest-ranked one of the author that has the most versions
+//! (its *fair share* is exceeded first), so one author's flood evicts only its
+//! own versions while other authors keep theirs; [`Versions::insert_keeping`]
+//! also never evicts the local node's newest version. The eviction order of
+//! a set depends only on the set (not on arrival order), so nodes that receive
+//! the same concurrent versions keep the same ones. (A version that an evicted
+//! one descends from may still be kept where it arrived after the eviction;
+//! honest paths stay far below the cap, where none of this applies.)
 
 use std::cmp::Ordering;
 
-use crate::{FileKind, FileRecord, RelPath, Timestamp, VersionVector};
+use crate::{FileKind, FileRecord, NodeId, RelPath, Timestamp, VersionVector};
+
+/// Most versions kept for one path (maximal versions that are pairwise
+/// concurrent). Also the most records anti-entropy sends for one path.
+pub const MAX_VERSIONS: usize = 32;
 
 /// The maximal versions of one path, in a canonical order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,17 +89,69 @@ impl Versions {
         self.0.len() > 1
     }
 
-    /// Adds a record. Returns false if it changed nothing (already known, or a
-    /// known version descends from it).
+    /// Adds a record. Returns false if it changed nothing (already known, a
+    /// known version descends from it, or it is evicted at once by the cap on
+    /// versions, see the module docs).
     pub fn insert(&mut self, r: FileRecord) -> bool {
+        self.insert_capped(r, None)
+    }
+
+    /// [`insert`](Self::insert) on the node `local`: the cap never evicts
+    /// `local`'s newest version (its own edit is never lost to a flood of
+    /// concurrent versions).
+    pub fn insert_keeping(&mut self, r: FileRecord, local: &NodeId) -> bool {
+        self.insert_capped(r, Some(local))
+    }
+
+    fn insert_capped(&mut self, r: FileRecord, local: Option<&NodeId>) -> bool {
         if self.0.iter().any(|e| *e == r || e.version > r.version) {
             return false;
         }
+        let before = self.0.len();
         self.0
             .retain(|e| e.version.partial_cmp(&r.version) != Some(Ordering::Less));
-        let at = self.0.partition_point(|e| rank(e, &r) == Ordering::Less);
-        self.0.insert(at, r);
-        true
+        let superseded = self.0.len() < before;
+        let mut at = Some(self.0.partition_point(|e| rank(e, &r) == Ordering::Less));
+        if let Some(i) = at {
+            self.0.insert(i, r);
+        }
+        let mut evicted = 0;
+        while self.0.len() > MAX_VERSIONS {
+            let Some(victim) = self.victim(local) else {
+                break;
+            };
+            self.0.remove(victim);
+            evicted += 1;
+            at = match at {
+                Some(i) if i == victim => None,
+                Some(i) if victim < i => Some(i - 1),
+                other => other,
+            };
+        }
+        superseded || at.is_some() || evicted > 1
+    }
+
+    /// The version the cap evicts first: the one with the most versions of
+    /// its author ranked above it (the lowest of the author with the most),
+    /// then the lowest-ranked; never `local`'s newest. `None` if only that
+    /// one is left.
+    fn victim(&self, local: Option<&NodeId>) -> Option<usize> {
+        let mut worst: Option<(usize, usize)> = None;
+        for (i, r) in self.0.iter().enumerate() {
+            // Same-author versions ranked above (the vector is in rank order).
+            let above = self.0[i + 1..]
+                .iter()
+                .filter(|o| o.author == r.author)
+                .count();
+            if above == 0 && local == Some(&r.author) {
+                continue;
+            }
+            // Strictly more: among equals the first, lowest-ranked, one wins.
+            if worst.is_none_or(|(_, n)| above > n) {
+                worst = Some((i, above));
+            }
+        }
+        worst.map(|(i, _)| i)
     }
 
     /// Adds every record of `other`.
@@ -370,6 +440,99 @@ mod tests {
         let res = resolve(&p("x"), &v);
         assert_eq!(res.shown, Some(&dir));
         assert_eq!(res.copies, vec![(conflict_copy_name("x", &f), &f)]);
+    }
+
+    /// A version by `author` concurrent with every other one made by this
+    /// helper with another `k` (or another author): `{author: k, Z: 1000 - k}`.
+    fn concurrent(author: u8, k: u64, secs: i64) -> FileRecord {
+        let mut r = file(author, secs, &[author, k as u8]);
+        let mut v = VersionVector::new();
+        for _ in 0..k {
+            v.increment(node(author));
+        }
+        for _ in 0..(1000 - k) {
+            v.increment(node(0xee));
+        }
+        r.version = v;
+        r
+    }
+
+    #[test]
+    fn a_flood_of_concurrent_versions_is_capped_and_other_authors_keep_theirs() {
+        let honest = [concurrent(1, 500, 100), concurrent(2, 500, 90)];
+        // The flood ranks above everything (mtimes in the future).
+        let flood: Vec<FileRecord> = (1..=MAX_VERSIONS as u64 + 20)
+            .map(|k| concurrent(9, k, 10_000 + k as i64))
+            .collect();
+        let forward: Versions = honest.iter().chain(&flood).cloned().collect();
+        let backward: Versions = flood.iter().rev().chain(&honest).cloned().collect();
+        assert_eq!(forward.records().len(), MAX_VERSIONS);
+        assert_eq!(forward, backward, "arrival order does not matter");
+        for h in &honest {
+            assert!(forward.records().contains(h), "{h:?} was evicted");
+        }
+        // The flood's newest versions are the ones kept.
+        assert!(forward.records().contains(flood.last().unwrap()));
+        assert!(!forward.records().contains(&flood[0]));
+        // A flood version evicted at once changes nothing.
+        let mut v = forward.clone();
+        assert!(!v.insert(concurrent(9, 999, 10_000)));
+        assert_eq!(v, forward);
+    }
+
+    #[test]
+    fn the_local_nodes_newest_version_is_never_evicted() {
+        // As many authors as the cap allows and more, one version each, all
+        // newer than the local node's version.
+        let local = concurrent(1, 500, 1);
+        let others: Vec<FileRecord> = (2..=MAX_VERSIONS as u8 + 10)
+            .map(|a| concurrent(a, 500, 1_000 + i64::from(a)))
+            .collect();
+        let mut plain = Versions::new();
+        let mut kept = Versions::new();
+        for r in std::iter::once(&local).chain(&others) {
+            plain.insert(r.clone());
+            kept.insert_keeping(r.clone(), &node(1));
+        }
+        assert_eq!(plain.records().len(), MAX_VERSIONS);
+        assert_eq!(kept.records().len(), MAX_VERSIONS);
+        assert!(!plain.records().contains(&local), "lowest-ranked: evicted");
+        assert!(kept.records().contains(&local), "the local version stays");
+        // Its older versions are not protected, only the newest.
+        let newer_local = concurrent(1, 501, 2);
+        assert!(kept.insert_keeping(newer_local.clone(), &node(1)));
+        assert!(kept.records().contains(&newer_local) && !kept.records().contains(&local));
+    }
+
+    proptest! {
+        #[test]
+        fn capped_versions_do_not_depend_on_arrival_order(
+            picks in proptest::collection::vec((1u8..6, 1u64..200, 0i64..50), 0..80),
+            seed in any::<u64>(),
+            local in 1u8..6,
+        ) {
+            let records: Vec<FileRecord> = picks.iter().map(|&(a, k, t)| concurrent(a, k, t)).collect();
+            let mut shuffled = records.clone();
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let a: Versions = records.iter().cloned().collect();
+            let b: Versions = shuffled.iter().cloned().collect();
+            prop_assert!(a.records().len() <= MAX_VERSIONS);
+            prop_assert_eq!(&a, &b);
+            let (mut c, mut d) = (Versions::new(), Versions::new());
+            for r in &records { c.insert_keeping(r.clone(), &node(local)); }
+            for r in &shuffled { d.insert_keeping(r.clone(), &node(local)); }
+            prop_assert_eq!(&c, &d);
+            // The local node's newest version (by rank) is kept.
+            let newest_local = records.iter().filter(|r| r.author == node(local))
+                .max_by(|x, y| rank(x, y));
+            if let Some(n) = newest_local {
+                prop_assert!(c.records().contains(n));
+            }
+        }
     }
 
     /// Histories of edits by three nodes that sync at random: every record

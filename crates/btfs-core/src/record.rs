@@ -17,6 +17,11 @@ pub enum FileKind {
 }
 
 /// Wall-clock time with nanoseconds, signed so that pre-1970 times survive.
+///
+/// A *valid* timestamp ([`Timestamp::is_valid`]) has `nanos` below one second
+/// and `secs` within [`Timestamp::MIN_SECS`]`..=`[`Timestamp::MAX_SECS`]
+/// (years -6060 to 9999 or so): records from peers must carry valid ones, and
+/// local times are clamped into that range when converted.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
 )]
@@ -26,21 +31,66 @@ pub struct Timestamp {
 }
 
 impl Timestamp {
+    /// Nanoseconds in a second: a valid `nanos` is below it.
+    pub const NANOS_PER_SEC: u32 = 1_000_000_000;
+    /// Latest valid second: 9999-12-31 23:59:59 UTC.
+    pub const MAX_SECS: i64 = 253_402_300_799;
+    /// Earliest valid second: as far before the epoch as `MAX_SECS` is after.
+    pub const MIN_SECS: i64 = -Self::MAX_SECS;
+    /// The latest valid timestamp.
+    pub const MAX: Self = Self {
+        secs: Self::MAX_SECS,
+        nanos: Self::NANOS_PER_SEC - 1,
+    };
+    /// The earliest valid timestamp.
+    pub const MIN: Self = Self {
+        secs: Self::MIN_SECS,
+        nanos: 0,
+    };
+
     pub fn now() -> Self {
         SystemTime::now().into()
     }
 
-    pub fn to_system_time(self) -> SystemTime {
-        let nanos = Duration::from_nanos(u64::from(self.nanos));
-        if self.secs >= 0 {
-            UNIX_EPOCH + Duration::from_secs(self.secs.unsigned_abs()) + nanos
+    /// True if `nanos` is below a second and `secs` within the valid range.
+    pub fn is_valid(self) -> bool {
+        self.nanos < Self::NANOS_PER_SEC && (Self::MIN_SECS..=Self::MAX_SECS).contains(&self.secs)
+    }
+
+    /// The nearest valid timestamp: `secs` saturates at the range's ends
+    /// ([`Timestamp::MAX`], [`Timestamp::MIN`]) and `nanos` at 999,999,999.
+    pub fn clamped(self) -> Self {
+        if self.secs > Self::MAX_SECS {
+            Self::MAX
+        } else if self.secs < Self::MIN_SECS {
+            Self::MIN
         } else {
-            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs()) + nanos
+            Self {
+                secs: self.secs,
+                nanos: self.nanos.min(Self::NANOS_PER_SEC - 1),
+            }
         }
+    }
+
+    /// The time as a `SystemTime`; total: an invalid timestamp is first
+    /// [`clamped`](Self::clamped), and a time the platform cannot represent
+    /// (none on Linux, whose `SystemTime` spans ±2^63 seconds) gives the epoch.
+    pub fn to_system_time(self) -> SystemTime {
+        let t = self.clamped();
+        let secs = Duration::from_secs(t.secs.unsigned_abs());
+        let whole = if t.secs >= 0 {
+            UNIX_EPOCH.checked_add(secs)
+        } else {
+            UNIX_EPOCH.checked_sub(secs)
+        };
+        whole
+            .and_then(|w| w.checked_add(Duration::from_nanos(u64::from(t.nanos))))
+            .unwrap_or(UNIX_EPOCH)
     }
 }
 
 impl From<SystemTime> for Timestamp {
+    /// Clamped into the valid range, so that local records are always valid.
     fn from(t: SystemTime) -> Self {
         match t.duration_since(UNIX_EPOCH) {
             Ok(d) => Self {
@@ -53,11 +103,12 @@ impl From<SystemTime> for Timestamp {
                 let mut nanos = d.subsec_nanos();
                 if nanos > 0 {
                     secs -= 1;
-                    nanos = 1_000_000_000 - nanos;
+                    nanos = Self::NANOS_PER_SEC - nanos;
                 }
                 Self { secs, nanos }
             }
         }
+        .clamped()
     }
 }
 
@@ -228,6 +279,70 @@ mod tests {
                 nanos: 999_999_999
             }
         );
+    }
+
+    #[test]
+    fn timestamps_out_of_range_are_invalid_and_clamp() {
+        assert!(Timestamp::MAX.is_valid() && Timestamp::MIN.is_valid());
+        assert!(Timestamp::now().is_valid());
+        for bad in [
+            Timestamp {
+                secs: 0,
+                nanos: 1_000_000_000,
+            },
+            Timestamp {
+                secs: Timestamp::MAX_SECS + 1,
+                nanos: 0,
+            },
+            Timestamp {
+                secs: Timestamp::MIN_SECS - 1,
+                nanos: 0,
+            },
+            Timestamp {
+                secs: i64::MAX,
+                nanos: u32::MAX,
+            },
+            Timestamp {
+                secs: i64::MIN,
+                nanos: 0,
+            },
+        ] {
+            assert!(!bad.is_valid(), "{bad:?}");
+            assert!(bad.clamped().is_valid(), "{bad:?}");
+        }
+        assert_eq!(
+            Timestamp {
+                secs: 5,
+                nanos: u32::MAX
+            }
+            .clamped(),
+            Timestamp {
+                secs: 5,
+                nanos: 999_999_999
+            }
+        );
+        let far = UNIX_EPOCH + Duration::from_secs(1 << 40);
+        assert_eq!(Timestamp::from(far), Timestamp::MAX, "local times clamp");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn to_system_time_is_total(secs in proptest::prelude::any::<i64>(), nanos in proptest::prelude::any::<u32>()) {
+            let t = Timestamp { secs, nanos };
+            let st = t.to_system_time();
+            // Valid timestamps round-trip; any other lands on the clamped one.
+            proptest::prop_assert_eq!(Timestamp::from(st), t.clamped());
+        }
+    }
+
+    #[test]
+    fn to_system_time_is_total_at_the_extremes() {
+        for secs in [i64::MAX, i64::MIN, i64::MAX - 1, i64::MIN + 1, 0, -1] {
+            for nanos in [0, 999_999_999, 1_000_000_000, u32::MAX] {
+                let t = Timestamp { secs, nanos };
+                assert_eq!(Timestamp::from(t.to_system_time()), t.clamped());
+            }
+        }
     }
 
     #[test]

@@ -18,8 +18,47 @@ use crate::NodeId;
 /// Missing entries count as zero, so the empty vector precedes every other one.
 /// [`VersionVector::merge`] takes the entry-wise maximum; it is commutative,
 /// associative and idempotent, and the result is at least both inputs.
+///
+/// Representation: zero counters are never stored by [`increment`] or
+/// [`merge`]; a decoded vector may hold anything, so vectors from peers are
+/// checked with [`VersionVector::check`] (entries, counters, no zeros).
+///
+/// [`increment`]: VersionVector::increment
+/// [`merge`]: VersionVector::merge
 #[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct VersionVector(BTreeMap<NodeId, u64>);
+
+/// Most entries (nodes that changed a path) a vector from a peer may name.
+/// Honest vectors name the nodes that edited one path; a cluster where more
+/// than this many nodes edit the same path would see their records refused.
+pub const MAX_VERSION_ENTRIES: usize = 64;
+
+/// Largest counter a vector from a peer may hold: far above any honest count
+/// (2^48 changes of one path), far below `u64::MAX`, so that an increment of
+/// any accepted vector is strictly greater than it (never a saturated tie).
+pub const MAX_COUNTER: u64 = 1 << 48;
+
+/// Why a vector from a peer is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VersionError {
+    #[error("the version vector has {0} entries (at most {MAX_VERSION_ENTRIES})")]
+    TooManyEntries(usize),
+    #[error("a version counter of {0} exceeds {MAX_COUNTER}")]
+    CounterTooLarge(u64),
+    #[error("the version vector stores a zero counter")]
+    ZeroCounter,
+}
+
+impl VersionError {
+    /// A fixed description, for errors that carry a `&'static str`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::TooManyEntries(_) => "the version vector has too many entries",
+            Self::CounterTooLarge(_) => "a version counter exceeds the largest allowed",
+            Self::ZeroCounter => "the version vector stores a zero counter",
+        }
+    }
+}
 
 impl VersionVector {
     pub fn new() -> Self {
@@ -31,10 +70,20 @@ impl VersionVector {
         self.0.get(node).copied().unwrap_or(0)
     }
 
-    /// Records one more change by `node`.
+    /// Records one more change by `node`. The counter saturates at
+    /// `u64::MAX` (the result then equals the input in that entry instead of
+    /// exceeding it); vectors that passed [`check`](Self::check) hold at most
+    /// [`MAX_COUNTER`], so incrementing them always gives a greater vector.
     pub fn increment(&mut self, node: NodeId) {
         let slot = self.0.entry(node).or_insert(0);
         *slot = slot.saturating_add(1);
+    }
+
+    /// Makes `node`'s counter exceed `than` by one, in one step, unless it
+    /// already does (saturating like [`increment`](Self::increment)).
+    pub fn increment_past(&mut self, node: NodeId, than: u64) {
+        let slot = self.0.entry(node).or_insert(0);
+        *slot = (*slot).max(than.saturating_add(1));
     }
 
     /// By-value form of [`increment`](Self::increment).
@@ -43,9 +92,10 @@ impl VersionVector {
         self
     }
 
-    /// Entry-wise maximum with `other`.
+    /// Entry-wise maximum with `other` (zero counters of `other` are not
+    /// copied).
     pub fn merge(&mut self, other: &VersionVector) {
-        for (node, &n) in &other.0 {
+        for (node, &n) in other.0.iter().filter(|(_, n)| **n > 0) {
             let slot = self.0.entry(*node).or_insert(0);
             *slot = (*slot).max(n);
         }
@@ -69,6 +119,33 @@ impl VersionVector {
 
     pub fn is_empty(&self) -> bool {
         self.0.values().all(|n| *n == 0)
+    }
+
+    /// Entries stored, zero counters included (a decoded vector may hold them).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Every node the vector names, zero counters included.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeId> {
+        self.0.keys()
+    }
+
+    /// Checks what a peer's vector may hold: at most [`MAX_VERSION_ENTRIES`]
+    /// entries, none zero, none above [`MAX_COUNTER`].
+    pub fn check(&self) -> Result<(), VersionError> {
+        if self.0.len() > MAX_VERSION_ENTRIES {
+            return Err(VersionError::TooManyEntries(self.0.len()));
+        }
+        for &n in self.0.values() {
+            if n == 0 {
+                return Err(VersionError::ZeroCounter);
+            }
+            if n > MAX_COUNTER {
+                return Err(VersionError::CounterTooLarge(n));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -148,6 +225,44 @@ mod tests {
         })
     }
 
+    #[test]
+    fn check_refuses_oversized_vectors_inflated_counters_and_zeros() {
+        let a = node(1);
+        assert_eq!(vv![a => 3].check(), Ok(()));
+        let mut wide = VersionVector::new();
+        for i in 0..=MAX_VERSION_ENTRIES {
+            let mut id = [0; 32];
+            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            wide.increment(NodeId(id));
+        }
+        assert_eq!(
+            wide.check(),
+            Err(VersionError::TooManyEntries(MAX_VERSION_ENTRIES + 1))
+        );
+        let at_cap = VersionVector(BTreeMap::from([(a, MAX_COUNTER)]));
+        assert_eq!(at_cap.check(), Ok(()));
+        assert!(
+            at_cap.clone().incremented(a) > at_cap,
+            "an increment of an accepted vector is greater"
+        );
+        let inflated = VersionVector(BTreeMap::from([(a, MAX_COUNTER + 1)]));
+        assert_eq!(
+            inflated.check(),
+            Err(VersionError::CounterTooLarge(MAX_COUNTER + 1))
+        );
+        let zero = VersionVector(BTreeMap::from([(a, 0)]));
+        assert_eq!(zero.check(), Err(VersionError::ZeroCounter));
+        assert_eq!(vv![].merged(&zero).len(), 0, "merge copies no zero counter");
+    }
+
+    #[test]
+    fn increment_saturates_at_u64_max() {
+        let a = node(1);
+        let full = VersionVector(BTreeMap::from([(a, u64::MAX)]));
+        assert_eq!(full.clone().incremented(a), full);
+        assert_eq!(full.clone().merged(&vv![a => 2]), full);
+    }
+
     proptest! {
         #[test]
         fn merge_is_commutative_associative_idempotent(a in arb_vv(), b in arb_vv(), c in arb_vv()) {
@@ -168,5 +283,17 @@ mod tests {
             prop_assert_eq!(ab.map(Ordering::reverse), b.partial_cmp(&a));
             prop_assert!(a.clone().incremented(node(n)) > a);
         }
+    }
+
+    #[test]
+    fn increment_past_takes_one_step_however_far() {
+        let a = NodeId([1; 32]);
+        let mut v = VersionVector::new().incremented(a);
+        v.increment_past(a, 1 << 47);
+        assert_eq!(v.get(&a), (1 << 47) + 1);
+        v.increment_past(a, 3);
+        assert_eq!(v.get(&a), (1 << 47) + 1, "never lowers a counter");
+        v.increment_past(a, u64::MAX);
+        assert_eq!(v.get(&a), u64::MAX);
     }
 }

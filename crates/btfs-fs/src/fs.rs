@@ -172,6 +172,9 @@ struct Handle {
     /// for a reader of content that other nodes hold (`remote`).
     file: Option<Arc<File>>,
     writable: bool,
+    /// Opened `O_SYNC` or `O_DSYNC`: each write served here is synced (the
+    /// kernel syncs passthrough writes itself).
+    sync_writes: bool,
     cached: bool,
     /// Content read through the content source until it arrives here.
     remote: Option<Wanted>,
@@ -297,7 +300,11 @@ impl<B: Backend> BtfsFs<B> {
         }
         let swept = objects.sweep(|c| store.refcount(c).map(|n| n > 0).unwrap_or(true))?;
         if swept > 0 {
-            info!(swept, "deleted unreferenced objects");
+            warn!(
+                swept,
+                "objects that no record references (left by a crash, or the metadata database was lost or replaced) were moved to {}: delete them once the tree is known to be whole",
+                objects.quarantine_dir().display()
+            );
         }
         let shared = Arc::new(Shared {
             store,
@@ -334,6 +341,15 @@ impl<B: Backend> BtfsFs<B> {
 }
 
 impl<B: Backend> FsHandle<B> {
+    /// Commits the versions whose writers' `fsync` was acknowledged before a
+    /// crash but which were never committed (the file was still open). Call
+    /// once at start, before mounting and once content can be published.
+    /// Data that cannot be committed is kept under `rescued/`, with a log
+    /// line. Returns how many versions were recovered.
+    pub fn recover_synced(&self) -> Result<usize> {
+        self.shared.recover_synced()
+    }
+
     pub fn status(&self) -> Result<FsStatus> {
         let s = &self.shared;
         Ok(FsStatus {
@@ -399,6 +415,56 @@ impl<B: Backend> FsHandle<B> {
 }
 
 impl<B: Backend> Shared<B> {
+    fn recover_synced(&self) -> Result<usize> {
+        let mut recovered = 0;
+        for left in self.objects.take_synced()? {
+            let target = match self.store.get_ino(left.ino)? {
+                Some((path, e)) if e.record.kind == FileKind::File && e.record.is_live() => {
+                    Some(path)
+                }
+                _ => None,
+            };
+            let mut st = OpenInode {
+                uncommitted: true,
+                sync_on_commit: true,
+                ..OpenInode::default()
+            };
+            if let Some(path) = &target {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&left.path)?;
+                st.staging = Some(Staging {
+                    path: left.path.clone(),
+                    file: Arc::new(file),
+                });
+                match self.commit(left.ino, &mut st, false) {
+                    Ok(()) if st.staging.is_none() => {
+                        info!(%path, "committed a version whose fsync was acknowledged before a crash");
+                        recovered += 1;
+                        continue;
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        error!(%path, "could not commit a version synced before a crash: {e}")
+                    }
+                }
+            }
+            let what = target.map_or_else(|| format!("inode {}", left.ino), |p| p.to_string());
+            match self.objects.rescue(&left.path, left.ino) {
+                Ok(kept) => warn!(
+                    "data synced before a crash ({what}) has no file to go to any more; it is kept in {}",
+                    kept.display()
+                ),
+                Err(e) => error!(
+                    "data synced before a crash ({what}) could not be kept aside ({e}); it is still at {}",
+                    left.path.display()
+                ),
+            }
+        }
+        Ok(recovered)
+    }
+
     fn node(&self) -> NodeId {
         self.cfg.node
     }
@@ -457,7 +523,7 @@ impl<B: Backend> Shared<B> {
                     staging.path.display()
                 ),
             }
-        } else if let Err(e) = std::fs::remove_file(&staging.path) {
+        } else if let Err(e) = self.objects.discard_staging(&staging.path) {
             warn!(
                 ino,
                 "could not delete staging file {}: {e}",
@@ -818,6 +884,7 @@ impl<B: Backend> Shared<B> {
     ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>)> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let truncate = writable && flags & libc::O_TRUNC != 0;
+        let sync_writes = writable && flags & libc::O_DSYNC != 0;
         let cell = self.pin(ino);
         let opened = (|| {
             let mut st = lock(&cell.state);
@@ -853,6 +920,7 @@ impl<B: Backend> Shared<B> {
                     ino,
                     file: None,
                     writable,
+                    sync_writes: false,
                     cached: true,
                     remote: Some(wanted),
                     arrived: OnceLock::new(),
@@ -879,6 +947,13 @@ impl<B: Backend> Shared<B> {
                     st.base = Some((entry.record.version.clone(), entry.record.content));
                 }
                 self.ensure_staging(&cell, &mut st, content, truncate)?;
+                if sync_writes {
+                    // Every write is acknowledged as durable: the staging
+                    // file must survive a crash from the first one on.
+                    self.sync_staging(ino, &mut st, flags & libc::O_SYNC != libc::O_SYNC)?;
+                    // The file's own record too (a create just before).
+                    self.store.flush()?;
+                }
             }
             if passthrough && st.backing.is_none() {
                 let (file, target) = match &st.staging {
@@ -929,6 +1004,7 @@ impl<B: Backend> Shared<B> {
                 ino,
                 file: Some(file),
                 writable,
+                sync_writes,
                 cached,
                 remote: None,
                 arrived: OnceLock::new(),
@@ -1063,10 +1139,17 @@ impl<B: Backend> Shared<B> {
     /// instead: it must stay private to this inode, since objects are shared
     /// by every path with the same content.
     fn commit(&self, ino: u64, st: &mut OpenInode, shared: bool) -> Result<()> {
-        self.commit_staging(ino, st, shared)?;
+        let installed = self.commit_staging(ino, st, shared)?;
         if st.sync_on_commit {
             self.store.flush()?;
             st.sync_on_commit = false;
+        }
+        // The version is as durable as its writer asked: the staging file's
+        // second name and its sync marker may go.
+        if let Some(path) = installed
+            && let Err(e) = self.objects.discard_staging(&path)
+        {
+            warn!(ino, "could not delete staging file {}: {e}", path.display());
         }
         st.uncommitted = false;
         st.base = match &st.staging {
@@ -1080,9 +1163,17 @@ impl<B: Backend> Shared<B> {
         Ok(())
     }
 
-    fn commit_staging(&self, ino: u64, st: &mut OpenInode, shared: bool) -> Result<()> {
+    /// Returns the staging file's path when it was installed as the object
+    /// (by a link, for a durable commit; its sync marker may remain): the
+    /// caller discards it once the version is durable.
+    fn commit_staging(
+        &self,
+        ino: u64,
+        st: &mut OpenInode,
+        shared: bool,
+    ) -> Result<Option<PathBuf>> {
         let Some(staging) = st.staging.take() else {
-            return Ok(());
+            return Ok(None);
         };
         // Unlinked while open: the data goes with the last handle, unless
         // another node's version removed the file while it was being written
@@ -1099,7 +1190,7 @@ impl<B: Backend> Shared<B> {
                         "commit of an unlinked file skipped"
                     );
                     st.staging = Some(staging);
-                    return Ok(());
+                    return Ok(None);
                 }
             },
         };
@@ -1127,13 +1218,15 @@ impl<B: Backend> Shared<B> {
         } else {
             self.objects.install(&staging.path, &content, durable)
         };
-        if keep_private {
+        let installed_from = if keep_private {
             st.staging = Some(staging);
+            None
         } else {
             // The file is an object now: a later open must not reuse it as its
             // backing file (a writer would write into the object).
             st.backing = None;
-        }
+            Some(staging.path)
+        };
         installed?;
         let me = self.node();
         if let Some((path, orphan)) = resurrect {
@@ -1141,7 +1234,7 @@ impl<B: Backend> Shared<B> {
             if base_content == Some(content) {
                 // Opened for writing but unchanged: the remote version stands.
                 self.gc(vec![content]);
-                return Ok(());
+                return Ok(installed_from);
             }
             let mut record = orphan.record.next_version(me, Timestamp::now());
             record.torrent = torrent;
@@ -1151,18 +1244,20 @@ impl<B: Backend> Shared<B> {
             drop(_ns);
             lock(&self.remote_replaced).remove(&ino);
             warn!(%path, "another node removed or replaced this file while it was open for writing here: the write is kept as a concurrent version");
-            return self.commit_concurrent(path, record, (&base, base_content), &orphan.record);
+            return self
+                .commit_concurrent(path, record, (&base, base_content), &orphan.record)
+                .map(|()| installed_from);
         }
         let Some((path, entry)) = self.store.get_ino(ino)? else {
             // Removed while we hashed: nothing may reference the object.
             debug!(ino, "commit: the inode is gone");
             self.gc(vec![content]);
-            return Ok(());
+            return Ok(installed_from);
         };
         let mtime = Timestamp::from(meta.modified()?);
         let r = &entry.record;
         if r.content == Some(content) && r.size == meta.len() && r.mtime == mtime {
-            return Ok(());
+            return Ok(installed_from);
         }
         let mut record = r.next_version(self.node(), Timestamp::now());
         record.torrent = match r.torrent {
@@ -1182,12 +1277,21 @@ impl<B: Backend> Shared<B> {
             let current = r.clone();
             drop(_ns);
             info!(%path, "a remote version arrived while the file was open for writing: keeping both");
-            return self.commit_concurrent(path, record, (&base, base_content), &current);
+            return self
+                .commit_concurrent(path, record, (&base, base_content), &current)
+                .map(|()| installed_from);
         }
         let released = self.write_announced(vec![Change::Put(path, Entry::new(ino, record))], 1)?;
+        drop(_ns);
+        if st.sync_on_commit {
+            // Durable before it is counted: `btfs status` may be read, and
+            // the daemon killed, the moment the counter moves.
+            self.store.flush()?;
+            st.sync_on_commit = false;
+        }
         self.gc(released);
         self.commits.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(installed_from)
     }
 
     /// Makes committed content available to other nodes: its swarm, or
@@ -1267,10 +1371,11 @@ impl<B: Backend> Shared<B> {
         if !h.writable {
             return Err(FsError::BadHandle);
         }
-        h.file
-            .as_ref()
-            .ok_or(FsError::BadHandle)?
-            .write_all_at(data, offset)?;
+        let file = h.file.as_ref().ok_or(FsError::BadHandle)?;
+        file.write_all_at(data, offset)?;
+        if h.sync_writes {
+            file.sync_data()?;
+        }
         Ok(data.len() as u32)
     }
 
@@ -1430,18 +1535,24 @@ impl<B: Backend> Shared<B> {
     fn fsync(&self, fh: Option<u64>, datasync: bool) -> Result<()> {
         if let Some(fh) = fh {
             let h = self.handle(fh)?;
-            if let (true, Some(file)) = (h.writable, &h.file) {
-                if datasync {
-                    file.sync_data()?
-                } else {
-                    file.sync_all()?
-                }
-                if let Some(cell) = self.cell(h.ino) {
-                    lock(&cell.state).sync_on_commit = true;
-                }
+            if h.writable
+                && let Some(cell) = self.cell(h.ino)
+            {
+                self.sync_staging(h.ino, &mut lock(&cell.state), datasync)?;
             }
         }
         self.store.flush()?;
+        Ok(())
+    }
+
+    /// Puts the inode's staging file on disk with a sync marker, so that its
+    /// bytes survive a crash even while the file stays open (they are
+    /// committed at the next start), and makes its next commit durable.
+    fn sync_staging(&self, ino: u64, st: &mut OpenInode, datasync: bool) -> Result<()> {
+        if let Some(staging) = &st.staging {
+            self.objects.mark_synced(&staging.path, ino, datasync)?;
+            st.sync_on_commit = true;
+        }
         Ok(())
     }
 }

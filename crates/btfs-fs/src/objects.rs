@@ -2,8 +2,15 @@
 //!
 //! `objects/<2 hex>/<64 hex>` holds committed content, named by its blake3 hash;
 //! an object is never modified after it is installed. `staging/` holds the
-//! private copies that open writers modify; it is emptied on start, so a crash
-//! before a commit leaves only the previous version behind.
+//! private copies that open writers modify.
+//!
+//! A staging file whose writer called `fsync` (or opened it `O_SYNC`/`O_DSYNC`)
+//! gets a *sync marker* beside it, `<name>.sync`, naming its inode; marker,
+//! file data and directory entries are on disk before the `fsync` returns.
+//! On start, a marked staging file is handed back for recovery (see
+//! [`ObjectStore::take_synced`]): acknowledged bytes are never dropped. Other
+//! staging files are deleted, so a crash before a commit of unsynced writes
+//! leaves the previous version behind, as a local filesystem may.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -30,20 +37,101 @@ pub struct ObjectStore {
 }
 
 impl ObjectStore {
-    /// Opens the store under `state_dir`, discarding leftover staging files.
+    /// Opens the store under `state_dir`. Leftover staging files stay until
+    /// [`take_synced`](Self::take_synced) sorts them.
     pub fn open(state_dir: &Path) -> io::Result<Self> {
         let objects = state_dir.join("objects");
         let staging = state_dir.join("staging");
         fs::create_dir_all(&objects)?;
-        if staging.exists() {
-            fs::remove_dir_all(&staging)?;
-        }
         fs::create_dir_all(&staging)?;
+        // New staging names start past every leftover one.
+        let mut next = 0;
+        for e in fs::read_dir(&staging)? {
+            let name = e?.file_name();
+            let stem = name.to_str().and_then(|n| n.split('.').next());
+            if let Some(n) = stem.and_then(|h| u64::from_str_radix(h, 16).ok()) {
+                next = next.max(n.saturating_add(1));
+            }
+        }
         Ok(Self {
             objects,
             staging,
-            counter: AtomicU64::new(0),
+            counter: AtomicU64::new(next),
         })
+    }
+
+    /// Sorts the staging files a previous run left: those with a sync marker
+    /// (their writer's `fsync` was acknowledged) are returned with the inode
+    /// the marker names, for recovery; the others, and markers whose file is
+    /// gone, are deleted. Call once, before any file is opened.
+    pub(crate) fn take_synced(&self) -> io::Result<Vec<SyncedStaging>> {
+        let mut synced = Vec::new();
+        let mut unmarked = Vec::new();
+        for e in fs::read_dir(&self.staging)? {
+            let path = e?.path();
+            match path.extension().and_then(|x| x.to_str()) {
+                Some(SYNC_MARKER) => {
+                    let file = path.with_extension("");
+                    let ino = fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok());
+                    match (file.exists(), ino) {
+                        (true, Some(ino)) => synced.push(SyncedStaging { path: file, ino }),
+                        (true, None) => synced.push(SyncedStaging {
+                            path: file,
+                            ino: NO_INODE,
+                        }),
+                        (false, _) => fs::remove_file(&path)?,
+                    }
+                }
+                _ => unmarked.push(path),
+            }
+        }
+        for path in unmarked {
+            if !synced.iter().any(|s| s.path == path) {
+                fs::remove_file(&path)?;
+            }
+        }
+        synced.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(synced)
+    }
+
+    /// Marks staging file `staging` of inode `ino` as holding acknowledged
+    /// bytes: its data, the marker and both directory entries are on disk
+    /// when this returns. A marked file is recovered after a crash.
+    pub(crate) fn mark_synced(&self, staging: &Path, ino: u64, datasync: bool) -> io::Result<()> {
+        let file = OpenOptions::new().write(true).open(staging)?;
+        if datasync {
+            file.sync_data()?;
+        } else {
+            file.sync_all()?;
+        }
+        let marker = marker_path(staging);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&marker)
+        {
+            Ok(mut m) => {
+                io::Write::write_all(&mut m, format!("{ino}\n").as_bytes())?;
+                m.sync_all()?;
+                File::open(&self.staging)?.sync_all()
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes a staging file that is no longer needed, and its marker.
+    pub(crate) fn discard_staging(&self, staging: &Path) -> io::Result<()> {
+        for p in [staging.to_path_buf(), marker_path(staging)] {
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     pub fn object_path(&self, c: &ContentId) -> PathBuf {
@@ -129,17 +217,29 @@ impl ObjectStore {
 
     /// Moves a finished staging file into place as object `c` (or drops it if
     /// that content is already stored). `durable`: the object's data and
-    /// name are on disk when this returns.
+    /// name are on disk when this returns, and the staging file stays (as a
+    /// second name of the object) with its sync marker, so that a crash
+    /// before the record is durable still finds it: the caller discards it
+    /// ([`discard_staging`](Self::discard_staging)) once the record is.
     pub(crate) fn install(&self, staging: &Path, c: &ContentId, durable: bool) -> io::Result<()> {
         let dest = self.object_path(c);
+        let place = |dest: &Path| {
+            if durable {
+                fs::hard_link(staging, dest)
+            } else {
+                fs::rename(staging, dest)
+            }
+        };
         if dest.exists() {
-            fs::remove_file(staging)?;
-        } else if let Err(e) = fs::rename(staging, &dest) {
+            if !durable {
+                fs::remove_file(staging)?;
+            }
+        } else if let Err(e) = place(&dest) {
             if e.kind() != io::ErrorKind::NotFound {
                 return Err(e);
             }
             self.create_fan_out(&dest, durable)?;
-            fs::rename(staging, &dest)?;
+            place(&dest)?;
         }
         if durable { make_durable(&dest) } else { Ok(()) }
     }
@@ -187,8 +287,10 @@ impl ObjectStore {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let dest = dir.join(format!("{secs}-inode{ino}"));
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let dest = dir.join(format!("{secs}-inode{ino}-{n}"));
         fs::rename(staging, &dest)?;
+        self.discard_staging(staging)?;
         Ok(dest)
     }
 
@@ -200,8 +302,17 @@ impl ObjectStore {
         }
     }
 
-    /// Deletes every object that `referenced` rejects; returns how many.
+    /// Where [`sweep`](Self::sweep) puts objects that no record references.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.objects.with_file_name("quarantine")
+    }
+
+    /// Moves every object that `referenced` rejects to
+    /// [`quarantine_dir`](Self::quarantine_dir), never deleting it: a lost or
+    /// replaced metadata database must not wipe content that may exist
+    /// nowhere else. Returns how many were moved.
     pub fn sweep(&self, referenced: impl Fn(&ContentId) -> bool) -> io::Result<usize> {
+        let quarantine = self.quarantine_dir();
         let mut removed = 0;
         for fan in fs::read_dir(&self.objects)? {
             let fan = fan?;
@@ -216,13 +327,34 @@ impl ObjectStore {
                     .and_then(|n| ContentId::from_hex(n).ok())
                     .is_some_and(|c| referenced(&c));
                 if !keep {
-                    fs::remove_file(obj.path())?;
+                    if removed == 0 {
+                        fs::create_dir_all(&quarantine)?;
+                    }
+                    fs::rename(obj.path(), quarantine.join(obj.file_name()))?;
                     removed += 1;
                 }
             }
         }
         Ok(removed)
     }
+}
+
+/// The extension of a sync marker.
+const SYNC_MARKER: &str = "sync";
+/// The inode of a marker that could not be read: recovered into `rescued/`.
+pub(crate) const NO_INODE: u64 = 0;
+
+fn marker_path(staging: &Path) -> PathBuf {
+    staging.with_extension(SYNC_MARKER)
+}
+
+/// A staging file left by a previous run whose writer's `fsync` was
+/// acknowledged: its bytes must be committed or kept, never dropped.
+#[derive(Debug)]
+pub(crate) struct SyncedStaging {
+    pub(crate) path: PathBuf,
+    /// The inode whose writer synced it ([`NO_INODE`] if unknown).
+    pub(crate) ino: u64,
 }
 
 /// Files up to this size are hashed on the calling thread from one read;
@@ -269,7 +401,7 @@ mod tests {
         // Copy-on-write staging from the object, then the same content again.
         let copy = store.new_staging(Some(&c)).unwrap();
         assert_eq!(fs::read(&copy.path).unwrap(), b"hello");
-        store.install(&copy.path, &c, true).unwrap();
+        store.install(&copy.path, &c, false).unwrap();
         assert!(!copy.path.exists(), "duplicate staging is dropped");
 
         // Durable installs, by rename and by copy, give the same objects.
@@ -291,6 +423,11 @@ mod tests {
         assert_eq!(store.sweep(|_| false).unwrap(), 1);
         assert!(!store.object_path(&c).exists());
         assert_eq!(
+            fs::read(store.quarantine_dir().join(c.to_hex())).unwrap(),
+            b"hello",
+            "an unreferenced object is kept aside, not deleted"
+        );
+        assert_eq!(
             store
                 .open_object(&ContentId::empty())
                 .unwrap()
@@ -302,12 +439,41 @@ mod tests {
     }
 
     #[test]
-    fn reopening_discards_staging() {
+    fn reopening_discards_unsynced_staging_and_hands_back_synced_staging() {
         let dir = tempfile::tempdir().unwrap();
         let store = ObjectStore::open(dir.path()).unwrap();
-        let s = store.new_staging(None).unwrap();
+        let plain = store.new_staging(None).unwrap();
+        let synced = store.new_staging(None).unwrap();
+        (&*synced.file).write_all(b"acknowledged").unwrap();
+        store.mark_synced(&synced.path, 42, true).unwrap();
+        store.mark_synced(&synced.path, 42, false).unwrap();
+        // A marker whose file went (installed and discarded half-way).
+        let gone = store.new_staging(None).unwrap();
+        store.mark_synced(&gone.path, 7, true).unwrap();
+        fs::remove_file(&gone.path).unwrap();
         drop(store);
-        ObjectStore::open(dir.path()).unwrap();
-        assert!(!s.path.exists());
+
+        let store = ObjectStore::open(dir.path()).unwrap();
+        let left = store.take_synced().unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            (left[0].path.clone(), left[0].ino),
+            (synced.path.clone(), 42)
+        );
+        assert_eq!(fs::read(&left[0].path).unwrap(), b"acknowledged");
+        assert!(!plain.path.exists());
+        assert!(!marker_path(&gone.path).exists());
+        // New staging files never reuse a leftover's name.
+        let fresh = store.new_staging(None).unwrap();
+        assert!(fresh.path != synced.path && fresh.path != plain.path);
+
+        // A durable install keeps the staging file until it is discarded.
+        let c = hash_file(&synced.path, 12).unwrap();
+        store.install(&synced.path, &c, true).unwrap();
+        assert!(synced.path.exists() && store.object_path(&c).exists());
+        store.discard_staging(&synced.path).unwrap();
+        assert!(!synced.path.exists() && !marker_path(&synced.path).exists());
+        assert_eq!(fs::read(store.object_path(&c)).unwrap(), b"acknowledged");
+        assert!(store.take_synced().unwrap().is_empty());
     }
 }

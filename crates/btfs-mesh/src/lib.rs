@@ -20,6 +20,9 @@
 
 pub mod wire;
 
+/// Mesh addresses, as `MeshConfig` takes them.
+pub use libp2p::Multiaddr;
+
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
@@ -29,7 +32,7 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, allow_block_list,
+    PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, allow_block_list,
     core::upgrade::Version,
     gossipsub, identify,
     identity::Keypair,

@@ -3,9 +3,11 @@
 //!
 //! Streams inside the mesh connection pay for the pre-shared key's XSalsa20
 //! on every byte, on top of noise. A direct wire is a TCP connection of its
-//! own, secured by a noise XX handshake (`snow`) bound to the cluster through
-//! its prologue: a value derived from the pre-shared key, so a peer without
-//! the key cannot complete it. Each side proves its libp2p identity by
+//! own, secured by a noise XX handshake (`snow`) bound to the cluster by a
+//! value derived from the pre-shared key, mixed in as the noise `psk0` and
+//! as the prologue: every handshake key depends on it, so a peer without
+//! the cluster key can neither complete the handshake nor read anything the
+//! responder sends, not even which member it is. Each side proves its libp2p identity by
 //! signing its noise static key with it, as libp2p's noise does, so the
 //! caller knows which member is at the other end and admits only the
 //! members it is connected to through the mesh.
@@ -26,11 +28,12 @@
 //! # Protocol
 //!
 //! Every message, handshake or not, is a big-endian `u16` length and that
-//! many bytes. The handshake is `Noise_XX_25519_AESGCM_SHA256` with the
-//! cluster prologue; the static keys are fresh for each process.
+//! many bytes. The handshake is `Noise_XXpsk0_25519_AESGCM_SHA256` with the
+//! cluster value as psk and prologue; the static keys are fresh for each
+//! process.
 //!
 //! ```text
-//! -> e
+//! -> psk, e
 //! <- e, ee, s, es, {proof of the responder}
 //! -> s, se, {proof of the initiator}
 //! ```
@@ -53,7 +56,7 @@ use libp2p::{
 use ring::aead;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-const PARAMS: &str = "Noise_XX_25519_AESGCM_SHA256";
+const PARAMS: &str = "Noise_XXpsk0_25519_AESGCM_SHA256";
 /// What a proof signs, before the static key.
 const PROOF_CONTEXT: &[u8] = b"btfs-wire-static-key:";
 /// The largest message, noise's limit.
@@ -76,8 +79,9 @@ const SEND_AT_ONCE: usize = 64 << 10;
 /// sealed frames go first.
 const MIN_READ: usize = (16 << 10) + 13;
 
-/// The noise prologue of a cluster's direct wires: derived from the cluster
-/// name and the pre-shared key (its text form), never the key itself.
+/// The noise prologue and psk of a cluster's direct wires (32 bytes):
+/// derived from the cluster name and the pre-shared key (its text form),
+/// never the key itself.
 pub fn prologue(cluster: &str, psk_text: &str) -> Vec<u8> {
     let mut h = blake3::Hasher::new_derive_key("btfs 1 direct peer wire prologue");
     h.update(&(cluster.len() as u64).to_le_bytes());
@@ -162,6 +166,13 @@ fn start(
         .local_private_key(&statik.private)
         .map_err(refused)?
         .prologue(prologue)
+        .map_err(refused)?
+        .psk(
+            0,
+            prologue
+                .try_into()
+                .map_err(|_| refused("the cluster value is not 32 bytes"))?,
+        )
         .map_err(refused)?;
     let hs = if initiator {
         builder.build_initiator()
@@ -845,14 +856,14 @@ mod tests {
     #[tokio::test]
     async fn a_proof_must_sign_the_noise_key_of_the_handshake() {
         let (me, other) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let (hs, _) = start(&me, b"p", true).unwrap();
+        let (hs, _) = start(&me, &prologue("c", "key"), true).unwrap();
         // Not yet known: the other end's static key.
-        let (_, proof) = start(&other, b"p", false).unwrap();
+        let (_, proof) = start(&other, &prologue("c", "key"), false).unwrap();
         assert!(verify(&hs, &proof).is_err());
         // A proof of a key that is not the one the handshake used.
-        let (mut i, _) = start(&me, b"p", true).unwrap();
-        let (mut r, _) = start(&other, b"p", false).unwrap();
-        let (_, foreign) = start(&other, b"p", false).unwrap();
+        let (mut i, _) = start(&me, &prologue("c", "key"), true).unwrap();
+        let (mut r, _) = start(&other, &prologue("c", "key"), false).unwrap();
+        let (_, foreign) = start(&other, &prologue("c", "key"), false).unwrap();
         let (mut m, mut p) = (vec![0u8; MAX_MESSAGE], vec![0u8; MAX_MESSAGE]);
         let n = i.write_message(&[], &mut m).unwrap();
         r.read_message(&m[..n], &mut p).unwrap();
@@ -975,8 +986,8 @@ mod tests {
     #[test]
     fn frames_are_the_ones_snow_would_make() {
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let (mut i, _) = start(&a, b"p", true).unwrap();
-        let (mut r, _) = start(&b, b"p", false).unwrap();
+        let (mut i, _) = start(&a, &prologue("c", "key"), true).unwrap();
+        let (mut r, _) = start(&b, &prologue("c", "key"), false).unwrap();
         let (mut m, mut p) = (vec![0u8; MAX_MESSAGE], vec![0u8; MAX_MESSAGE]);
         let n = i.write_message(&[], &mut m).unwrap();
         r.read_message(&m[..n], &mut p).unwrap();

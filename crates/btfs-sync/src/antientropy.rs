@@ -13,16 +13,39 @@
 //! themselves are checked by the caller ([`SignedRecord::verify`]) before they
 //! are stored. Nothing here does IO: [`answer`] and [`Progress::on_response`]
 //! are plain functions over a [`Log`].
+//!
+//! What a peer decides, and its bound:
+//! * in a request: the index (any value: a mismatch means a full resync) and
+//!   the sequence number (beyond our newest: a full resync); the answer is
+//!   one page at most whatever they say;
+//! * in a response: the bytes ([`MAX_RESPONSE`], checked before decoding by
+//!   [`SyncResponse::decode`]); the records' number
+//!   ([`MAX_RESPONSE_RECORDS`]: a page, plus one path's versions) and each
+//!   record's encoding ([`MAX_RECORD`], as gossip; [`SignedRecord::verify`]
+//!   checks it too); the records themselves (verified by the caller); the
+//!   numbers `from`, `upto`, `max` (checked against each other by
+//!   [`Progress::on_response`]; they only steer what we ask that same peer).
+//!
+//! [`MAX_RECORD`]: crate::MAX_RECORD
 
+use btfs_core::MAX_VERSIONS;
 use serde::{Deserialize, Serialize};
 
-use crate::SignedRecord;
+use crate::{MAX_RECORD, SignedRecord, WireError, wire::decode_exact};
 
 /// Records per response page.
 pub const PAGE_RECORDS: usize = 2_000;
 /// Bytes of records per response page: well below request-response's 10 MiB
 /// cap, which truncates larger answers instead of refusing them.
 pub const PAGE_BYTES: usize = 4 << 20;
+/// Records one response carries at most: a page, and the versions of the
+/// path that completes it (a path's versions travel together).
+pub const MAX_RESPONSE_RECORDS: usize = PAGE_RECORDS + MAX_VERSIONS;
+/// Largest encoded response: a page of records (a path's versions, at most
+/// `MAX_VERSIONS * MAX_RECORD`, fit in one page) and the numbers around it.
+pub const MAX_RESPONSE: usize = PAGE_BYTES + 64;
+
+const _: () = assert!(MAX_VERSIONS * MAX_RECORD <= PAGE_BYTES);
 
 /// A node's numbered record log.
 pub trait Log {
@@ -64,6 +87,35 @@ impl SyncResponse {
     pub fn complete(&self) -> bool {
         self.upto >= self.max
     }
+
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let bytes = postcard::to_allocvec(self).map_err(|e| WireError::Malformed(e.to_string()))?;
+        if bytes.len() > MAX_RESPONSE {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a peer's response: at most [`MAX_RESPONSE`] bytes, at most
+    /// [`MAX_RESPONSE_RECORDS`] records, each encoded in at most
+    /// [`MAX_RECORD`] bytes (the gossip limit). A response that breaks one is
+    /// refused whole; the records still need [`SignedRecord::verify`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() > MAX_RESPONSE {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
+        let resp: Self = decode_exact(bytes)?;
+        if resp.records.len() > MAX_RESPONSE_RECORDS {
+            return Err(WireError::Malformed(format!(
+                "a sync response with {} records (at most {MAX_RESPONSE_RECORDS})",
+                resp.records.len()
+            )));
+        }
+        for r in &resp.records {
+            r.encode()?;
+        }
+        Ok(resp)
+    }
 }
 
 /// Answers a request from `log`, one page at a time.
@@ -79,16 +131,22 @@ pub fn answer(log: &impl Log, req: &SyncRequest) -> SyncResponse {
     let mut bytes = 0;
     let mut upto = from;
     for (seq, group) in log.since(from, PAGE_RECORDS) {
-        let size: usize = group
-            .iter()
-            .map(|r| r.encode().map_or(usize::MAX / 4, |b| b.len()))
-            .sum();
+        // What a peer would refuse is not sent: records over the size limit,
+        // versions of one path beyond the cap (the newest-ranked are kept:
+        // a log lists them in `Versions` order).
+        let sized: Vec<(SignedRecord, usize)> = group
+            .into_iter()
+            .filter_map(|r| r.encode().ok().map(|b| (r, b.len())))
+            .collect();
+        let skip = sized.len().saturating_sub(MAX_VERSIONS);
+        let group: Vec<(SignedRecord, usize)> = sized.into_iter().skip(skip).collect();
+        let size: usize = group.iter().map(|(_, n)| n).sum();
         if !records.is_empty() && (bytes + size > PAGE_BYTES || records.len() >= PAGE_RECORDS) {
             break;
         }
-        bytes = bytes.saturating_add(size);
+        bytes += size;
         upto = seq;
-        records.extend(group);
+        records.extend(group.into_iter().map(|(r, _)| r));
     }
     SyncResponse {
         index,
@@ -130,7 +188,7 @@ impl Progress {
         let consistent = resp.from <= resp.upto
             && resp.upto <= resp.max
             && (resp.records.is_empty() || resp.upto > resp.from)
-            && resp.records.len() <= 2 * PAGE_RECORDS;
+            && resp.records.len() <= MAX_RESPONSE_RECORDS;
         if !consistent {
             *self = Progress::default();
             return Next::Done;
@@ -350,5 +408,201 @@ mod tests {
         };
         assert_eq!(progress.on_response(&bogus), Next::Done);
         assert_eq!(progress, Progress::default());
+    }
+
+    /// A log whose every number carries the given groups.
+    struct Groups(Vec<Vec<SignedRecord>>);
+
+    impl Log for Groups {
+        fn index_id(&self) -> u64 {
+            7
+        }
+        fn max_seq(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn since(&self, since: u64, limit: usize) -> Vec<(u64, Vec<SignedRecord>)> {
+            (since.min(self.0.len() as u64)..self.0.len() as u64)
+                .take(limit)
+                .map(|i| (i + 1, self.0[i as usize].clone()))
+                .collect()
+        }
+    }
+
+    fn signed(seed: u8, path: &str, k: u64, target_len: usize) -> SignedRecord {
+        let key = Keypair::ed25519_from_bytes([seed; 32]).unwrap();
+        let id = node_id(&key).unwrap();
+        let owner = Owner {
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+        };
+        let t = Timestamp { secs: 1, nanos: 0 };
+        let mut r = FileRecord::new_symlink("t".repeat(target_len), owner, id, t);
+        for _ in 1..k {
+            r.version.increment(id);
+        }
+        SignedRecord::sign("c", RelPath::parse(path).unwrap(), r, &key).unwrap()
+    }
+
+    #[test]
+    fn anti_entropy_refuses_records_over_the_size_limit() {
+        let good = signed(1, "f", 1, 1);
+        let mut big = good.clone();
+        big.signature.resize(MAX_RECORD + 1, 0);
+        let resp = SyncResponse {
+            index: 1,
+            from: 0,
+            upto: 2,
+            max: 2,
+            records: vec![good.clone(), big.clone()],
+        };
+        let bytes = postcard::to_allocvec(&resp).unwrap();
+        assert!(matches!(
+            SyncResponse::decode(&bytes),
+            Err(WireError::TooLarge(n)) if n > MAX_RECORD
+        ));
+        // Were it decoded anyway, verification refuses it too.
+        assert!(matches!(
+            big.verify("c", |_| true),
+            Err(WireError::TooLarge(_))
+        ));
+        // An answering node does not send such a record.
+        let log = Groups(vec![vec![big], vec![good.clone()]]);
+        let page = answer(
+            &log,
+            &SyncRequest {
+                index: None,
+                since: 0,
+            },
+        );
+        assert_eq!((page.records, page.upto), (vec![good], 2));
+    }
+
+    #[test]
+    fn a_response_with_too_many_records_is_refused() {
+        let r = signed(1, "f", 1, 1);
+        let resp = SyncResponse {
+            index: 1,
+            from: 0,
+            upto: 1,
+            max: 1,
+            records: vec![r; MAX_RESPONSE_RECORDS + 1],
+        };
+        let bytes = postcard::to_allocvec(&resp).unwrap();
+        assert!(bytes.len() <= MAX_RESPONSE);
+        assert!(matches!(
+            SyncResponse::decode(&bytes),
+            Err(WireError::Malformed(_))
+        ));
+        let mut progress = Progress {
+            index: Some(1),
+            received: 0,
+        };
+        assert_eq!(progress.on_response(&resp), Next::Done);
+        assert_eq!(progress, Progress::default());
+    }
+
+    #[test]
+    fn a_response_over_the_byte_limit_is_refused_before_decoding() {
+        let bytes = vec![0; MAX_RESPONSE + 1];
+        assert_eq!(
+            SyncResponse::decode(&bytes),
+            Err(WireError::TooLarge(MAX_RESPONSE + 1))
+        );
+        // A length prefix claiming more records than the bytes hold fails
+        // (serde preallocates at most 1 MiB for it, postcard reads no further).
+        let mut lying = postcard::to_allocvec(&(1u64, 0u64, 1u64, 1u64)).unwrap();
+        lying.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(SyncResponse::decode(&lying).is_err());
+    }
+
+    #[test]
+    fn answers_send_at_most_max_versions_of_a_path_and_fit_the_limits() {
+        // One path with more versions than the cap, then many large records.
+        let flood: Vec<SignedRecord> = (1..=MAX_VERSIONS as u64 + 10)
+            .map(|k| signed(1, "f", k, 1))
+            .collect();
+        let mut groups = vec![flood.clone()];
+        for i in 0..1_100 {
+            groups.push(vec![signed(
+                2,
+                &format!("p{i}/{}", "n".repeat(200)),
+                1,
+                4_000,
+            )]);
+        }
+        let log = Groups(groups);
+        let mut req = SyncRequest {
+            index: None,
+            since: 0,
+        };
+        let mut progress = Progress::default();
+        let mut pages = 0;
+        loop {
+            let page = answer(&log, &req);
+            let bytes = page.encode().unwrap();
+            let back = SyncResponse::decode(&bytes).unwrap();
+            assert_eq!(back, page);
+            if pages == 0 {
+                assert_eq!(
+                    &page.records[..MAX_VERSIONS],
+                    &flood[10..],
+                    "the last (highest-ranked) versions of the path"
+                );
+            }
+            pages += 1;
+            match progress.on_response(&back) {
+                Next::Continue(next) => req = next,
+                Next::Done => break,
+            }
+        }
+        assert!(pages > 1, "the byte limit splits the log into pages");
+        assert_eq!(progress.received, 1_101);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn decoding_arbitrary_responses_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            if let Ok(resp) = SyncResponse::decode(&bytes) {
+                for r in &resp.records {
+                    let _ = r.verify("c", |_| true);
+                }
+                let _ = Progress::default().on_response(&resp);
+            }
+        }
+
+        #[test]
+        fn decoding_mutated_responses_never_panics(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        ) {
+            let resp = SyncResponse {
+                index: 3,
+                from: 1,
+                upto: 3,
+                max: 9,
+                records: vec![signed(1, "a/b", 2, 3), signed(2, "c", 1, 5)],
+            };
+            let mut bytes = resp.encode().unwrap();
+            for (at, b) in edits {
+                let i = at % bytes.len();
+                bytes[i] = b;
+            }
+            if let Ok(resp) = SyncResponse::decode(&bytes) {
+                for r in &resp.records {
+                    let _ = r.verify("c", |_| true);
+                }
+                let _ = Progress::default().on_response(&resp);
+            }
+        }
+
+        #[test]
+        fn any_request_gets_a_bounded_answer(index in proptest::option::of(0u64..10), since in any::<u64>()) {
+            let log = Groups((0..5).map(|i| vec![signed(1, &format!("f{i}"), 1, 1)]).collect());
+            let resp = answer(&log, &SyncRequest { index, since });
+            prop_assert!(resp.from <= resp.upto && resp.upto <= resp.max);
+            prop_assert!(SyncResponse::decode(&resp.encode().unwrap()).is_ok());
+        }
     }
 }

@@ -100,6 +100,9 @@ const STALL_BLOCKS: u64 = 4;
 /// Prefetches waiting for a worker; more are dropped with a log line (the
 /// file is still fetched when it is first read).
 const PREFETCH_QUEUE: usize = 4096;
+/// Torrents being brought up for members' metainfo requests at once; more
+/// requests meanwhile bring none up (a member decides how many it sends).
+const MAX_WARMING: usize = 8;
 /// librqbit's outgoing connections waiting to get an unpaced congestion
 /// control; more keep the system's (see `congestion`).
 const UNPACE_QUEUE: usize = 64;
@@ -351,8 +354,10 @@ impl Live {
     }
 
     fn pieces_of(&self, offset: u64, end: u64) -> std::ops::Range<usize> {
-        let pl = u64::from(self.meta.piece_length);
-        (offset / pl) as usize..end.div_ceil(pl) as usize
+        // Never 0 (`add` checks the metainfo); guarded all the same.
+        let pl = u64::from(self.meta.piece_length.max(1));
+        let index = |p: u64| usize::try_from(p).unwrap_or(usize::MAX);
+        index(offset / pl)..index(end.div_ceil(pl))
     }
 
     /// Whether pieces `r` are verified here: known from earlier reads, or
@@ -431,6 +436,12 @@ pub struct Status {
     pub live_torrents: usize,
     /// (content, member) pairs that members announced holding.
     pub known_holdings: usize,
+    /// Members' metainfo requests that brought no torrent up because
+    /// [`MAX_WARMING`] were being brought up already.
+    pub warm_refused: u64,
+    /// Metainfo from members that failed its checks (bounds, info hash,
+    /// content, size).
+    pub metainfo_refused: u64,
     pub fetches: Vec<FetchStatus>,
 }
 
@@ -457,6 +468,12 @@ pub struct Engine {
     prefetch_tx: mpsc::Sender<Wanted>,
     retired_down: AtomicU64,
     retired_up: AtomicU64,
+    /// Slots for [`warm`](Engine::warm) tasks (see [`MAX_WARMING`]).
+    warming: Arc<tokio::sync::Semaphore>,
+    /// Warm requests refused for want of a slot.
+    warm_refused: AtomicU64,
+    /// Metainfo from members that failed its checks.
+    metainfo_refused: AtomicU64,
     cancel: CancellationToken,
 }
 
@@ -653,6 +670,9 @@ impl Engine {
             prefetch_tx,
             retired_down: AtomicU64::new(0),
             retired_up: AtomicU64::new(0),
+            warming: Arc::new(tokio::sync::Semaphore::new(MAX_WARMING)),
+            warm_refused: AtomicU64::new(0),
+            metainfo_refused: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             cfg,
         });
@@ -719,26 +739,25 @@ impl Engine {
     /// The `.torrent` of a file: kept here, or asked from members.
     pub async fn metainfo(&self, want: &Wanted) -> Result<Arc<Metainfo>, TorrentError> {
         let path = self.torrent_path(&want.torrent);
+        // Checked in full (bounds, info hash, content and size) before it is
+        // kept: a member's bytes are hostile until then.
         let meta = match fs::read(&path) {
-            Ok(bytes) => Metainfo::parse(bytes, &want.torrent)?,
+            Ok(bytes) => Metainfo::parse_wanted(bytes, want)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let bytes = self
                     .net
                     .metainfo(want.torrent, self.net.member_of(&want.author))
                     .await
                     .ok_or(TorrentError::NoMetainfo(want.torrent))?;
-                let meta = Metainfo::parse(bytes, &want.torrent)?;
+                let meta = Metainfo::parse_wanted(bytes, want).inspect_err(|e| {
+                    self.metainfo_refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(path = %want.path, torrent = %want.torrent, "refused a member's metainfo: {e}");
+                })?;
                 write_atomic(&path, &meta.bytes)?;
                 meta
             }
             Err(e) => return Err(e.into()),
         };
-        if meta.content != want.content || meta.size != want.size {
-            return Err(TorrentError::BadMetainfo(format!(
-                "torrent {} carries {} ({} bytes), not {} ({} bytes)",
-                want.torrent, meta.content, meta.size, want.content, want.size
-            )));
-        }
         Ok(Arc::new(meta))
     }
 
@@ -803,11 +822,15 @@ impl Engine {
         // Fastresume: librqbit loads `<infohash>.bitv` and spot-checks it.
         let bitv = self.cfg.dir.join("session").join(format!("{ih}.bitv"));
         let resume = self.cfg.dir.join("resume").join(format!("{ih}.bitv"));
-        let bytes = meta.pieces().div_ceil(8) as usize;
-        let mut have = vec![false; meta.pieces() as usize];
+        // Bounded (`MAX_PIECES`) and nonzero piece length, checked again
+        // here before anything is allocated per piece.
+        let pieces = meta.piece_count()?;
+        let bytes = pieces.div_ceil(8);
+        let mut have = vec![false; pieces];
         if complete {
             let mut bits = vec![0xffu8; bytes];
-            let extra = (bytes as u64 * 8 - meta.pieces()) as u32;
+            // Below 8: `bytes * 8` is the piece count rounded up to 8.
+            let extra = (bytes * 8 - pieces) as u32;
             if let Some(last) = bits.last_mut() {
                 *last = 0xffu8.checked_shl(extra).unwrap_or(0);
             }
@@ -1608,8 +1631,18 @@ impl Engine {
     /// A member asked for the metainfo of `ih`: it is about to connect for
     /// pieces, so the torrent is brought up now if this node holds them.
     pub fn warm(self: &Arc<Self>, ih: InfoHash, from: String) {
+        if lock(&self.live).contains_key(&ih) {
+            return;
+        }
+        let Ok(slot) = self.warming.clone().try_acquire_owned() else {
+            if self.warm_refused.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                warn!(%ih, "{MAX_WARMING} torrents are being brought up for members' requests already: not this one");
+            }
+            return;
+        };
         let this = self.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Some(l) = this.held(ih, &from).await {
                 l.touch();
             }
@@ -1738,6 +1771,8 @@ impl Engine {
             bytes_uploaded: self.retired_up.load(Ordering::Relaxed),
             live_torrents: live.len(),
             known_holdings: lock(&self.holders).count(),
+            warm_refused: self.warm_refused.load(Ordering::Relaxed),
+            metainfo_refused: self.metainfo_refused.load(Ordering::Relaxed),
             fetches: Vec::new(),
         };
         for l in live {

@@ -21,7 +21,7 @@ pub mod meta;
 
 use std::io;
 
-use btfs_core::InfoHash;
+use btfs_core::{ContentId, InfoHash};
 
 pub use bridge::{BoxIo, Cidr, PeerIo, QuickAck, RelayFuture};
 pub use engine::{Engine, EngineConfig, FetchStatus, Network, ObjectPath, Status};
@@ -36,6 +36,44 @@ pub enum TorrentError {
     SizeChanged { expected: u64, found: u64 },
     #[error("invalid metainfo: {0}")]
     BadMetainfo(String),
+    #[error("invalid metainfo: {len} bytes, over the {max}-byte bound")]
+    MetainfoTooLarge { len: usize, max: usize },
+    #[error("invalid metainfo: info hash {found}, not the {expected} asked for")]
+    WrongInfoHash { expected: InfoHash, found: InfoHash },
+    #[error("invalid metainfo: a `files` list (only single-file torrents are accepted)")]
+    MultiFile,
+    #[error("invalid metainfo: no `length`")]
+    MissingLength,
+    #[error("invalid metainfo: `length` {length} is not within 1..={max}")]
+    LengthOutOfBounds { length: u64, max: u64 },
+    #[error("invalid metainfo: `piece length` {found} is not a power of two within {min}..={max}")]
+    BadPieceLength { found: u32, min: u32, max: u32 },
+    #[error("invalid metainfo: {pieces} pieces, over the bound of {max}")]
+    TooManyPieces { pieces: u64, max: u64 },
+    #[error("invalid metainfo: `pieces` is {len} bytes, not a multiple of 20")]
+    PiecesNotMultipleOf20 { len: usize },
+    #[error(
+        "invalid metainfo: `pieces` holds {found} hashes, `length` and `piece length` make {expected} pieces"
+    )]
+    PieceCountMismatch { found: u64, expected: u64 },
+    #[error("invalid metainfo: `name` is not a content id (64 lowercase hex digits)")]
+    BadName,
+    #[error("invalid metainfo: the info dictionary has `{0}`, which btfs torrents do not have")]
+    UnexpectedInfoField(&'static str),
+    #[error("invalid metainfo: the info dictionary is not `private`")]
+    NotPrivate,
+    #[error(
+        "invalid metainfo: the info dictionary has keys or an encoding btfs torrents do not have"
+    )]
+    NonCanonicalInfo,
+    #[error("torrent {torrent} carries {found} ({found_size} bytes), not {content} ({size} bytes)")]
+    WrongContent {
+        torrent: InfoHash,
+        found: ContentId,
+        found_size: u64,
+        content: ContentId,
+        size: u64,
+    },
     #[error("encoding metainfo: {0}")]
     Encode(String),
     #[error("no member sent the metainfo of torrent {0}")]

@@ -10,8 +10,8 @@
 
 use std::{fs::File, path::Path, thread};
 
-use btfs_core::{ContentId, InfoHash};
-use librqbit::{ByteBufOwned, TorrentMetaV1Info, TorrentMetaV1Owned, torrent_from_bytes};
+use btfs_core::{ContentId, InfoHash, Wanted};
+use librqbit::{ByteBufOwned, TorrentMetaV1, TorrentMetaV1Info, torrent_from_bytes};
 use librqbit_bencode::{WithRawBytes, bencode_serialize_to_writer};
 use librqbit_core::hash_id::Id20;
 use librqbit_sha1_wrapper::{self as sha1w, ISha1};
@@ -24,6 +24,14 @@ pub const MIN_PIECE: u32 = 256 << 10;
 pub const MAX_PIECE: u32 = 4 << 20;
 /// Pieces a torrent aims at (more only for files over 8 GiB).
 pub const TARGET_PIECES: u64 = 2000;
+/// Largest content a torrent may carry (16 TiB).
+pub const MAX_SIZE: u64 = 16 << 40;
+/// Most pieces a torrent may have: `MAX_SIZE` in `MAX_PIECE` pieces, what
+/// `piece_length` gives for the largest content.
+pub const MAX_PIECES: u64 = MAX_SIZE / MAX_PIECE as u64;
+/// Largest `.torrent` accepted, checked before it is decoded: a hash per
+/// piece for `MAX_PIECES` pieces and room for the rest of the dictionaries.
+pub const MAX_METAINFO_BYTES: usize = MAX_PIECES as usize * 20 + (64 << 10);
 
 /// The piece length for content of `size` bytes: the power of two between
 /// `MIN_PIECE` and `MAX_PIECE` that gives the number of pieces nearest to
@@ -65,6 +73,12 @@ impl Metainfo {
         if size == 0 {
             return Err(TorrentError::Empty);
         }
+        if size > MAX_SIZE {
+            return Err(TorrentError::LengthOutOfBounds {
+                length: size,
+                max: MAX_SIZE,
+            });
+        }
         let piece_length = piece_length(size);
         let pieces = hash_pieces(file, size, piece_length, threads)?;
         let info = TorrentMetaV1Info::<ByteBufOwned> {
@@ -83,23 +97,11 @@ impl Metainfo {
         let mut raw = Vec::new();
         bencode_serialize_to_writer(&info, &mut raw).map_err(TorrentError::encode)?;
         let id = Id20::new(sha1(&raw));
-        let meta = TorrentMetaV1Owned {
-            announce: None,
-            announce_list: vec![],
-            info: WithRawBytes {
-                data: info,
-                raw_bytes: ByteBufOwned::from(raw),
-            },
-            comment: None,
-            created_by: Some(b"btfs"[..].into()),
-            encoding: None,
-            publisher: None,
-            publisher_url: None,
-            creation_date: None,
-            info_hash: id,
+        let info = WithRawBytes {
+            data: info,
+            raw_bytes: ByteBufOwned::from(raw),
         };
-        let mut bytes = Vec::new();
-        bencode_serialize_to_writer(&meta, &mut bytes).map_err(TorrentError::encode)?;
+        let bytes = encode(info, id)?;
         Ok(Self {
             info_hash: InfoHash(id.0),
             bytes,
@@ -109,42 +111,178 @@ impl Metainfo {
         })
     }
 
-    /// Parses a `.torrent` received from another node and checks that it is
-    /// the torrent of `expected` (its info hash) and of `content`.
+    /// Parses a `.torrent` received from another node (or kept here) and
+    /// checks that it is the torrent of `expected` (its info hash) and a
+    /// torrent btfs could have made: one file named by its content id, a
+    /// bounded size, a power-of-two piece length within `MIN_PIECE..=
+    /// MAX_PIECE`, exactly one hash per piece and a canonical, private info
+    /// dictionary. The bytes are bounded (`MAX_METAINFO_BYTES`) before they
+    /// are decoded. Fields outside the info dictionary (trackers, comments)
+    /// are dropped: the result's `bytes` are encoded here, as `build` does.
     pub fn parse(bytes: Vec<u8>, expected: &InfoHash) -> Result<Self, TorrentError> {
-        let t = torrent_from_bytes(&bytes).map_err(|e| TorrentError::BadMetainfo(e.to_string()))?;
-        if t.info_hash.0 != expected.0 {
-            return Err(TorrentError::BadMetainfo(format!(
-                "info hash {} is not the one asked for ({expected})",
-                hex::encode(t.info_hash.0)
-            )));
+        if bytes.len() > MAX_METAINFO_BYTES {
+            return Err(TorrentError::MetainfoTooLarge {
+                len: bytes.len(),
+                max: MAX_METAINFO_BYTES,
+            });
         }
-        let info = &t.info.data;
-        let name = info
-            .name
-            .as_ref()
-            .and_then(|n| std::str::from_utf8(n.as_ref()).ok())
-            .and_then(|n| ContentId::from_hex(n).ok())
-            .ok_or_else(|| TorrentError::BadMetainfo("name is not a content id".into()))?;
-        let (Some(size), None) = (info.length, &info.files) else {
-            return Err(TorrentError::BadMetainfo(
-                "not a single-file torrent".into(),
-            ));
-        };
-        let piece_length = info.piece_length;
+        let t = torrent_from_bytes(&bytes).map_err(|e| TorrentError::BadMetainfo(e.to_string()))?;
+        let found = InfoHash(t.info_hash.0);
+        if found != *expected {
+            return Err(TorrentError::WrongInfoHash {
+                expected: *expected,
+                found,
+            });
+        }
+        let (content, size, piece_length) = check_info(&t.info.data)?;
+        // The info dictionary must be exactly what `build` encodes for these
+        // fields: no other keys, no other encoding.
+        let mut raw = Vec::new();
+        bencode_serialize_to_writer(&t.info.data, &mut raw).map_err(TorrentError::encode)?;
+        if raw != t.info.raw_bytes.as_ref() {
+            return Err(TorrentError::NonCanonicalInfo);
+        }
+        let bytes = encode(t.info, t.info_hash)?;
         Ok(Self {
-            info_hash: *expected,
+            info_hash: found,
             piece_length,
             size,
-            content: name,
+            content,
             bytes,
         })
     }
 
-    /// Number of pieces.
-    pub fn pieces(&self) -> u64 {
-        self.size.div_ceil(u64::from(self.piece_length))
+    /// `parse`, for the torrent a file record names: the info hash, the
+    /// content and the size must all be the record's.
+    pub fn parse_wanted(bytes: Vec<u8>, want: &Wanted) -> Result<Self, TorrentError> {
+        let meta = Self::parse(bytes, &want.torrent)?;
+        if meta.content != want.content || meta.size != want.size {
+            return Err(TorrentError::WrongContent {
+                torrent: want.torrent,
+                found: meta.content,
+                found_size: meta.size,
+                content: want.content,
+                size: want.size,
+            });
+        }
+        Ok(meta)
     }
+
+    /// Number of pieces (0 for a piece length of 0, which neither `build`
+    /// nor `parse` makes).
+    pub fn pieces(&self) -> u64 {
+        match std::num::NonZeroU64::new(u64::from(self.piece_length)) {
+            Some(pl) => self.size.div_ceil(pl.get()),
+            None => 0,
+        }
+    }
+
+    /// Number of pieces, once the size and the piece length are checked
+    /// against the bounds `parse` enforces (at most `MAX_PIECES`): what code
+    /// that allocates per piece uses.
+    pub fn piece_count(&self) -> Result<usize, TorrentError> {
+        let n = check_geometry(self.size, self.piece_length)?;
+        usize::try_from(n).map_err(|_| TorrentError::TooManyPieces {
+            pieces: n,
+            max: MAX_PIECES,
+        })
+    }
+}
+
+/// The outer dictionary of every torrent made or accepted here: the info
+/// dictionary and `created by`, nothing else (no trackers).
+fn encode<'a, B>(
+    info: WithRawBytes<TorrentMetaV1Info<B>, B>,
+    id: Id20,
+) -> Result<Vec<u8>, TorrentError>
+where
+    B: serde::Serialize + From<&'a [u8]>,
+{
+    let meta = TorrentMetaV1 {
+        announce: None,
+        announce_list: vec![],
+        info,
+        comment: None,
+        created_by: Some(B::from(&b"btfs"[..])),
+        encoding: None,
+        publisher: None,
+        publisher_url: None,
+        creation_date: None,
+        info_hash: id,
+    };
+    let mut bytes = Vec::new();
+    bencode_serialize_to_writer(&meta, &mut bytes).map_err(TorrentError::encode)?;
+    Ok(bytes)
+}
+
+/// Checks the size and the piece length of a torrent against the bounds;
+/// returns its number of pieces (at most `MAX_PIECES`).
+fn check_geometry(size: u64, piece_length: u32) -> Result<u64, TorrentError> {
+    if size == 0 || size > MAX_SIZE {
+        return Err(TorrentError::LengthOutOfBounds {
+            length: size,
+            max: MAX_SIZE,
+        });
+    }
+    if !piece_length.is_power_of_two() || !(MIN_PIECE..=MAX_PIECE).contains(&piece_length) {
+        return Err(TorrentError::BadPieceLength {
+            found: piece_length,
+            min: MIN_PIECE,
+            max: MAX_PIECE,
+        });
+    }
+    let n = size.div_ceil(u64::from(piece_length));
+    if n > MAX_PIECES {
+        return Err(TorrentError::TooManyPieces {
+            pieces: n,
+            max: MAX_PIECES,
+        });
+    }
+    Ok(n)
+}
+
+/// Checks every field of a received info dictionary that btfs relies on;
+/// returns its content, size and piece length.
+fn check_info<B: AsRef<[u8]>>(
+    info: &TorrentMetaV1Info<B>,
+) -> Result<(ContentId, u64, u32), TorrentError> {
+    if info.files.is_some() {
+        return Err(TorrentError::MultiFile);
+    }
+    let size = info.length.ok_or(TorrentError::MissingLength)?;
+    let n = check_geometry(size, info.piece_length)?;
+    let pieces = info.pieces.as_ref().len();
+    if pieces % 20 != 0 {
+        return Err(TorrentError::PiecesNotMultipleOf20 { len: pieces });
+    }
+    let found = (pieces / 20) as u64;
+    if found != n {
+        return Err(TorrentError::PieceCountMismatch { found, expected: n });
+    }
+    // The name is the file librqbit writes (in `partial/` or the object
+    // store): exactly the content id as `ContentId::to_hex` spells it.
+    let content = info
+        .name
+        .as_ref()
+        .and_then(|n| std::str::from_utf8(n.as_ref()).ok())
+        .and_then(|n| ContentId::from_hex(n).ok().filter(|c| c.to_hex() == n))
+        .ok_or(TorrentError::BadName)?;
+    if !info.private {
+        return Err(TorrentError::NotPrivate);
+    }
+    // Fields librqbit acts on (a symlink, file attributes) that btfs never
+    // sets.
+    for (present, field) in [
+        (info.attr.is_some(), "attr"),
+        (info.sha1.is_some(), "sha1"),
+        (info.symlink_path.is_some(), "symlink path"),
+        (info.md5sum.is_some(), "md5sum"),
+    ] {
+        if present {
+            return Err(TorrentError::UnexpectedInfoField(field));
+        }
+    }
+    Ok((content, size, info.piece_length))
 }
 
 fn sha1(data: &[u8]) -> [u8; 20] {
@@ -208,6 +346,9 @@ fn hash_pieces(
 mod tests {
     use std::io::Write;
 
+    use librqbit::{CloneToOwned, TorrentMetaV1Owned};
+    use librqbit_bencode::{BencodeValue, BencodeValueOwned};
+
     use super::*;
 
     #[test]
@@ -268,7 +409,8 @@ mod tests {
         let other = InfoHash([7; 20]);
         assert!(matches!(
             Metainfo::parse(m.bytes.clone(), &other),
-            Err(TorrentError::BadMetainfo(_))
+            Err(TorrentError::WrongInfoHash { expected, found })
+                if expected == other && found == m.info_hash
         ));
         let mut corrupt = m.bytes.clone();
         let at = corrupt.len() / 2;
@@ -278,5 +420,518 @@ mod tests {
             Metainfo::build(&c, f.path(), 4999, 1),
             Err(TorrentError::SizeChanged { .. })
         ));
+    }
+
+    // ----- hostile metainfo ------------------------------------------------------
+
+    /// A good torrent of three and a bit pieces.
+    fn good() -> Metainfo {
+        let len = (256 << 10) * 3 + 17;
+        let (f, c, _) = file_of(len);
+        Metainfo::build(&c, f.path(), len as u64, 2).unwrap()
+    }
+
+    /// `m` decoded, changed by `change` and encoded again (the info hash is
+    /// that of the changed info dictionary); returns the bytes and that hash.
+    fn mutated(m: &Metainfo, change: impl FnOnce(&mut TorrentMetaV1Owned)) -> (Vec<u8>, InfoHash) {
+        let mut t = torrent_from_bytes(&m.bytes).unwrap().clone_to_owned(None);
+        change(&mut t);
+        let mut raw = Vec::new();
+        bencode_serialize_to_writer(&t.info.data, &mut raw).unwrap();
+        let ih = InfoHash(sha1(&raw));
+        let mut bytes = Vec::new();
+        bencode_serialize_to_writer(&t, &mut bytes).unwrap();
+        (bytes, ih)
+    }
+
+    fn parse_mutated(
+        m: &Metainfo,
+        change: impl FnOnce(&mut TorrentMetaV1Owned),
+    ) -> Result<Metainfo, TorrentError> {
+        let (bytes, ih) = mutated(m, change);
+        Metainfo::parse(bytes, &ih)
+    }
+
+    #[test]
+    fn an_unchanged_reencoding_is_accepted_as_is() {
+        let m = good();
+        let (bytes, ih) = mutated(&m, |_| {});
+        assert_eq!((&bytes, ih), (&m.bytes, m.info_hash));
+        let p = Metainfo::parse(bytes, &ih).unwrap();
+        assert_eq!(p.bytes, m.bytes);
+        assert_eq!(
+            (p.size, p.piece_length, p.content),
+            (m.size, m.piece_length, m.content)
+        );
+        assert_eq!(p.piece_count().unwrap() as u64, m.pieces());
+    }
+
+    #[test]
+    fn piece_length_zero_is_refused() {
+        let r = parse_mutated(&good(), |t| t.info.data.piece_length = 0);
+        assert!(matches!(
+            r,
+            Err(TorrentError::BadPieceLength { found: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn piece_length_one_on_a_large_file_is_refused() {
+        // 1 TiB in 1-byte pieces would be 2^40 pieces; the hashes stay few.
+        let r = parse_mutated(&good(), |t| {
+            t.info.data.piece_length = 1;
+            t.info.data.length = Some(1 << 40);
+        });
+        assert!(matches!(
+            r,
+            Err(TorrentError::BadPieceLength { found: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn piece_length_not_a_power_of_two_or_out_of_range_is_refused() {
+        for pl in [
+            MIN_PIECE + 1,
+            3 << 18,
+            MIN_PIECE / 2,
+            MAX_PIECE * 2,
+            u32::MAX,
+        ] {
+            let r = parse_mutated(&good(), |t| t.info.data.piece_length = pl);
+            assert!(
+                matches!(r, Err(TorrentError::BadPieceLength { found, .. }) if found == pl),
+                "{pl}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn piece_count_mismatch_is_refused() {
+        let m = good();
+        let r = parse_mutated(&m, |t| {
+            let p: &[u8] = t.info.data.pieces.as_ref();
+            t.info.data.pieces = p[..p.len() - 20].to_vec().into();
+        });
+        assert!(matches!(
+            r,
+            Err(TorrentError::PieceCountMismatch {
+                found: 3,
+                expected: 4
+            })
+        ));
+        let r = parse_mutated(&m, |t| {
+            let mut p = t.info.data.pieces.as_ref().to_vec();
+            p.extend_from_slice(&[0; 20]);
+            t.info.data.pieces = p.into();
+        });
+        assert!(matches!(
+            r,
+            Err(TorrentError::PieceCountMismatch {
+                found: 5,
+                expected: 4
+            })
+        ));
+        // The length of another number of pieces.
+        let r = parse_mutated(&m, |t| t.info.data.length = Some(1 << 30));
+        assert!(matches!(
+            r,
+            Err(TorrentError::PieceCountMismatch {
+                found: 4,
+                expected: 4096
+            })
+        ));
+    }
+
+    #[test]
+    fn pieces_not_a_multiple_of_20_is_refused() {
+        let r = parse_mutated(&good(), |t| {
+            let p: &[u8] = t.info.data.pieces.as_ref();
+            t.info.data.pieces = p[..p.len() - 1].to_vec().into();
+        });
+        assert!(matches!(
+            r,
+            Err(TorrentError::PiecesNotMultipleOf20 { len: 79 })
+        ));
+    }
+
+    #[test]
+    fn oversized_metainfo_is_refused() {
+        // Outside the info dictionary, so the info hash stays right: only
+        // the byte bound refuses it.
+        let m = good();
+        let (bytes, ih) = mutated(&m, |t| {
+            t.comment = Some(vec![b'x'; MAX_METAINFO_BYTES].into());
+        });
+        assert_eq!(ih, m.info_hash);
+        let len = bytes.len();
+        assert!(matches!(
+            Metainfo::parse(bytes, &ih),
+            Err(TorrentError::MetainfoTooLarge { len: l, max: MAX_METAINFO_BYTES }) if l == len
+        ));
+    }
+
+    #[test]
+    fn size_over_bound_is_refused() {
+        let r = parse_mutated(&good(), |t| {
+            t.info.data.piece_length = MAX_PIECE;
+            t.info.data.length = Some(MAX_SIZE + 1);
+        });
+        assert!(matches!(
+            r,
+            Err(TorrentError::LengthOutOfBounds { length, max: MAX_SIZE }) if length == MAX_SIZE + 1
+        ));
+        let r = parse_mutated(&good(), |t| t.info.data.length = Some(u64::MAX));
+        assert!(matches!(r, Err(TorrentError::LengthOutOfBounds { .. })));
+    }
+
+    #[test]
+    fn size_zero_or_missing_is_refused() {
+        let r = parse_mutated(&good(), |t| t.info.data.length = Some(0));
+        assert!(matches!(
+            r,
+            Err(TorrentError::LengthOutOfBounds { length: 0, .. })
+        ));
+        let r = parse_mutated(&good(), |t| t.info.data.length = None);
+        assert!(matches!(r, Err(TorrentError::MissingLength)));
+    }
+
+    #[test]
+    fn multi_file_is_refused() {
+        let r = parse_mutated(&good(), |t| {
+            let length = t.info.data.length.take().unwrap();
+            t.info.data.files = Some(vec![librqbit::TorrentMetaV1File {
+                length,
+                path: vec![b"a"[..].into()],
+                attr: None,
+                sha1: None,
+                symlink_path: None,
+            }]);
+        });
+        assert!(matches!(r, Err(TorrentError::MultiFile)));
+        // A `files` list next to a length is no better.
+        let r = parse_mutated(&good(), |t| t.info.data.files = Some(vec![]));
+        assert!(matches!(r, Err(TorrentError::MultiFile)));
+    }
+
+    #[test]
+    fn a_name_that_is_not_the_content_id_is_refused() {
+        let m = good();
+        let upper = m.content.to_hex().to_uppercase();
+        for name in [
+            None,
+            Some(b"../../etc/passwd".to_vec()),
+            Some(upper.into_bytes()),
+            Some(m.content.to_hex().as_bytes()[1..].to_vec()),
+            Some(vec![0xff; 64]),
+        ] {
+            let r = parse_mutated(&m, |t| t.info.data.name = name.map(Into::into));
+            assert!(matches!(r, Err(TorrentError::BadName)), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_public_torrent_is_refused() {
+        let r = parse_mutated(&good(), |t| t.info.data.private = false);
+        assert!(matches!(r, Err(TorrentError::NotPrivate)));
+    }
+
+    #[test]
+    fn extra_info_fields_are_refused() {
+        let r = parse_mutated(&good(), |t| {
+            t.info.data.symlink_path = Some(vec![b"etc"[..].into(), b"passwd"[..].into()]);
+        });
+        assert!(matches!(
+            r,
+            Err(TorrentError::UnexpectedInfoField("symlink path"))
+        ));
+        let r = parse_mutated(&good(), |t| t.info.data.attr = Some(b"x"[..].into()));
+        assert!(matches!(r, Err(TorrentError::UnexpectedInfoField("attr"))));
+        let r = parse_mutated(&good(), |t| t.info.data.md5sum = Some(b"x"[..].into()));
+        assert!(matches!(
+            r,
+            Err(TorrentError::UnexpectedInfoField("md5sum"))
+        ));
+    }
+
+    #[test]
+    fn unknown_info_keys_are_refused() {
+        // Keys the typed decoder skips: found by encoding the info
+        // dictionary again.
+        let m = good();
+        let mut t: BencodeValueOwned = librqbit_bencode::dyn_from_bytes(&m.bytes).unwrap();
+        let BencodeValue::Dict(outer) = &mut t else {
+            panic!("not a dictionary")
+        };
+        let info = outer.get_mut(&ByteBufOwned::from(&b"info"[..])).unwrap();
+        let BencodeValue::Dict(d) = info else {
+            panic!("info is not a dictionary")
+        };
+        d.insert(b"x-extra"[..].into(), BencodeValue::Integer(1));
+        let mut raw = Vec::new();
+        bencode_serialize_to_writer(&*info, &mut raw).unwrap();
+        let ih = InfoHash(sha1(&raw));
+        let mut bytes = Vec::new();
+        bencode_serialize_to_writer(&t, &mut bytes).unwrap();
+        assert!(matches!(
+            Metainfo::parse(bytes, &ih),
+            Err(TorrentError::NonCanonicalInfo)
+        ));
+    }
+
+    #[test]
+    fn trackers_and_comments_are_dropped() {
+        let m = good();
+        let (bytes, ih) = mutated(&m, |t| {
+            t.announce = Some(b"http://tracker.example/announce"[..].into());
+            t.announce_list = vec![vec![b"udp://tracker.example:1"[..].into()]];
+            t.comment = Some(b"hello"[..].into());
+        });
+        assert_eq!(ih, m.info_hash);
+        assert_ne!(bytes, m.bytes);
+        let p = Metainfo::parse(bytes, &ih).unwrap();
+        assert_eq!(p.bytes, m.bytes);
+    }
+
+    #[test]
+    fn a_torrent_of_other_content_or_size_than_wanted_is_refused() {
+        let m = good();
+        let want = Wanted {
+            path: "f".into(),
+            content: m.content,
+            torrent: m.info_hash,
+            size: m.size,
+            author: btfs_core::NodeId([1; 32]),
+        };
+        assert!(Metainfo::parse_wanted(m.bytes.clone(), &want).is_ok());
+        let other = Wanted {
+            size: m.size + 1,
+            ..want.clone()
+        };
+        assert!(matches!(
+            Metainfo::parse_wanted(m.bytes.clone(), &other),
+            Err(TorrentError::WrongContent { .. })
+        ));
+        let other = Wanted {
+            content: ContentId([9; 32]),
+            ..want.clone()
+        };
+        assert!(matches!(
+            Metainfo::parse_wanted(m.bytes.clone(), &other),
+            Err(TorrentError::WrongContent { .. })
+        ));
+        let other = Wanted {
+            torrent: InfoHash([9; 20]),
+            ..want
+        };
+        assert!(matches!(
+            Metainfo::parse_wanted(m.bytes.clone(), &other),
+            Err(TorrentError::WrongInfoHash { .. })
+        ));
+    }
+
+    #[test]
+    fn build_refuses_content_over_the_bound() {
+        let (f, c, _) = file_of(10);
+        assert!(matches!(
+            Metainfo::build(&c, f.path(), MAX_SIZE + 1, 1),
+            Err(TorrentError::LengthOutOfBounds { .. })
+        ));
+    }
+
+    #[test]
+    fn the_bounds_hold_for_the_largest_torrent_built() {
+        let pl = piece_length(MAX_SIZE);
+        assert_eq!(pl, MAX_PIECE);
+        assert_eq!(MAX_SIZE.div_ceil(u64::from(pl)), MAX_PIECES);
+        assert_eq!(check_geometry(MAX_SIZE, pl).unwrap(), MAX_PIECES);
+        // Its hashes and the rest of a btfs torrent fit the byte bound.
+        assert!(MAX_PIECES as usize * 20 + 200 <= MAX_METAINFO_BYTES);
+    }
+
+    #[test]
+    fn piece_count_checks_a_metainfo_made_by_hand() {
+        let mut m = good();
+        m.piece_length = 0;
+        assert_eq!(m.pieces(), 0);
+        assert!(matches!(
+            m.piece_count(),
+            Err(TorrentError::BadPieceLength { .. })
+        ));
+        m.piece_length = MIN_PIECE;
+        m.size = MAX_SIZE;
+        assert!(matches!(
+            m.piece_count(),
+            Err(TorrentError::TooManyPieces { .. })
+        ));
+    }
+
+    /// What holds of every metainfo `parse` accepts.
+    fn assert_invariants(m: &Metainfo, asked: &InfoHash) {
+        assert_eq!(m.info_hash, *asked);
+        assert!(m.piece_length.is_power_of_two());
+        assert!((MIN_PIECE..=MAX_PIECE).contains(&m.piece_length));
+        assert!(m.size > 0 && m.size <= MAX_SIZE);
+        assert!(m.pieces() <= MAX_PIECES);
+        assert_eq!(m.piece_count().unwrap() as u64, m.pieces());
+        assert!(m.bytes.len() <= MAX_METAINFO_BYTES);
+        let t = torrent_from_bytes(&m.bytes).unwrap();
+        assert_eq!(t.info_hash.0, asked.0);
+        let pieces: &[u8] = t.info.data.pieces.as_ref();
+        assert_eq!(pieces.len() as u64, m.pieces() * 20);
+        assert_eq!(t.info.data.length, Some(m.size));
+        assert!(t.info.data.files.is_none() && t.info.data.private);
+        assert!(t.announce.is_none() && t.announce_list.is_empty());
+        // Parsing what `parse` gives back gives the same.
+        let again = Metainfo::parse(m.bytes.clone(), asked).unwrap();
+        assert_eq!(again.bytes, m.bytes);
+    }
+
+    /// A metainfo's hash as the parser computes it, when it decodes at all.
+    fn decoded_hash(bytes: &[u8]) -> Option<InfoHash> {
+        torrent_from_bytes(bytes)
+            .ok()
+            .map(|t| InfoHash(t.info_hash.0))
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn good_one() -> &'static Metainfo {
+            static GOOD: std::sync::OnceLock<Metainfo> = std::sync::OnceLock::new();
+            GOOD.get_or_init(good)
+        }
+
+        /// Pieces of the mutated info dictionary: the right number of
+        /// hashes, one more or one less, or any short byte string.
+        #[derive(Debug, Clone)]
+        enum Pieces {
+            Right,
+            More,
+            Fewer,
+            Bytes(Vec<u8>),
+        }
+
+        fn piece_lengths() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                4 => (18u32..=22).prop_map(|s| 1 << s),
+                1 => Just(0u32),
+                1 => Just(1u32),
+                1 => any::<u32>(),
+                1 => MIN_PIECE - 2..MIN_PIECE + 2,
+            ]
+        }
+
+        fn lengths() -> impl Strategy<Value = Option<u64>> {
+            prop_oneof![
+                4 => (0u64..64 << 20).prop_map(Some),
+                1 => (MAX_SIZE - 2..MAX_SIZE + 2).prop_map(Some),
+                1 => any::<u64>().prop_map(Some),
+                1 => Just(None),
+            ]
+        }
+
+        fn pieces() -> impl Strategy<Value = Pieces> {
+            prop_oneof![
+                4 => Just(Pieces::Right),
+                1 => Just(Pieces::More),
+                1 => Just(Pieces::Fewer),
+                1 => proptest::collection::vec(any::<u8>(), 0..200).prop_map(Pieces::Bytes),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                ih in any::<[u8; 20]>(),
+            ) {
+                if let Ok(m) = Metainfo::parse(bytes.clone(), &InfoHash(ih)) {
+                    assert_invariants(&m, &InfoHash(ih));
+                }
+                if let Some(ih) = decoded_hash(&bytes)
+                    && let Ok(m) = Metainfo::parse(bytes, &ih)
+                {
+                    assert_invariants(&m, &ih);
+                }
+            }
+
+            #[test]
+            fn byte_mutations_of_a_good_metainfo_never_panic(
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6),
+            ) {
+                let m = good_one();
+                let mut bytes = m.bytes.clone();
+                for (at, byte, op) in edits {
+                    let i = at.index(bytes.len().max(1));
+                    match op {
+                        0 if i < bytes.len() => bytes[i] = byte,
+                        1 => bytes.insert(i.min(bytes.len()), byte),
+                        _ => bytes.truncate(i),
+                    }
+                }
+                for ih in [Some(m.info_hash), decoded_hash(&bytes)].into_iter().flatten() {
+                    if let Ok(p) = Metainfo::parse(bytes.clone(), &ih) {
+                        assert_invariants(&p, &ih);
+                    }
+                }
+            }
+
+            #[test]
+            fn field_mutations_are_refused_exactly_when_out_of_bounds(
+                piece_length in piece_lengths(),
+                length in lengths(),
+                pieces in pieces(),
+                private in prop::bool::weighted(0.9),
+                multi in prop::bool::weighted(0.1),
+                bad_name in prop::bool::weighted(0.1),
+            ) {
+                let m = good_one();
+                // The hashes the length and piece length call for, when few.
+                let right = match (length, piece_length) {
+                    (Some(l), pl) if pl > 0 => l.div_ceil(u64::from(pl)),
+                    _ => 0,
+                };
+                let count = |n: u64| usize::try_from(n.min(4096)).unwrap() * 20;
+                let hashes = match &pieces {
+                    Pieces::Right => vec![7u8; count(right)],
+                    Pieces::More => vec![7u8; count(right + 1)],
+                    Pieces::Fewer => vec![7u8; count(right.saturating_sub(1))],
+                    Pieces::Bytes(b) => b.clone(),
+                };
+                let (bytes, ih) = mutated(m, |t| {
+                    let i = &mut t.info.data;
+                    i.piece_length = piece_length;
+                    i.length = length;
+                    i.pieces = hashes.clone().into();
+                    i.private = private;
+                    if multi {
+                        i.files = Some(vec![]);
+                    }
+                    if bad_name {
+                        i.name = Some(b"x"[..].into());
+                    }
+                });
+                let valid = !multi
+                    && !bad_name
+                    && private
+                    && length.is_some_and(|l| l > 0 && l <= MAX_SIZE)
+                    && piece_length.is_power_of_two()
+                    && (MIN_PIECE..=MAX_PIECE).contains(&piece_length)
+                    && hashes.len() as u64 == right * 20;
+                match Metainfo::parse(bytes, &ih) {
+                    Ok(p) => {
+                        prop_assert!(valid, "accepted {piece_length} {length:?} {}", hashes.len());
+                        assert_invariants(&p, &ih);
+                        prop_assert_eq!(Some(p.size), length);
+                        prop_assert_eq!(p.piece_length, piece_length);
+                    }
+                    Err(e) => prop_assert!(!valid, "refused a valid metainfo: {e}"),
+                }
+            }
+        }
     }
 }

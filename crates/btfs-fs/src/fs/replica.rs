@@ -198,9 +198,7 @@ impl<B: Backend> Shared<B> {
         // not above the other node's.
         let me = self.node();
         let mut v = base.clone();
-        while v.get(&me) <= current.version.get(&me) {
-            v.increment(me);
-        }
+        v.increment_past(me, current.version.get(&me));
         record.version = v;
         record.prev_content = base_content;
         let version = Version {
@@ -230,7 +228,7 @@ impl<B: Backend> Shared<B> {
                 .map(|e| e.sync.versions.clone())
                 .unwrap_or_default();
             let mut versions = versions_of(&held);
-            if !versions.insert(incoming.record.clone()) {
+            if !versions.insert_keeping(incoming.record.clone(), &self.node()) {
                 return Ok(Applied::Older);
             }
             let signed: Vec<Version> = versions
