@@ -425,6 +425,9 @@ fn hostile_records_over_the_size_limit_are_refused() {
     assert!(log.contains("refused a sync response"), "{log}");
 }
 
+/// A change made to a good torrent.
+type Change = Box<dyn FnOnce(&mut librqbit::TorrentMetaV1Owned)>;
+
 /// A torrent built over real bytes, then changed by `change` and encoded
 /// again: its bytes and the info hash of the changed info dictionary.
 fn forged_torrent(
@@ -457,11 +460,7 @@ fn hostile_torrents_with_bad_piece_length_count_or_size_are_refused() {
     let data = common::pattern(3, 600 << 10);
     let content = ContentId::of(&data);
     let big = 1u64 << 40;
-    let cases: Vec<(
-        &str,
-        u64,
-        Box<dyn FnOnce(&mut librqbit::TorrentMetaV1Owned)>,
-    )> = vec![
+    let cases: Vec<(&str, u64, Change)> = vec![
         // One-byte pieces of a 1 TiB file: a 2^40-entry bitfield.
         (
             "piece-length-one.bin",

@@ -951,6 +951,12 @@ fn the_readme_first_command_mounts_a_working_node_on_the_defaults() {
     let listen = status["listen"].to_string();
     assert!(listen.contains("/tcp/4410"), "mesh listens on {listen}");
     assert_eq!(status["mdns"], serde_json::json!(false), "{status}");
+    assert_eq!(status["max_live"], serde_json::json!(512), "{status}");
+    assert_eq!(
+        status["bittorrent_listen"],
+        serde_json::json!("0.0.0.0:4411"),
+        "{status}"
+    );
 
     std::fs::write(a.mnt.join("hello.txt"), b"hello from the defaults").unwrap();
     assert_eq!(

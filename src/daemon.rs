@@ -337,7 +337,47 @@ type Started = (
     Arc<Engine>,
 );
 
+/// Raises this process's open-file limit to its hard limit: live torrents,
+/// wires and open files each take descriptors, and their caps are set
+/// below the limit. Returns the limit in force.
+fn raise_open_files() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(soft, hard, "could not raise the open-file limit: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("could not read the open-file limit: {e}");
+            1024
+        }
+    }
+}
+
+/// Live torrents at once: `max_torrents=` (default
+/// [`btfs_torrent::DEFAULT_MAX_LIVE`]), kept to a quarter of the open-file
+/// limit (each holds files, and wires need descriptors too).
+fn max_live(asked: Option<usize>, open_files: u64) -> usize {
+    let room = usize::try_from(open_files / 4).unwrap_or(usize::MAX).max(1);
+    let want = asked.unwrap_or(btfs_torrent::DEFAULT_MAX_LIVE);
+    if want > room {
+        tracing::warn!(
+            want,
+            room,
+            open_files,
+            "max_torrents is lowered to a quarter of the open-file limit"
+        );
+    }
+    want.min(room)
+}
+
 fn start(plan: &MountPlan) -> Result<Started> {
+    let open_files = raise_open_files();
+    info!(open_files, "open-file limit");
     let state = &plan.state_dir;
     let (keypair, node) = keys::load_or_create_identity(&state.join("identity.key"))?;
     let store = Arc::new(Store::open_sled(&state.join("db"))?);
@@ -363,7 +403,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
     let fs = BtfsFs::new(store, objects, cfg)?;
     let handle = fs.handle();
     let peer_id = keypair.public().to_peer_id().to_string();
-    let (mesh_cfg, membership, mesh_counters) = mesh::config(plan, keypair)?;
+    let mesh_setup = mesh::config(plan, keypair)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(RUNTIME_THREADS)
@@ -373,9 +413,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
     let (peers, counters, net) = {
         let _guard = rt.enter();
         mesh::start(
-            mesh_cfg,
-            membership,
-            mesh_counters,
+            mesh_setup,
             announce_rx,
             handle.clone(),
             content.clone(),
@@ -396,6 +434,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         prefetch_parallel: PREFETCH_PARALLEL,
         cache_size: plan.opts.cache_size,
         wire_congestion: plan.opts.bt_congestion.clone(),
+        max_live: max_live(plan.opts.max_torrents, open_files),
     };
     let engine = rt
         .block_on(Engine::start(engine_cfg, net.clone()))

@@ -68,6 +68,8 @@ pub(crate) struct Holdings {
 
 /// Content ids one holdings message carries at most (32 KiB of ids).
 const MAX_HOLDINGS: usize = 1024;
+/// The bytes of the largest holdings message (ids, lengths and time).
+const MAX_HOLDINGS_BYTES: usize = MAX_HOLDINGS * 32 + 64;
 /// Holdings changes waiting to be gossiped; more are dropped (they are
 /// hints: readers fall back to every member).
 pub(crate) const HOLDINGS_QUEUE: usize = 1024;
@@ -122,7 +124,12 @@ impl Holdings {
         }
     }
 
+    /// Decodes a member's holdings message: bytes bounded first (postcard
+    /// allocates no more than the input holds), then the entry count.
     fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() > MAX_HOLDINGS_BYTES {
+            bail!("holdings message of {} bytes", bytes.len());
+        }
         let h: Holdings = postcard::from_bytes(bytes).context("malformed holdings")?;
         if h.held.len() + h.dropped.len() > MAX_HOLDINGS {
             bail!("holdings message with more than {MAX_HOLDINGS} entries");
@@ -247,12 +254,17 @@ impl Membership {
     }
 }
 
-/// The mesh's configuration, who is admitted, and the record counters (the
-/// gossip validator counts what it refuses).
-pub(crate) fn config(
-    plan: &MountPlan,
-    keypair: Keypair,
-) -> Result<(MeshConfig, Membership, Arc<Counters>)> {
+/// What [`config`] decides before the mesh starts.
+#[derive(Debug)]
+pub(crate) struct MeshSetup {
+    pub cfg: MeshConfig,
+    pub membership: Membership,
+    /// The record counters: the gossip validator counts what it refuses.
+    pub counters: Arc<Counters>,
+}
+
+/// The mesh's configuration, who is admitted, and the record counters.
+pub(crate) fn config(plan: &MountPlan, keypair: Keypair) -> Result<MeshSetup> {
     let o = &plan.opts;
     let listen = multiaddr(o.mesh_listen());
     let mut bootstrap: Vec<String> = o.peers.iter().copied().map(multiaddr).collect();
@@ -293,7 +305,11 @@ pub(crate) fn config(
         members,
         validate,
     };
-    Ok((cfg, membership, counters))
+    Ok(MeshSetup {
+        cfg,
+        membership,
+        counters,
+    })
 }
 
 /// Record counts, for `btfs status`.
@@ -635,9 +651,11 @@ async fn holdings_loop(mesh: Mesh, mut changes: mpsc::Receiver<(Vec<ContentId>, 
 /// Starts the mesh and its tasks on the current runtime. Returns the status
 /// view, refreshed every second, and the record counters.
 pub(crate) fn start(
-    cfg: MeshConfig,
-    membership: Membership,
-    counters: Arc<Counters>,
+    MeshSetup {
+        cfg,
+        membership,
+        counters,
+    }: MeshSetup,
     announce: mpsc::Receiver<Announced>,
     fs: FsHandle<SledBackend>,
     content: Arc<Content>,
@@ -831,6 +849,32 @@ mod tests {
         std::fs::write(&file, "removed nonsense\n").unwrap();
         let err = read_members(&file).unwrap_err().to_string();
         assert!(err.contains("is not a peer id"), "{err}");
+    }
+
+    proptest::proptest! {
+
+        /// A member's holdings bytes, any of them: decoded or refused,
+        /// never a panic, never more than the bound.
+        #[test]
+        fn holdings_from_any_bytes_are_bounded(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+            if let Ok(h) = Holdings::decode(&bytes) {
+                proptest::prop_assert!(h.held.len() + h.dropped.len() <= MAX_HOLDINGS);
+            }
+        }
+
+        /// Mutations of a real message: the same.
+        #[test]
+        fn mutated_holdings_are_bounded(at in 0usize..200, byte in proptest::prelude::any::<u8>(), cut in 0usize..200) {
+            let mut h = Holdings::default();
+            h.add((vec![c(1), c(2), c(3)], vec![c(4)]));
+            let mut bytes = postcard::to_allocvec(&h.take(MAX_HOLDINGS)).unwrap();
+            let i = at % bytes.len();
+            bytes[i] = byte;
+            bytes.truncate(bytes.len() - cut % bytes.len());
+            if let Ok(h) = Holdings::decode(&bytes) {
+                proptest::prop_assert!(h.held.len() + h.dropped.len() <= MAX_HOLDINGS);
+            }
+        }
     }
 
     /// The README's first command mounts without `listen=`: the default must

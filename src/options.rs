@@ -30,6 +30,7 @@ const VALUED: &[&str] = &[
     "up_rate",
     "down_rate",
     "cache_size",
+    "max_torrents",
 ];
 
 /// Options that only mount(8), systemd or the kernel care about.
@@ -123,6 +124,10 @@ pub(crate) struct MountOpts {
     /// `cache_size=SIZE` (`k`, `M`, `G`, `T`): fetched content kept before
     /// the least recently used goes. `None`: everything is kept.
     pub cache_size: Option<u64>,
+    /// `max_torrents=N`: torrents live at once (seeding or fetching); past
+    /// it the least recently used idle one is retired. `None`: 512, and
+    /// never more than a quarter of the open-file limit.
+    pub max_torrents: Option<usize>,
 }
 
 /// Parses `500M`, `20G`, `1T` or a bare number of bytes.
@@ -262,6 +267,7 @@ impl Default for MountOpts {
             up_rate: None,
             down_rate: None,
             cache_size: None,
+            max_torrents: None,
         }
     }
 }
@@ -339,6 +345,18 @@ impl MountOpts {
                 ("up_rate", Some(v)) => o.up_rate = Some(parse_rate(name, v)?),
                 ("down_rate", Some(v)) => o.down_rate = Some(parse_rate(name, v)?),
                 ("cache_size", Some(v)) => o.cache_size = Some(parse_size(name, v)?),
+                ("max_torrents", Some(v)) => {
+                    o.max_torrents = Some(
+                        v.parse()
+                            .ok()
+                            .filter(|n| (1..=1_000_000).contains(n))
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "mount option max_torrents={v}: expected 1 to 1000000"
+                                )
+                            })?,
+                    )
+                }
                 ("key", Some(v)) => o.key = Some(PathBuf::from(v)),
                 ("state", Some(v)) => o.state = Some(PathBuf::from(v)),
                 ("listen", Some(v)) => o.listen = Some(socket_addr(name, v)?),
@@ -488,6 +506,10 @@ mod tests {
         assert_eq!(o.up_rate.map(|r| r.get()), Some(16 << 10));
         assert_eq!(o.down_rate.map(|r| r.get()), Some(10 << 20));
         assert_eq!(
+            MountOpts::parse("max_torrents=40").unwrap().max_torrents,
+            Some(40)
+        );
+        assert_eq!(
             MountOpts::parse("cache_size=20G").unwrap().cache_size,
             Some(20 << 30)
         );
@@ -524,6 +546,7 @@ mod tests {
             ("read_timeout=0", "expected a duration"),
             ("prefetch=[", "not a glob"),
             ("cache_size=lots", "expected a size"),
+            ("max_torrents=0", "expected 1 to 1000000"),
         ] {
             let err = MountOpts::parse(opt).unwrap_err().to_string();
             assert!(err.contains(why), "{opt}: {err}");

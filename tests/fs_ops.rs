@@ -779,3 +779,37 @@ fn a_full_disk_gives_enospc_and_keeps_committed_files() {
     assert_eq!(fs::read(node.path("keep")).unwrap(), keep);
     assert_eq!(fs::read(node.path("after")).unwrap(), b"fits");
 }
+
+/// A write by an unprivileged user clears the set-user-ID bit, and the
+/// set-group-ID bit of a group-executable file, as Linux does (pjdfstest's C
+/// `chmod/12.t`); root's writes keep them. The daemon sees no passthrough
+/// write, so this must hold with passthrough too.
+#[test]
+fn an_unprivileged_write_clears_set_id_bits() {
+    let node = Node::start();
+    let parent = node.mnt.parent().unwrap();
+    fs::set_permissions(parent, fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for (set, left) in [(0o6777, 0o0777), (0o4777, 0o0777), (0o2767, 0o2767)] {
+        let f = node.path("setid");
+        fs::write(&f, b"x").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(set)).unwrap();
+        // Root writes: the bits stay.
+        fs::OpenOptions::new().append(true).open(&f).unwrap();
+        assert_eq!(mode(&f), set);
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .args(["sh", "-c", "printf y >> \"$0\""])
+            .arg(&f)
+            .output()
+            .expect("setpriv (util-linux)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(fs::read(&f).unwrap(), b"xy");
+        assert_eq!(mode(&f), left, "after a write by nobody to a {set:o} file");
+        fs::remove_file(&f).unwrap();
+    }
+}

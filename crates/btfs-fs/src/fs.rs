@@ -1451,6 +1451,36 @@ impl<B: Backend> Shared<B> {
         self.getattr(ino)
     }
 
+    /// An unprivileged writer opens a set-user-ID or set-group-ID file: the
+    /// bits go now, as Linux clears them on such a write (with passthrough
+    /// the daemon never sees the writes themselves). A set-group-ID bit
+    /// without group execute (mandatory locking) stays, as on Linux.
+    fn kill_setid_for_writer(&self, ino: u64, caller_uid: u32) -> Result<()> {
+        let (_, entry) = self.entry_of(ino)?;
+        let mode = entry.record.mode;
+        let mut kept = mode & !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kept &= !libc::S_ISGID;
+        }
+        if entry.record.kind != FileKind::File || kept == mode {
+            return Ok(());
+        }
+        self.setattr(
+            ino,
+            AttrChanges {
+                caller_uid,
+                mode: Some(kept),
+                uid: None,
+                gid: None,
+                size: None,
+                atime: None,
+                mtime: None,
+                ctime: None,
+            },
+        )
+        .map(drop)
+    }
+
     /// Sets the length of `ino`: on the staging file if it is open for writing,
     /// else as a new committed version.
     fn truncate(&self, ino: u64, size: u64) -> Result<()> {
@@ -1880,8 +1910,14 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         reply.error(fail("link", &FsError::Unsupported("hard links")));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let s = &self.shared;
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY
+            && req.uid() != 0
+            && let Err(e) = s.kill_setid_for_writer(ino.0, req.uid())
+        {
+            return reply.error(fail("open", &e));
+        }
         let result = s.open_handle(ino.0, flags.0, &|f| reply.open_backing(f));
         match result {
             Err(FsError::Fetch(fetch)) => {

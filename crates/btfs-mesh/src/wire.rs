@@ -38,8 +38,9 @@
 //! -> s, se, {proof of the initiator}
 //! ```
 //!
-//! A proof is `u16 n`, the `n` bytes of the libp2p public key (protobuf),
-//! then its signature of `"btfs-wire-static-key:" || noise static key`.
+//! A proof is `u16 n`, the `n` bytes of the libp2p public key (protobuf,
+//! at most 1,024: an Ed25519 key takes 36), then its signature of
+//! `"btfs-wire-static-key:" || noise static key`.
 //! Then each message is one AEAD frame of 1 to 65,519 bytes of data.
 
 use std::{
@@ -59,6 +60,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 const PARAMS: &str = "Noise_XXpsk0_25519_AESGCM_SHA256";
 /// What a proof signs, before the static key.
 const PROOF_CONTEXT: &[u8] = b"btfs-wire-static-key:";
+/// The longest libp2p public key (protobuf) a proof may carry: an Ed25519
+/// key takes 36 bytes, an RSA key of 4,096 bits about 550. A longer one is
+/// refused before it is decoded, which copies it (twice).
+const MAX_KEY: usize = 1 << 10;
 /// The largest message, noise's limit.
 const MAX_MESSAGE: usize = 65535;
 const TAG: usize = 16;
@@ -198,9 +203,11 @@ fn verify(hs: &snow::HandshakeState, proof: &[u8]) -> io::Result<PeerId> {
         .ok_or_else(|| refused("no static key from the other end"))?;
     let bad = || refused("the other end's identity proof is malformed");
     let (len, rest) = proof.split_first_chunk::<HEADER>().ok_or_else(bad)?;
-    let (key, sig) = rest
-        .split_at_checked(usize::from(u16::from_be_bytes(*len)))
-        .ok_or_else(bad)?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    if len > MAX_KEY {
+        return Err(bad());
+    }
+    let (key, sig) = rest.split_at_checked(len).ok_or_else(bad)?;
     let key = PublicKey::try_decode_protobuf(key).map_err(|_| bad())?;
     if !key.verify(&[PROOF_CONTEXT, statik].concat(), sig) {
         return Err(refused(
@@ -367,10 +374,12 @@ impl<T> Wire<T> {
             return Ok(None);
         };
         let len = usize::from(u16::from_be_bytes(*header));
-        if len < TAG {
+        // A frame carries 1 to `MAX_DATA` bytes (no sender makes an empty
+        // one): a tag alone, or less, is refused.
+        if len <= TAG {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "direct wire: a frame shorter than its tag",
+                "direct wire: a frame without data",
             ));
         }
         Ok(Some(len))
@@ -1106,5 +1115,687 @@ mod tests {
         client.io.write_all(&frame).await.unwrap();
         let e = server.read(&mut got).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Fuzzing of every decoder of a peer's bytes: the handshake at either
+    /// end, the identity proof, and the frames of an established wire.
+    mod fuzz {
+        use std::{
+            alloc::{GlobalAlloc, Layout, System},
+            cell::Cell,
+            sync::LazyLock,
+            time::Duration,
+        };
+
+        use proptest::{prelude::*, sample::Index};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+        use super::*;
+
+        /// The system allocator, counting on the threads that ask for it
+        /// the bytes allocated and not yet freed, and their peak, so that
+        /// the tests below bound what decoding a peer's bytes holds. It is
+        /// the allocator of the whole test binary; threads that do not ask
+        /// pay one thread-local read per call.
+        struct Counting;
+
+        thread_local! {
+            /// (counting, live bytes, peak) on this thread.
+            static COUNT: Cell<(bool, usize, usize)> = const { Cell::new((false, 0, 0)) };
+        }
+
+        fn count(grown: usize, shrunk: usize) {
+            let _ = COUNT.try_with(|c| {
+                let (on, live, peak) = c.get();
+                if on {
+                    let live = (live + grown).saturating_sub(shrunk);
+                    c.set((on, live, peak.max(live)));
+                }
+            });
+        }
+
+        // SAFETY: every call goes to the system allocator unchanged.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                count(layout.size(), 0);
+                // SAFETY: the caller's contract, passed on.
+                unsafe { System.alloc(layout) }
+            }
+
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                count(layout.size(), 0);
+                // SAFETY: the caller's contract, passed on.
+                unsafe { System.alloc_zeroed(layout) }
+            }
+
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                count(0, layout.size());
+                // SAFETY: the caller's contract, passed on.
+                unsafe { System.dealloc(ptr, layout) }
+            }
+
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                count(new_size, layout.size());
+                // SAFETY: the caller's contract, passed on.
+                unsafe { System.realloc(ptr, layout, new_size) }
+            }
+        }
+
+        #[global_allocator]
+        static ALLOCATOR: Counting = Counting;
+
+        /// Runs `f`, counting what it allocates; returns its result and the
+        /// most bytes it held at once.
+        fn counting<R>(f: impl FnOnce() -> R) -> (R, usize) {
+            COUNT.with(|c| c.set((true, 0, 0)));
+            let r = f();
+            let (_, _, peak) = COUNT.with(|c| c.replace((false, 0, 0)));
+            (r, peak)
+        }
+
+        /// Runs `fut`, counting what it allocates while it is polled (not
+        /// what the other tasks do in between); returns its output and the
+        /// most bytes it held at once.
+        async fn counted<F: Future>(fut: F) -> (F::Output, usize) {
+            let mut fut = std::pin::pin!(fut);
+            let (mut live, mut peak) = (0, 0);
+            let out = std::future::poll_fn(|cx| {
+                COUNT.with(|c| c.set((true, live, peak)));
+                let out = fut.as_mut().poll(cx);
+                (_, live, peak) = COUNT.with(|c| c.replace((false, 0, 0)));
+                out
+            })
+            .await;
+            (out, peak)
+        }
+
+        /// Room for snow's state, a proof, an error and the pipe's buffer.
+        const SLACK: usize = 16 << 10;
+        /// The most a handshake may hold at once: its two message buffers.
+        /// A wire's buffers come on top once it is made.
+        const HANDSHAKE_HOLDS: usize = 2 * MAX_MESSAGE + SLACK;
+        const WIRE_HOLDS: usize = 2 * BUFFER;
+        /// The most one read of an established wire may allocate: an error.
+        const READ_HOLDS: usize = 1 << 10;
+        /// How long an honest end waits for its peer before it hangs up.
+        const PATIENCE: Duration = Duration::from_secs(5);
+        /// How long an end under test may take once its peer has hung up.
+        const BOUND: Duration = Duration::from_secs(60);
+
+        fn config(cases: u32) -> ProptestConfig {
+            ProptestConfig {
+                cases,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        /// A runtime whose clock stands still while it is busy and jumps
+        /// ahead when every task waits: a wait for a silent peer ends at
+        /// once, at its timeout.
+        fn runtime() -> tokio::runtime::Runtime {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        }
+
+        /// The identities of the responder and of the initiator.
+        static KEYS: LazyLock<[Keypair; 2]> =
+            LazyLock::new(|| [Keypair::generate_ed25519(), Keypair::generate_ed25519()]);
+
+        fn id(key: &Keypair) -> PeerId {
+            key.public().to_peer_id()
+        }
+
+        /// An end of a handshake.
+        #[derive(Debug, Clone, Copy)]
+        enum End {
+            /// `accept`, with the responder's identity.
+            Responder,
+            /// `connect`, with the initiator's identity, to the responder.
+            Initiator,
+        }
+
+        impl End {
+            fn other(self) -> Self {
+                match self {
+                    End::Responder => End::Initiator,
+                    End::Initiator => End::Responder,
+                }
+            }
+        }
+
+        /// Runs `end` of a handshake over `io`; returns whom it found at
+        /// the other end.
+        async fn run(end: End, io: DuplexStream) -> io::Result<PeerId> {
+            let [responder, initiator] = &*KEYS;
+            let p = prologue("c", "key");
+            match end {
+                End::Responder => accept(responder, &p, io).await.map(|(peer, _)| peer),
+                End::Initiator => connect(initiator, &p, io, id(responder))
+                    .await
+                    .map(|_| id(responder)),
+            }
+        }
+
+        /// A change to a byte stream, at a position taken among the first
+        /// `span` (given when it is applied).
+        #[derive(Debug, Clone)]
+        enum Edit {
+            /// Exclusive-or of a byte with a mask that is not zero.
+            Flip(Index, u8),
+            /// The end of the stream there.
+            Cut(Index),
+            /// Bytes inserted there.
+            Insert(Index, Vec<u8>),
+            /// Bytes removed from there.
+            Remove(Index, usize),
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            prop_oneof![
+                (any::<Index>(), 1..=u8::MAX).prop_map(|(at, mask)| Edit::Flip(at, mask)),
+                any::<Index>().prop_map(Edit::Cut),
+                (any::<Index>(), prop::collection::vec(any::<u8>(), 1..8))
+                    .prop_map(|(at, bytes)| Edit::Insert(at, bytes)),
+                (any::<Index>(), 1..8usize).prop_map(|(at, n)| Edit::Remove(at, n)),
+            ]
+        }
+
+        impl Edit {
+            /// `s` so changed. A position past its end changes nothing,
+            /// but an insertion at its very end extends it: the change of
+            /// a prefix of a stream is a prefix of the change of the
+            /// stream, so a stream can be changed as it goes.
+            fn apply(&self, s: &[u8], span: usize) -> Vec<u8> {
+                let mut s = s.to_vec();
+                match self {
+                    Edit::Flip(at, mask) => {
+                        if let Some(b) = s.get_mut(at.index(span)) {
+                            *b ^= mask;
+                        }
+                    }
+                    Edit::Cut(at) => s.truncate(at.index(span)),
+                    Edit::Insert(at, bytes) => {
+                        let at = at.index(span);
+                        if at <= s.len() {
+                            s.splice(at..at, bytes.iter().copied());
+                        }
+                    }
+                    Edit::Remove(at, n) => {
+                        let at = at.index(span);
+                        if at < s.len() {
+                            s.drain(at..(at + n).min(s.len()));
+                        }
+                    }
+                }
+                s
+            }
+
+            /// `s` changed by each of `edits` in turn.
+            fn all(edits: &[Edit], s: &[u8]) -> Vec<u8> {
+                edits
+                    .iter()
+                    .fold(s.to_vec(), |s, e| e.apply(&s, s.len() + 1))
+            }
+        }
+
+        /// Carries one direction of a connection, changed by `edit` (with
+        /// the stream's expected length) as it goes; shuts `to` once
+        /// `from` ends or the edit cuts the stream. Returns what came and
+        /// what went on.
+        async fn carry(
+            mut from: tokio::io::ReadHalf<DuplexStream>,
+            mut to: tokio::io::WriteHalf<DuplexStream>,
+            edit: Option<(Edit, usize)>,
+        ) -> (Vec<u8>, Vec<u8>) {
+            let (mut came, mut went) = (Vec::new(), Vec::new());
+            let mut open = true;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                if open
+                    && let Some((Edit::Cut(at), span)) = &edit
+                    && came.len() >= at.index(*span)
+                {
+                    open = false;
+                    let _ = to.shutdown().await;
+                }
+                let n = match from.read(&mut buf).await {
+                    Ok(n) if n > 0 => n,
+                    _ => break,
+                };
+                came.extend_from_slice(&buf[..n]);
+                if !open {
+                    continue;
+                }
+                let now = match &edit {
+                    Some((e, span)) => e.apply(&came, *span),
+                    None => came.clone(),
+                };
+                if now.len() > went.len() && to.write_all(&now[went.len()..]).await.is_err() {
+                    open = false;
+                }
+                went = now;
+            }
+            let _ = to.shutdown().await;
+            (came, went)
+        }
+
+        /// A handshake through a tamperer.
+        #[derive(Debug)]
+        struct Session {
+            /// Whom the end under test found at the other end.
+            found: io::Result<PeerId>,
+            /// The most bytes the end under test held at once.
+            peak: usize,
+            /// What the honest end sent, and what of it, changed, reached
+            /// the end under test.
+            sent: Vec<u8>,
+            delivered: Vec<u8>,
+            /// What the end under test sent.
+            answered: Vec<u8>,
+        }
+
+        /// A handshake between `end`, under test, and an honest other end,
+        /// through a tamperer that applies `edit` to what the honest end
+        /// sends. The honest end hangs up after `PATIENCE`. None if the end
+        /// under test has not ended `BOUND` after that.
+        async fn session(end: End, edit: Option<(Edit, usize)>) -> Option<Session> {
+            let (honest_io, near) = tokio::io::duplex(1 << 17);
+            let (far, tested_io) = tokio::io::duplex(1 << 17);
+            let ((near_r, near_w), (far_r, far_w)) =
+                (tokio::io::split(near), tokio::io::split(far));
+            let forth = tokio::spawn(carry(near_r, far_w, edit));
+            let back = tokio::spawn(carry(far_r, near_w, None));
+            let honest = tokio::spawn(async move {
+                let _ = tokio::time::timeout(PATIENCE, run(end.other(), honest_io)).await;
+            });
+            let (found, peak) =
+                tokio::time::timeout(PATIENCE + BOUND, counted(run(end, tested_io)))
+                    .await
+                    .ok()?;
+            honest.await.unwrap();
+            let ((sent, delivered), (answered, _)) = (forth.await.unwrap(), back.await.unwrap());
+            Some(Session {
+                found,
+                peak,
+                sent,
+                delivered,
+                answered,
+            })
+        }
+
+        /// The bytes of a real handshake: (the initiator's, the
+        /// responder's).
+        static TRANSCRIPT: LazyLock<(Vec<u8>, Vec<u8>)> = LazyLock::new(|| {
+            let s = runtime().block_on(session(End::Responder, None)).unwrap();
+            assert_eq!(s.found.unwrap(), id(&KEYS[1]));
+            assert_eq!(s.sent, s.delivered);
+            (s.sent, s.answered)
+        });
+
+        fn framed(msg: &[u8]) -> Vec<u8> {
+            let mut m = u16::try_from(msg.len()).unwrap().to_be_bytes().to_vec();
+            m.extend_from_slice(msg);
+            m
+        }
+
+        /// What a peer might send in a handshake: anything; messages of
+        /// anything, framed right, up to the largest; or the bytes the
+        /// other end sent in a real handshake (a replay), changed or not.
+        fn handshake_input(real: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..512),
+                prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..4)
+                    .prop_map(|msgs| msgs.iter().flat_map(|m| framed(m)).collect()),
+                (0..=MAX_MESSAGE, any::<u8>()).prop_map(|(n, b)| framed(&vec![b; n])),
+                prop::collection::vec(edit(), 0..4).prop_map(move |edits| Edit::all(&edits, real)),
+            ]
+        }
+
+        /// Feeds `input` to `end` as all its peer sends before it hangs
+        /// up: `end` must refuse it, within `BOUND` and a fixed memory.
+        fn refuses(end: End, input: Vec<u8>) -> Result<(), TestCaseError> {
+            let fed = runtime().block_on(async {
+                let (peer, tested_io) = tokio::io::duplex(1 << 17);
+                let (mut r, mut w) = tokio::io::split(peer);
+                tokio::spawn(async move {
+                    let _ = w.write_all(&input).await;
+                    let _ = w.shutdown().await;
+                });
+                tokio::spawn(async move { r.read_to_end(&mut Vec::new()).await });
+                tokio::time::timeout(BOUND, counted(run(end, tested_io)))
+                    .await
+                    .ok()
+            });
+            let Some((found, peak)) = fed else {
+                return Err(TestCaseError::fail(
+                    "the handshake did not end after its peer hung up",
+                ));
+            };
+            prop_assert!(
+                found.is_err(),
+                "found {found:?} in bytes not made for this handshake"
+            );
+            prop_assert!(peak <= HANDSHAKE_HOLDS, "held {peak} bytes");
+            Ok(())
+        }
+
+        /// A handshake with an honest end, whose bytes `edit` changes on
+        /// the way: the end under test succeeds if and only if what reached
+        /// it of the handshake is what the honest end sent, and ends within
+        /// `BOUND` of the honest end giving up, within a fixed memory.
+        fn succeeds_only_untampered(end: End, edit: Edit) -> Result<(), TestCaseError> {
+            let (expected, len) = match end {
+                End::Responder => (id(&KEYS[1]), TRANSCRIPT.0.len()),
+                End::Initiator => (id(&KEYS[0]), TRANSCRIPT.1.len()),
+            };
+            let Some(s) = runtime().block_on(session(end, Some((edit, len + len / 8)))) else {
+                return Err(TestCaseError::fail(
+                    "the handshake did not end after its peer hung up",
+                ));
+            };
+            let intact = s.sent.len() == len && s.delivered.get(..len) == Some(&s.sent[..]);
+            prop_assert_eq!(s.found.is_ok(), intact, "{:?}", s.found);
+            let mut holds = HANDSHAKE_HOLDS;
+            if let Ok(peer) = s.found {
+                prop_assert_eq!(peer, expected);
+                holds += WIRE_HOLDS;
+            }
+            prop_assert!(s.peak <= holds, "held {} bytes", s.peak);
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(config(128))]
+
+            /// A responder fed anything, or a replayed initiator's bytes,
+            /// changed or not, refuses it, in time.
+            #[test]
+            fn a_responder_fed_anything_refuses_it_in_time(
+                input in handshake_input(&TRANSCRIPT.0),
+            ) {
+                refuses(End::Responder, input)?;
+            }
+
+            /// An initiator fed anything, or a replayed responder's bytes,
+            /// changed or not, refuses it, in time.
+            #[test]
+            fn an_initiator_fed_anything_refuses_it_in_time(
+                input in handshake_input(&TRANSCRIPT.1),
+            ) {
+                refuses(End::Initiator, input)?;
+            }
+
+            #[test]
+            fn a_responder_succeeds_only_with_an_untampered_initiator(edit in edit()) {
+                succeeds_only_untampered(End::Responder, edit)?;
+            }
+
+            #[test]
+            fn an_initiator_succeeds_only_with_an_untampered_responder(edit in edit()) {
+                succeeds_only_untampered(End::Initiator, edit)?;
+            }
+        }
+
+        /// What an identity proof might be: anything; a length and
+        /// anything, up to the largest message; the right key with a
+        /// signature of anything; a well-formed protobuf key of any length
+        /// (which decoding copies); or a real proof, changed.
+        #[derive(Debug, Clone)]
+        enum Proof {
+            Any(Vec<u8>),
+            Long(u16, usize, u8),
+            Forged(Vec<u8>),
+            Huge(usize),
+            Edited(Vec<Edit>),
+        }
+
+        fn proof() -> impl Strategy<Value = Proof> {
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..200).prop_map(Proof::Any),
+                (any::<u16>(), 0..MAX_MESSAGE - HEADER, any::<u8>())
+                    .prop_map(|(len, n, b)| Proof::Long(len, n, b)),
+                prop::collection::vec(any::<u8>(), 0..100).prop_map(Proof::Forged),
+                prop_oneof![0..2 * MAX_KEY, 0..MAX_MESSAGE - 200].prop_map(Proof::Huge),
+                prop::collection::vec(edit(), 1..4).prop_map(Proof::Edited),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(config(256))]
+
+            /// An identity proof of any bytes does not panic and proves no
+            /// one but the identity that signed the handshake's noise key,
+            /// within a fixed memory.
+            #[test]
+            fn an_identity_proof_proves_only_who_signed_the_noise_key(proof in proof()) {
+                let [responder, initiator] = &*KEYS;
+                let p = prologue("c", "key");
+                let (mut i, _) = start(initiator, &p, true).unwrap();
+                let (mut r, real) = start(responder, &p, false).unwrap();
+                let (mut m, mut payload) = (vec![0u8; MAX_MESSAGE], vec![0u8; MAX_MESSAGE]);
+                let n = i.write_message(&[], &mut m).unwrap();
+                r.read_message(&m[..n], &mut payload).unwrap();
+                let n = r.write_message(&[], &mut m).unwrap();
+                i.read_message(&m[..n], &mut payload).unwrap();
+                prop_assert_eq!(verify(&i, &real).unwrap(), id(responder));
+                let proof = match proof {
+                    Proof::Any(p) => p,
+                    Proof::Long(len, n, b) => {
+                        let mut p = len.to_be_bytes().to_vec();
+                        p.resize(HEADER + n, b);
+                        p
+                    }
+                    Proof::Forged(sig) => {
+                        let key = responder.public().encode_protobuf();
+                        let mut p = u16::try_from(key.len()).unwrap().to_be_bytes().to_vec();
+                        p.extend_from_slice(&key);
+                        p.extend_from_slice(&sig);
+                        p
+                    }
+                    Proof::Huge(n) => {
+                        // Key type 1 (Ed25519), then `n` bytes of key data.
+                        let mut key = vec![0x08, 0x01, 0x12];
+                        let mut len = n;
+                        while len >= 0x80 {
+                            key.push((len & 0x7f) as u8 | 0x80);
+                            len >>= 7;
+                        }
+                        key.push(len as u8);
+                        key.resize(key.len() + n, 7);
+                        let mut p = u16::try_from(key.len()).unwrap().to_be_bytes().to_vec();
+                        p.extend_from_slice(&key);
+                        p.extend_from_slice(&[0u8; 64]);
+                        p
+                    }
+                    Proof::Edited(edits) => Edit::all(&edits, &real),
+                };
+                let (got, peak) = counting(|| verify(&i, &proof));
+                match got {
+                    Ok(peer) => prop_assert_eq!(peer, id(responder)),
+                    Err(e) => prop_assert_eq!(e.kind(), io::ErrorKind::PermissionDenied),
+                }
+                prop_assert!(peak <= SLACK, "held {peak} bytes");
+            }
+        }
+
+        /// What the reader of a wire is fed: frames of data of these
+        /// lengths, sealed as the other end would, then `tail`, then
+        /// changed by `edits`.
+        fn frames() -> impl Strategy<Value = (Vec<usize>, Vec<u8>, Vec<Edit>)> {
+            (
+                prop::collection::vec(
+                    prop_oneof![4 => 1..64usize, 1 => 64..=MAX_DATA, 1 => Just(MAX_DATA)],
+                    0..5,
+                ),
+                prop_oneof![
+                    3 => Just(Vec::new()),
+                    1 => prop::collection::vec(any::<u8>(), 1..300),
+                ],
+                prop::collection::vec(edit(), 0..3),
+            )
+        }
+
+        /// Reads `wire` to its end or its first error, counting what each
+        /// read allocates; returns the data, how it ended, and whether a
+        /// read after an error gave data.
+        async fn read_all(
+            mut wire: Wire<DuplexStream>,
+        ) -> Result<(Vec<u8>, io::Result<()>), TestCaseError> {
+            let (mut got, mut buf) = (Vec::new(), vec![0u8; 70_000]);
+            loop {
+                let (r, peak) = counted(wire.read(&mut buf)).await;
+                prop_assert!(peak <= READ_HOLDS, "a read held {peak} bytes");
+                match r {
+                    Ok(0) => return Ok((got, Ok(()))),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => {
+                        let again = wire.read(&mut buf).await;
+                        prop_assert!(!matches!(again, Ok(n) if n > 0), "data after an error");
+                        return Ok((got, Err(e)));
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config(64))]
+
+            /// Whatever comes as the other end's frames, the reader hands on
+            /// only the data of the whole, untouched frames at its front, in
+            /// order, and ends cleanly only when nothing else came: a frame
+            /// changed, cut or made up is an error, not data.
+            #[test]
+            fn a_wire_reads_only_the_data_of_untouched_frames(
+                (sizes, tail, edits) in frames(),
+            ) {
+                runtime().block_on(async {
+                    let (mut client, server) = in_memory(1 << 16).await;
+                    let (mut stream, mut ends, mut data) = (Vec::new(), vec![0], Vec::new());
+                    for (k, &n) in sizes.iter().enumerate() {
+                        let chunk: Vec<u8> = (0..n).map(|i| (i * 31 + k * 7) as u8).collect();
+                        let mut frame = vec![0u8; HEADER + n + TAG];
+                        frame[HEADER..HEADER + n].copy_from_slice(&chunk);
+                        client.tx.seal(&mut frame[HEADER..]).unwrap();
+                        frame[..HEADER]
+                            .copy_from_slice(&u16::try_from(n + TAG).unwrap().to_be_bytes());
+                        stream.extend_from_slice(&frame);
+                        ends.push(stream.len());
+                        data.push(chunk);
+                    }
+                    let sent = Edit::all(&edits, &[stream.as_slice(), &tail].concat());
+                    // The frames at the front that came untouched, and
+                    // whether nothing else came.
+                    let whole = ends
+                        .iter()
+                        .rposition(|&e| sent.get(..e) == stream.get(..e))
+                        .unwrap_or(0);
+                    let clean = sent.len() == ends[whole];
+                    let good = data[..whole].concat();
+                    let write = async move {
+                        let _ = client.io.write_all(&sent).await;
+                        let _ = client.io.shutdown().await;
+                    };
+                    let ((), read) = tokio::join!(write, tokio::time::timeout(BOUND, read_all(server)));
+                    let Ok(read) = read else {
+                        return Err(TestCaseError::fail("the reader did not end"));
+                    };
+                    let (got, end) = read?;
+                    prop_assert!(
+                        good.starts_with(&got),
+                        "{} bytes of data read, not the {} of the untouched frames",
+                        got.len(),
+                        good.len()
+                    );
+                    if clean {
+                        prop_assert!(end.is_ok(), "{end:?}");
+                        prop_assert_eq!(got.len(), good.len());
+                    } else {
+                        let kind = end.map_err(|e| e.kind()).expect_err("no error");
+                        prop_assert!(
+                            matches!(kind, io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof),
+                            "{kind:?}"
+                        );
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+
+        /// A frame must carry 1 to 65,519 bytes of data: a header of fewer
+        /// than a tag's bytes is refused, and so is a frame of a tag alone,
+        /// even sealed right; the largest frame is read.
+        #[tokio::test(start_paused = true)]
+        async fn frames_without_data_are_refused() {
+            for len in 0..=TAG {
+                let (mut client, mut server) = in_memory(1 << 16).await;
+                let mut frame = vec![0u8; HEADER + len];
+                frame[..HEADER].copy_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+                if len == TAG {
+                    client.tx.seal(&mut frame[HEADER..]).unwrap();
+                }
+                client.io.write_all(&frame).await.unwrap();
+                client.write_all(b"after").await.unwrap();
+                client.flush().await.unwrap();
+                let mut got = [0u8; 5];
+                let e = server.read(&mut got).await.unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{len}: {e}");
+            }
+            let (mut client, mut server) = in_memory(1 << 17).await;
+            let largest = vec![5u8; MAX_DATA];
+            client.write_all(&largest).await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = vec![0u8; MAX_DATA];
+            server.read_exact(&mut got).await.unwrap();
+            assert!(got == largest);
+        }
+
+        /// A prober that does not know the cluster key sends the first
+        /// message of a handshake: the responder hangs up, or answers with
+        /// nothing the prober can read and without its identity in clear;
+        /// it never accepts.
+        #[tokio::test(start_paused = true)]
+        async fn a_prober_without_the_key_learns_nothing_of_the_responder() {
+            let responder = Keypair::generate_ed25519();
+            let identity = responder.public().encode_protobuf();
+            let (mut prober, _) =
+                start(&Keypair::generate_ed25519(), &prologue("c", "other"), true).unwrap();
+            let (mut msg, mut payload) = (vec![0u8; MAX_MESSAGE], vec![0u8; MAX_MESSAGE]);
+            let n = prober.write_message(&[], &mut msg).unwrap();
+            let (mut near, far) = tokio::io::duplex(1 << 17);
+            let accepted = tokio::spawn(async move {
+                accept(&responder, &prologue("c", "key"), far)
+                    .await
+                    .map(|(peer, _)| peer)
+            });
+            send(&mut near, &msg[..n]).await.unwrap();
+            // All the responder sends before it hangs up, or waits.
+            let (mut answer, mut buf) = (Vec::new(), [0u8; 4096]);
+            while let Ok(Ok(got)) = tokio::time::timeout(PATIENCE, near.read(&mut buf)).await
+                && got > 0
+            {
+                answer.extend_from_slice(&buf[..got]);
+            }
+            if let Some((len, body)) = answer.split_first_chunk::<HEADER>() {
+                let body = &body[..usize::from(u16::from_be_bytes(*len)).min(body.len())];
+                assert!(
+                    prober.read_message(body, &mut payload).is_err(),
+                    "the prober read the responder's answer"
+                );
+            }
+            assert!(
+                !answer.windows(identity.len()).any(|w| w == identity),
+                "the responder's identity went in clear"
+            );
+            drop(near);
+            let accepted = tokio::time::timeout(BOUND, accepted)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(accepted.is_err(), "the responder accepted a prober");
+        }
     }
 }

@@ -561,7 +561,6 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
         #[test]
         fn decoding_arbitrary_responses_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {

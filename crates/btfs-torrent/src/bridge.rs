@@ -9,8 +9,11 @@
 //!   holds the content, then splices the stream into librqbit's loopback
 //!   listener, handshake included.
 //!
-//! Only the SOCKS5 `CONNECT` command with no authentication is served: it is
-//! all librqbit uses, and the server listens on loopback.
+//! Only the SOCKS5 `CONNECT` command to an IP address is served, and only to
+//! a client that authenticates (RFC 1929) with the daemon's random secret:
+//! the server listens on loopback, where any local user could otherwise
+//! reach members' peer wires through it. librqbit gets the secret in its
+//! proxy URL (`socks5://user:secret@…`, see [`SocksSecret::proxy_url`]).
 
 use std::{
     collections::HashMap,
@@ -141,24 +144,123 @@ pub(crate) async fn read_handshake(
     Ok((hs, ih))
 }
 
+/// The user name librqbit gives the SOCKS5 server (the secret is the
+/// password).
+const SOCKS_USER: &str = "btfs";
+
+/// The password librqbit must give the SOCKS5 server: 16 random bytes in
+/// hex, drawn once per daemon. It lives in this process only (librqbit gets
+/// it in its options, not on a command line or in a file); `Debug` does not
+/// show it.
+#[derive(Clone)]
+pub(crate) struct SocksSecret([u8; 32]);
+
+impl SocksSecret {
+    pub(crate) fn random() -> io::Result<Self> {
+        let mut raw = [0u8; 16];
+        getrandom::fill(&mut raw)
+            .map_err(|e| io::Error::other(format!("random SOCKS5 secret: {e}")))?;
+        let mut hex_secret = [0u8; 32];
+        hex::encode_to_slice(raw, &mut hex_secret)
+            .map_err(|e| io::Error::other(format!("SOCKS5 secret: {e}")))?;
+        Ok(Self(hex_secret))
+    }
+
+    /// The proxy URL for librqbit (`ConnectionOptions::proxy_url`): it hands
+    /// the user name and password to its SOCKS5 client (librqbit 9.1
+    /// `stream_connect.rs`, `SocksProxyConfig::parse` and `connect`).
+    /// Hex and a plain name need no percent-encoding.
+    pub(crate) fn proxy_url(&self, server: SocketAddr) -> String {
+        format!("socks5://{SOCKS_USER}:{}@{server}", self.as_str())
+    }
+
+    fn as_str(&self) -> &str {
+        // Hex digits: ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// Whether `user` and `password` are ours, in time that does not
+    /// depend on where they differ (their lengths are no secret).
+    fn admits(&self, user: &[u8], password: &[u8]) -> bool {
+        let user_ok = ct_eq(user, SOCKS_USER.as_bytes());
+        let password_ok = ct_eq(password, &self.0);
+        user_ok & password_ok
+    }
+}
+
+impl std::fmt::Debug for SocksSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SocksSecret(..)")
+    }
+}
+
+/// Equality of two byte strings, looking at every byte of equal-length
+/// ones.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// Reads a length byte, then that many bytes into `buf`; returns them.
+async fn read_counted<'b>(
+    io: &mut (impl AsyncRead + Unpin),
+    buf: &'b mut [u8; 255],
+) -> io::Result<&'b [u8]> {
+    let n = usize::from(io.read_u8().await?);
+    let field = &mut buf[..n];
+    io.read_exact(field).await?;
+    Ok(field)
+}
+
 /// Serves one SOCKS5 client: returns the address it asked to connect to,
 /// once the reply is up to `answer`. Called by the engine, which dials.
+///
+/// Only username/password authentication (RFC 1929) with `secret` is
+/// offered. A client that does not offer it, or gives other credentials,
+/// is told so (method 0xFF; status 1) and gets an error of kind
+/// [`io::ErrorKind::PermissionDenied`]: the caller closes the connection.
+///
+/// Whatever the client sends, this reads at most 792 bytes: greeting
+/// (2 + 255 methods), authentication (2 + 255 + 1 + 255), request (4 +
+/// 16-byte address + 2 port). Every length on the wire is a byte, read
+/// into a fixed buffer: nothing is allocated.
 pub(crate) async fn socks5_request(
     io: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    secret: &SocksSecret,
 ) -> io::Result<SocketAddr> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("SOCKS5: {what}"));
-    let mut head = [0u8; 2];
-    io.read_exact(&mut head).await?;
-    if head[0] != 5 {
+    let refused =
+        |what: &str| io::Error::new(io::ErrorKind::PermissionDenied, format!("SOCKS5: {what}"));
+    let mut buf = [0u8; 255];
+    if io.read_u8().await? != 5 {
         return Err(bad("not version 5"));
     }
-    let mut methods = vec![0u8; usize::from(head[1])];
-    io.read_exact(&mut methods).await?;
-    if !methods.contains(&0) {
+    if !read_counted(io, &mut buf).await?.contains(&2) {
         io.write_all(&[5, 0xff]).await?;
-        return Err(bad("client offers no unauthenticated method"));
+        io.flush().await?;
+        return Err(refused("client offers no username/password authentication"));
     }
-    io.write_all(&[5, 0]).await?;
+    io.write_all(&[5, 2]).await?;
+    io.flush().await?;
+    // RFC 1929: version 1, user name, password.
+    if io.read_u8().await? != 1 {
+        io.write_all(&[1, 1]).await?;
+        io.flush().await?;
+        return Err(refused("not username/password authentication version 1"));
+    }
+    let mut user_buf = [0u8; 255];
+    let user = read_counted(io, &mut user_buf).await?;
+    let password = read_counted(io, &mut buf).await?;
+    if !secret.admits(user, password) {
+        io.write_all(&[1, 1]).await?;
+        io.flush().await?;
+        return Err(refused("wrong user name or password"));
+    }
+    io.write_all(&[1, 0]).await?;
+    io.flush().await?;
     let mut req = [0u8; 4];
     io.read_exact(&mut req).await?;
     if req[0] != 5 || req[1] != 1 {
@@ -297,6 +399,9 @@ impl std::fmt::Display for Cidr {
 mod tests {
     use super::*;
 
+    /// The most bytes `socks5_request` reads from a client.
+    const SOCKS5_MAX_READ: usize = 2 + 255 + 2 + 255 + 1 + 255 + 4 + 16 + 2;
+
     #[test]
     fn cidrs_parse_and_match() {
         let c: Cidr = "10.1.0.0/16".parse().unwrap();
@@ -333,14 +438,29 @@ mod tests {
         assert_eq!(t.member_at(&"127.77.0.9:6881".parse().unwrap()), None);
     }
 
+    fn secret() -> SocksSecret {
+        SocksSecret::random().unwrap()
+    }
+
+    /// What a client that knows `secret` sends before its request.
+    fn greeting_and_auth(secret: &SocksSecret) -> Vec<u8> {
+        let mut b = vec![5, 2, 0, 2, 1, 4];
+        b.extend_from_slice(SOCKS_USER.as_bytes());
+        b.push(32);
+        b.extend_from_slice(&secret.0);
+        b
+    }
+
     #[tokio::test]
     async fn socks5_connect_requests_are_understood() {
+        let secret = secret();
+        let hello = greeting_and_auth(&secret);
         let (mut client, mut server) = tokio::io::duplex(256);
         let c = tokio::spawn(async move {
-            client.write_all(&[5, 1, 0]).await.unwrap();
-            let mut r = [0u8; 2];
+            client.write_all(&hello).await.unwrap();
+            let mut r = [0u8; 4];
             client.read_exact(&mut r).await.unwrap();
-            assert_eq!(r, [5, 0]);
+            assert_eq!(r, [5, 2, 1, 0]);
             client
                 .write_all(&[5, 1, 0, 1, 127, 77, 0, 1, 0x1a, 0xe1])
                 .await
@@ -349,9 +469,290 @@ mod tests {
             client.read_exact(&mut r).await.unwrap();
             r[1]
         });
-        let addr = socks5_request(&mut server).await.unwrap();
+        let addr = socks5_request(&mut server, &secret).await.unwrap();
         assert_eq!(addr, "127.77.0.1:6881".parse().unwrap());
         socks5_reply(&mut server, 0).await.unwrap();
         assert_eq!(c.await.unwrap(), 0);
+    }
+
+    /// Runs `socks5_request` on what a client sends (then EOF); returns its
+    /// outcome and what the server answered.
+    async fn serve_bytes(sent: &[u8], secret: &SocksSecret) -> (io::Result<SocketAddr>, Vec<u8>) {
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client.write_all(sent).await.unwrap();
+        client.shutdown().await.unwrap();
+        let r = socks5_request(&mut server, secret).await;
+        drop(server);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        (r, answer)
+    }
+
+    #[tokio::test]
+    async fn a_socks_client_without_the_secret_is_refused() {
+        let secret = secret();
+        let connect = [5, 1, 0, 1, 127, 77, 0, 1, 0x1a, 0xe1];
+        // No authentication offered (what librqbit sends without
+        // credentials in its proxy URL): method 0xFF.
+        let mut sent = vec![5, 1, 0];
+        sent.extend_from_slice(&connect);
+        let (r, answer) = serve_bytes(&sent, &secret).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(answer, [5, 0xff]);
+        // Another secret, a secret one byte short, another user name, an
+        // empty password, GSSAPI only: status 1, or method 0xFF.
+        let other = SocksSecret::random().unwrap();
+        let mut short = greeting_and_auth(&secret);
+        short.pop();
+        short[10] = 31;
+        let mut wrong_user = greeting_and_auth(&secret);
+        wrong_user[6] = b'c';
+        let cases: [(Vec<u8>, &[u8]); 5] = [
+            (greeting_and_auth(&other), &[5, 2, 1, 1]),
+            (short, &[5, 2, 1, 1]),
+            (wrong_user, &[5, 2, 1, 1]),
+            (
+                vec![5, 1, 2, 1, 4, b'b', b't', b'f', b's', 0],
+                &[5, 2, 1, 1],
+            ),
+            (vec![5, 1, 1], &[5, 0xff]),
+        ];
+        for (mut sent, want) in cases {
+            sent.extend_from_slice(&connect);
+            let (r, answer) = serve_bytes(&sent, &secret).await;
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+            assert_eq!(answer, want);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socks_client_with_the_secret_connects() {
+        let secret = secret();
+        let mut sent = greeting_and_auth(&secret);
+        sent.extend_from_slice(&[5, 1, 0, 4]);
+        sent.extend_from_slice(&"fd00::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        sent.extend_from_slice(&6882u16.to_be_bytes());
+        let (r, answer) = serve_bytes(&sent, &secret).await;
+        assert_eq!(r.unwrap(), "[fd00::7]:6882".parse().unwrap());
+        assert_eq!(answer, [5, 2, 1, 0]);
+    }
+
+    /// librqbit 9.1 reads `proxy_url` with `url::Url` (user name, password)
+    /// and dials with `tokio_socks`' `connect_with_password`
+    /// (`stream_connect.rs`): the same, over TCP, gets through.
+    #[tokio::test]
+    async fn librqbits_socks_client_gets_through_with_the_proxy_url() {
+        let secret = secret();
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let url = url::Url::parse(&secret.proxy_url(server_addr)).unwrap();
+        assert_eq!(url.scheme(), "socks5");
+        let (host, port) = (url.host_str().unwrap().to_owned(), url.port().unwrap());
+        let (user, password) = (
+            url.username().to_owned(),
+            url.password().unwrap().to_owned(),
+        );
+        let served = {
+            let secret = secret.clone();
+            tokio::spawn(async move {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let target = socks5_request(&mut conn, &secret).await.unwrap();
+                socks5_reply(&mut conn, 0).await.unwrap();
+                target
+            })
+        };
+        let target: SocketAddr = "127.77.0.3:6881".parse().unwrap();
+        tokio_socks::tcp::Socks5Stream::connect_with_password(
+            (host.as_str(), port),
+            target,
+            &user,
+            &password,
+        )
+        .await
+        .unwrap();
+        assert_eq!(served.await.unwrap(), target);
+        // Without the credentials, the same client is refused.
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            socks5_request(&mut conn, &secret).await.unwrap_err().kind()
+        });
+        let r = tokio_socks::tcp::Socks5Stream::connect(server_addr, target).await;
+        assert!(r.is_err());
+        assert_eq!(served.await.unwrap(), io::ErrorKind::PermissionDenied);
+    }
+
+    /// What the server should make of `b` (then EOF): the address asked
+    /// for, if the exchange is complete, authenticated with `secret` and a
+    /// CONNECT to an IP address.
+    fn model(b: &[u8], secret: &SocksSecret) -> Option<SocketAddr> {
+        let mut rest = b;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, tail) = rest.split_at_checked(n)?;
+            rest = tail;
+            Some(head)
+        };
+        let [5, n] = *take(2)? else { return None };
+        if !take(usize::from(n))?.contains(&2) {
+            return None;
+        }
+        let [1, ulen] = *take(2)? else { return None };
+        let user = take(usize::from(ulen))?;
+        let plen = take(1)?[0];
+        let password = take(usize::from(plen))?;
+        if user != SOCKS_USER.as_bytes() || password != secret.0 {
+            return None;
+        }
+        let [5, 1, _, atyp] = *take(4)? else {
+            return None;
+        };
+        let ip = match atyp {
+            1 => IpAddr::from(<[u8; 4]>::try_from(take(4)?).ok()?),
+            4 => IpAddr::from(<[u8; 16]>::try_from(take(16)?).ok()?),
+            _ => return None,
+        };
+        let port = u16::from_be_bytes(take(2)?.try_into().ok()?);
+        Some(SocketAddr::new(ip, port))
+    }
+
+    /// A client end that sends `sent`, then `filler` forever (no EOF), and
+    /// fails a read past [`SOCKS5_MAX_READ`] bytes.
+    struct Endless {
+        sent: Vec<u8>,
+        filler: u8,
+        read: usize,
+        overread: bool,
+    }
+
+    impl AsyncRead for Endless {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = buf.remaining().min(7);
+            for _ in 0..n {
+                if self.read >= SOCKS5_MAX_READ {
+                    self.overread = true;
+                    return Poll::Ready(Err(io::Error::other("read past the bound")));
+                }
+                let byte = self.sent.get(self.read).copied().unwrap_or(self.filler);
+                buf.put_slice(&[byte]);
+                self.read += 1;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Endless {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Serves `sent` twice, over a duplex stream that ends after it, and
+    /// from a client that never stops sending: neither panics, reads past
+    /// the bound or yields an address the model does not.
+    fn check_served(sent: &[u8], filler: u8, secret: &SocksSecret) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (r, answer) = serve_bytes(sent, secret).await;
+            let want = model(sent, secret);
+            assert_eq!(r.as_ref().ok(), want.as_ref(), "{r:?}");
+            if want.is_some() {
+                assert_eq!(answer, [5, 2, 1, 0]);
+            }
+            if r.is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied) {
+                assert!(
+                    answer == [5, 0xff] || answer.ends_with(&[1, 1]),
+                    "{answer:?}"
+                );
+            }
+            let mut endless = Endless {
+                sent: sent.to_vec(),
+                filler,
+                read: 0,
+                overread: false,
+            };
+            let r = socks5_request(&mut endless, secret).await;
+            assert!(!endless.overread);
+            let mut extended = sent.to_vec();
+            extended.resize(sent.len().max(SOCKS5_MAX_READ), filler);
+            assert_eq!(r.ok(), model(&extended, secret));
+        });
+    }
+
+    /// A valid exchange: greeting, authentication with `password`, CONNECT.
+    fn exchange(methods: &[u8], password: &[u8], v6: bool, port: u16) -> Vec<u8> {
+        let mut b = vec![5, methods.len() as u8];
+        b.extend_from_slice(methods);
+        b.extend_from_slice(&[1, SOCKS_USER.len() as u8]);
+        b.extend_from_slice(SOCKS_USER.as_bytes());
+        b.push(password.len() as u8);
+        b.extend_from_slice(password);
+        if v6 {
+            b.extend_from_slice(&[5, 1, 0, 4]);
+            b.extend_from_slice(&[0xfd; 16]);
+        } else {
+            b.extend_from_slice(&[5, 1, 0, 1, 127, 77, 0, 1]);
+        }
+        b.extend_from_slice(&port.to_be_bytes());
+        b
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+
+        #[test]
+        fn arbitrary_socks_streams_are_served_safely(
+            sent in prop::collection::vec(any::<u8>(), 0..900),
+            filler in any::<u8>(),
+        ) {
+            check_served(&sent, filler, &SocksSecret([b'a'; 32]));
+        }
+
+        #[test]
+        fn mangled_socks_exchanges_connect_only_with_the_secret(
+            methods in prop::collection::vec(any::<u8>(), 0..6),
+            right in any::<bool>(),
+            wrong in prop::collection::vec(any::<u8>(), 0..40),
+            v6 in any::<bool>(),
+            port in any::<u16>(),
+            edits in prop::collection::vec((any::<usize>(), any::<u8>(), 0..3u8), 0..4),
+            filler in any::<u8>(),
+        ) {
+            let secret = SocksSecret([b'7'; 32]);
+            let mut methods = methods;
+            methods.push(2);
+            let password = if right { secret.0.to_vec() } else { wrong };
+            let mut sent = exchange(&methods, &password, v6, port);
+            for (at, byte, op) in edits {
+                let at = at % (sent.len() + 1);
+                match op {
+                    0 if at < sent.len() => sent[at] = byte,
+                    1 if at < sent.len() => { sent.remove(at); }
+                    _ => sent.insert(at, byte),
+                }
+            }
+            check_served(&sent, filler, &secret);
+        }
     }
 }

@@ -6,6 +6,10 @@
 //!   peer connection, or use within the last `IDLE_LIVE`. Each live torrent
 //!   costs librqbit a 100 ms stats loop and an open file; a node may hold
 //!   100,000 files.
+//! * At most `EngineConfig::max_live` torrents are live: one more retires
+//!   the least recently used idle one first. Members' handshakes that find
+//!   none idle are refused; local reads and fetches never are (see `Need`).
+//!   Members' connections and bring-ups are bounded per member (`limits`).
 //! * Content lives in the object store only once complete and checked
 //!   against its content id (blake3); partial content lives in
 //!   `bt/partial/<content>`. Objects never change: a torrent seeds an object
@@ -54,6 +58,10 @@ use crate::{
     TorrentError,
     bridge::{self, BoxIo, Cidr, PeerTable, QuickAck},
     congestion::{self, Congestion, Socket},
+    limits::{
+        self, BRIDGE_IDLE, Limits, MAX_WIRES_PER_HOST, MAX_WIRES_PER_MEMBER, MEMBER_BRING_UP_BURST,
+        MEMBER_BRING_UP_RATE, Relayed, Usage,
+    },
     meta::Metainfo,
 };
 
@@ -301,6 +309,13 @@ pub struct EngineConfig {
     /// `bt_congestion=`: the TCP congestion control of wires to and from
     /// other nodes (see `congestion`).
     pub wire_congestion: Congestion,
+    /// Torrents live at once ([`DEFAULT_MAX_LIVE`](crate::DEFAULT_MAX_LIVE)
+    /// unless set; 0 counts as 1). Bringing one more up retires the least
+    /// recently used idle one; a member's handshake that finds none idle is
+    /// refused (`Status::live_refused`). Local reads and fetches are never
+    /// refused: they also retire torrents that only members' connections
+    /// use, and past that go over the cap by the torrents they use at once.
+    pub max_live: usize,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -311,6 +326,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("allow", &self.allow)
             .field("read_timeout", &self.read_timeout)
             .field("wire_congestion", &self.wire_congestion)
+            .field("max_live", &self.max_live)
             .finish_non_exhaustive()
     }
 }
@@ -327,7 +343,9 @@ struct Live {
     /// Pieces known to be verified here (a subset of librqbit's bitfield).
     have: Mutex<Vec<bool>>,
     last_used: Mutex<Instant>,
+    /// Users of any kind (`InUse`), and those on this node's behalf.
     users: AtomicUsize,
+    local_users: AtomicUsize,
     label: Mutex<String>,
     fetching: AtomicBool,
     /// Where the last read ended, the bytes read in order up to it, and
@@ -351,6 +369,16 @@ struct Live {
 impl Live {
     fn touch(&self) {
         *lock(&self.last_used) = Instant::now();
+    }
+
+    /// What it is used for, to decide whether it can be retired.
+    fn usage(&self) -> Usage {
+        Usage {
+            last_used: *lock(&self.last_used),
+            users: self.users.load(Ordering::Acquire),
+            local_users: self.local_users.load(Ordering::Acquire),
+            busy: self.fetching.load(Ordering::Acquire) || self.installing.load(Ordering::Acquire),
+        }
     }
 
     fn pieces_of(&self, offset: u64, end: u64) -> std::ops::Range<usize> {
@@ -409,21 +437,45 @@ impl Live {
     }
 }
 
+/// Whom a torrent is brought up and used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// This node: a read, a fetch, a follower. Never refused for want of
+    /// room under `max_live`: local reads take priority over members. Room
+    /// is made by retiring the least recently used idle torrent, else the
+    /// least recently used one only members' connections use (they are
+    /// closed); with every live torrent in local use, the cap is exceeded
+    /// (by at most the torrents this node reads and fetches at once).
+    Local,
+    /// A member's handshake or metainfo request: refused
+    /// (`TorrentError::NoRoom`) when no live torrent is idle.
+    Peer,
+}
+
 /// Counts a user of a live torrent for as long as it is held.
-struct InUse(Arc<Live>);
+struct InUse {
+    live: Arc<Live>,
+    need: Need,
+}
 
 impl InUse {
-    fn new(l: Arc<Live>) -> Self {
+    fn new(l: Arc<Live>, need: Need) -> Self {
+        if need == Need::Local {
+            l.local_users.fetch_add(1, Ordering::AcqRel);
+        }
         l.users.fetch_add(1, Ordering::AcqRel);
         l.touch();
-        Self(l)
+        Self { live: l, need }
     }
 }
 
 impl Drop for InUse {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.users.fetch_sub(1, Ordering::AcqRel);
+        self.live.touch();
+        self.live.users.fetch_sub(1, Ordering::AcqRel);
+        if self.need == Need::Local {
+            self.live.local_users.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -442,6 +494,25 @@ pub struct Status {
     /// Metainfo from members that failed its checks (bounds, info hash,
     /// content, size).
     pub metainfo_refused: u64,
+    /// The cap on live torrents (`EngineConfig::max_live`).
+    pub max_live: usize,
+    /// Members' handshakes (and metainfo requests) refused because every
+    /// live torrent was in use and `max_live` were live.
+    pub live_refused: u64,
+    /// Peer connections refused because their member had
+    /// `MAX_WIRES_PER_MEMBER` open (or their host `MAX_WIRES_PER_HOST` on
+    /// the BitTorrent listener).
+    pub member_conns_refused: u64,
+    /// Members' handshakes refused because their member brought up
+    /// torrents faster than `MEMBER_BRING_UP_RATE` a second after a burst of
+    /// `MEMBER_BRING_UP_BURST`.
+    pub member_bring_ups_refused: u64,
+    /// Bridged peer connections closed after `BRIDGE_IDLE` with no byte
+    /// moved either way.
+    pub bridges_idle_closed: u64,
+    /// Connections to the loopback SOCKS5 bridge refused for want of the
+    /// daemon's secret (local processes other than librqbit).
+    pub socks_refused: u64,
     pub fetches: Vec<FetchStatus>,
 }
 
@@ -474,6 +545,10 @@ pub struct Engine {
     warm_refused: AtomicU64,
     /// Metainfo from members that failed its checks.
     metainfo_refused: AtomicU64,
+    /// Per-member bounds, and the counters of what they refused.
+    limits: Limits,
+    /// SOCKS5 clients refused for want of the secret.
+    socks_refused: AtomicU64,
     cancel: CancellationToken,
 }
 
@@ -595,6 +670,9 @@ impl Engine {
         let socks = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         congestion::unpace(&socks);
         let socks_addr = socks.local_addr()?;
+        // Only librqbit, given the secret in its proxy URL, may use the
+        // bridge: other local users could reach members' peer wires.
+        let socks_secret = bridge::SocksSecret::random()?;
         let bt = BtRuntime::start()?;
         let session = bt
             .run(Session::new_with_opts(
@@ -611,7 +689,7 @@ impl Engine {
                         ..Default::default()
                     }),
                     connect: Some(ConnectionOptions {
-                        proxy_url: Some(format!("socks5://{socks_addr}")),
+                        proxy_url: Some(socks_secret.proxy_url(socks_addr)),
                         enable_tcp: true,
                         peer_opts: Some(PeerConnectionOptions {
                             max_request_window: Some(PEER_REQUEST_WINDOW),
@@ -673,10 +751,12 @@ impl Engine {
             warming: Arc::new(tokio::sync::Semaphore::new(MAX_WARMING)),
             warm_refused: AtomicU64::new(0),
             metainfo_refused: AtomicU64::new(0),
+            limits: Limits::default(),
+            socks_refused: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             cfg,
         });
-        tokio::spawn(engine.clone().serve_socks(socks));
+        tokio::spawn(engine.clone().serve_socks(socks, socks_secret));
         tokio::spawn(engine.clone().serve_public(public));
         tokio::spawn(engine.clone().reap());
         tokio::spawn(engine.clone().sweep());
@@ -767,36 +847,71 @@ impl Engine {
         lock(&self.live).get(ih).cloned()
     }
 
-    /// The live torrent of `meta`, added if needed: seeding the object when
-    /// it is here, else lazily fetching into `bt/partial/`. A torrent wanted
-    /// `whole` that was brought up for reads is added again for a
-    /// whole-file fetch (see `PEER_REQUEST_WINDOW`), keeping its pieces.
+    /// The live torrent of `meta`, added if needed, in use for `need` while
+    /// the result is held: seeding the object when it is here, else lazily
+    /// fetching into `bt/partial/`. A torrent wanted `whole` that was
+    /// brought up for reads is added again for a whole-file fetch (see
+    /// `PEER_REQUEST_WINDOW`), keeping its pieces. Adding one past
+    /// `max_live` first makes room (`make_room`).
     async fn bring_up(
         &self,
         meta: Arc<Metainfo>,
         label: &str,
         first: Option<String>,
         whole: bool,
-    ) -> Result<Arc<Live>, TorrentError> {
+        need: Need,
+    ) -> Result<InUse, TorrentError> {
         let suits = |l: &Live| !whole || l.whole || l.complete.load(Ordering::Acquire);
         if let Some(l) = self.live_of(&meta.info_hash)
             && suits(&l)
         {
-            l.touch();
-            return Ok(l);
+            return Ok(InUse::new(l, need));
         }
         let _adding = self.adding.lock().await;
         let Some(old) = self.live_of(&meta.info_hash) else {
-            return self.add(meta, label, first, whole, None).await;
+            self.make_room(need).await?;
+            let l = self.add(meta, label, first, whole, None).await?;
+            return Ok(InUse::new(l, need));
         };
         if suits(&old) {
-            return Ok(old);
+            return Ok(InUse::new(old, need));
         }
         debug!(torrent = %meta.info_hash, %label, "bringing a torrent up again for a whole-file fetch");
         lock(&self.live).remove(&meta.info_hash);
         self.retire(&old).await;
         let first = first.or_else(|| old.holder.clone());
-        self.add(meta, label, first, whole, Some(&old)).await
+        let l = self.add(meta, label, first, whole, Some(&old)).await?;
+        Ok(InUse::new(l, need))
+    }
+
+    /// Makes room for one more live torrent under `max_live` (with the
+    /// `adding` lock held): retires the least recently used torrent that
+    /// `need` may take (`limits::lru_victim`), the way the reaper retires
+    /// idle ones. A member's bring-up finding none is refused; a local one
+    /// goes over the cap (see `Need`).
+    async fn make_room(&self, need: Need) -> Result<(), TorrentError> {
+        let max = self.cfg.max_live.max(1);
+        loop {
+            let victim = {
+                let mut live = lock(&self.live);
+                if live.len() < max {
+                    return Ok(());
+                }
+                let usage = live.iter().map(|(ih, l)| (*ih, l.usage()));
+                match limits::lru_victim(usage, need == Need::Local) {
+                    Some(ih) => live.remove(&ih),
+                    None if need == Need::Local => return Ok(()),
+                    None => {
+                        self.limits.live_refused.fetch_add(1, Ordering::Relaxed);
+                        return Err(TorrentError::NoRoom { live: live.len() });
+                    }
+                }
+            };
+            if let Some(l) = victim {
+                debug!(torrent = %l.meta.info_hash, max_live = max, "retiring the least recently used torrent to make room");
+                self.retire(&l).await;
+            }
+        }
     }
 
     /// Adds the torrent of `meta` to the session (`bring_up`, under the
@@ -914,6 +1029,7 @@ impl Engine {
             have: Mutex::new(have),
             last_used: Mutex::new(Instant::now()),
             users: AtomicUsize::new(0),
+            local_users: AtomicUsize::new(0),
             label: Mutex::new(label.to_owned()),
             fetching: AtomicBool::new(false),
             sequential: Mutex::new(
@@ -1005,9 +1121,8 @@ impl Engine {
                 let idle: Vec<InfoHash> = live
                     .iter()
                     .filter(|(_, l)| {
-                        l.users.load(Ordering::Acquire) == 0
-                            && !l.fetching.load(Ordering::Acquire)
-                            && lock(&l.last_used).elapsed() > IDLE_LIVE
+                        let u = l.usage();
+                        u.idle() && u.last_used.elapsed() > IDLE_LIVE
                     })
                     .map(|(ih, _)| *ih)
                     .collect();
@@ -1221,16 +1336,17 @@ impl Engine {
         };
         loop {
             let whole = offset == 0 && end - offset >= WHOLE_FILE_READ.min(want.size);
-            let live = self
+            let in_use = self
                 .bring_up(
                     meta.clone(),
                     &want.path,
                     self.net.member_of(&want.author),
                     whole,
+                    Need::Local,
                 )
                 .await?;
             let up = started.elapsed();
-            let _use = InUse::new(live.clone());
+            let live = in_use.live.clone();
             self.note_read(&live, offset, end);
             let pieces = live.pieces_of(offset, end);
             if live.has(&self.session, pieces.clone()) {
@@ -1320,19 +1436,25 @@ impl Engine {
     /// reading; stops `FOLLOW_IDLE` after its last read.
     async fn follow(self: Arc<Self>, live: Arc<Live>) {
         let label = lock(&live.label).clone();
-        let live = match self
-            .bring_up(live.meta.clone(), &label, live.holder.clone(), true)
+        let in_use = match self
+            .bring_up(
+                live.meta.clone(),
+                &label,
+                live.holder.clone(),
+                true,
+                Need::Local,
+            )
             .await
         {
-            Ok(l) => l,
+            Ok(u) => u,
             Err(e) => {
                 live.following.store(false, Ordering::Release);
                 return debug!(path = %label, "background fetch: {e:#}");
             }
         };
+        let live = in_use.live.clone();
         // Brought up again meanwhile (a stalled read), it may not know.
         live.following.store(true, Ordering::Release);
-        let _use = InUse::new(live.clone());
         debug!(path = %lock(&live.label), "sequential reader: fetching ahead in the background");
         let all = HashSet::from([0usize]);
         if let Err(e) = self.select(&live, all).await {
@@ -1407,13 +1529,19 @@ impl Engine {
             return Ok(());
         }
         let meta = self.metainfo(&want).await?;
-        let live = self
-            .bring_up(meta, &want.path, self.net.member_of(&want.author), true)
+        let in_use = self
+            .bring_up(
+                meta,
+                &want.path,
+                self.net.member_of(&want.author),
+                true,
+                Need::Local,
+            )
             .await?;
+        let live = in_use.live.clone();
         if live.complete.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _use = InUse::new(live.clone());
         live.fetching.store(true, Ordering::Release);
         let result = self.fetch_live(&live).await;
         live.fetching.store(false, Ordering::Release);
@@ -1542,7 +1670,17 @@ impl Engine {
     /// Serves a peer connection that arrived over the mesh (or from an
     /// allowed network): brings its torrent up if this node holds it, then
     /// hands the connection to librqbit.
+    ///
+    /// A member has at most `MAX_WIRES_PER_MEMBER` such connections at once
+    /// (a standard client, named by its address, as many per IP address);
+    /// one that moves nothing either way for `BRIDGE_IDLE` is closed.
     pub async fn accept(self: Arc<Self>, mut io: BoxIo, from: String) {
+        let Some(_slot) = self.limits.members.try_acquire(&limits::member_key(&from)) else {
+            self.limits
+                .member_conns_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return debug!(%from, "peer connection refused: {MAX_WIRES_PER_MEMBER} open from this member already");
+        };
         let (hs, ih) =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, bridge::read_handshake(&mut io)).await {
                 Ok(Ok(x)) => x,
@@ -1550,10 +1688,9 @@ impl Engine {
                 Err(_) => return debug!(%from, "peer connection refused: no handshake"),
             };
         let ih = InfoHash(ih);
-        let Some(live) = self.held(ih, &from).await else {
+        let Some(_use) = self.held(ih, &from).await else {
             return;
         };
-        let _use = InUse::new(live);
         let mut local = match TcpStream::connect(self.local).await {
             Ok(s) => {
                 congestion::unpace(&s);
@@ -1565,17 +1702,27 @@ impl Engine {
         if local.write_all(&hs).await.is_err() {
             return;
         }
-        match io.relay(&mut local).await {
-            Ok((up, down)) => debug!(%from, torrent = %ih, up, down, "peer connection closed"),
-            Err(e) => debug!(%from, torrent = %ih, "peer connection ended: {e}"),
+        match limits::relay_until_idle(&mut *io, &mut local, BRIDGE_IDLE).await {
+            Relayed::Ended(Ok((up, down))) => {
+                debug!(%from, torrent = %ih, up, down, "peer connection closed")
+            }
+            Relayed::Ended(Err(e)) => debug!(%from, torrent = %ih, "peer connection ended: {e}"),
+            Relayed::Idle => {
+                self.limits
+                    .bridges_idle_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%from, torrent = %ih, "peer connection closed: nothing moved for {BRIDGE_IDLE:?}")
+            }
         }
     }
 
-    /// The live torrent of `ih`, brought up if this node holds its content
-    /// (in full or in part).
-    async fn held(&self, ih: InfoHash, from: &str) -> Option<Arc<Live>> {
+    /// The live torrent of `ih`, in use for member `from` while the result
+    /// is held, brought up if this node holds its content (in full or in
+    /// part), room under `max_live` allows, and `from` has not brought up
+    /// more than `MEMBER_BRING_UP_BURST` lately.
+    async fn held(&self, ih: InfoHash, from: &str) -> Option<InUse> {
         if let Some(l) = self.live_of(&ih) {
-            return Some(l);
+            return Some(InUse::new(l, Need::Peer));
         }
         let Some(bytes) = self.local_metainfo(&ih) else {
             debug!(%from, torrent = %ih, "peer wants a torrent unknown here");
@@ -1594,11 +1741,26 @@ impl Engine {
             debug!(%from, torrent = %ih, "peer wants content not held here");
             return None;
         }
+        if !self
+            .limits
+            .bring_ups
+            .try_take(&limits::member_key(from), Instant::now())
+        {
+            self.limits
+                .member_bring_ups_refused
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%from, torrent = %ih, "peer connection refused: this member brings torrents up faster than {MEMBER_BRING_UP_RATE} a second (after {MEMBER_BRING_UP_BURST})");
+            return None;
+        }
         match self
-            .bring_up(meta, &format!("torrent {ih}"), None, false)
+            .bring_up(meta, &format!("torrent {ih}"), None, false, Need::Peer)
             .await
         {
-            Ok(l) => Some(l),
+            Ok(u) => Some(u),
+            Err(TorrentError::NoRoom { live }) => {
+                debug!(%from, torrent = %ih, live, "peer connection refused: every live torrent is in use");
+                None
+            }
             Err(e) => {
                 warn!(torrent = %ih, "could not serve a peer: {e}");
                 None
@@ -1635,7 +1797,11 @@ impl Engine {
             return;
         }
         let Ok(slot) = self.warming.clone().try_acquire_owned() else {
-            if self.warm_refused.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+            if self
+                .warm_refused
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(1000)
+            {
                 warn!(%ih, "{MAX_WARMING} torrents are being brought up for members' requests already: not this one");
             }
             return;
@@ -1643,14 +1809,15 @@ impl Engine {
         let this = self.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Some(l) = this.held(ih, &from).await {
-                l.touch();
-            }
+            // Let go at once: it stays live for `IDLE_LIVE` from now.
+            drop(this.held(ih, &from).await);
         });
     }
 
     /// librqbit's outgoing connections: SOCKS5 to a synthetic member address.
-    async fn serve_socks(self: Arc<Self>, listener: TcpListener) {
+    /// Only a client with `secret` (librqbit) is served.
+    async fn serve_socks(self: Arc<Self>, listener: TcpListener, secret: bridge::SocksSecret) {
+        let secret = Arc::new(secret);
         let us = listener.local_addr();
         // librqbit's ends are looked up one at a time, off the runtime; the
         // lookup ends with this task (its sender goes).
@@ -1672,11 +1839,22 @@ impl Engine {
             }
             let mut conn = QuickAck::new(conn);
             let this = self.clone();
+            let secret = secret.clone();
             tokio::spawn(async move {
-                let asked =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, bridge::socks5_request(&mut conn));
+                let asked = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    bridge::socks5_request(&mut conn, &secret),
+                );
                 let target = match asked.await {
                     Ok(Ok(t)) => t,
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::PermissionDenied => {
+                        // Any local user can knock: one warning in 1000.
+                        let n = this.socks_refused.fetch_add(1, Ordering::Relaxed);
+                        if n.is_multiple_of(1000) {
+                            return warn!(%from, refused = n + 1, "SOCKS5 bridge: client refused ({e})");
+                        }
+                        return debug!(%from, "{e}");
+                    }
                     Ok(Err(e)) => return debug!("SOCKS5: {e}"),
                     Err(_) => return debug!("SOCKS5: no request within {HANDSHAKE_TIMEOUT:?}"),
                 };
@@ -1702,7 +1880,14 @@ impl Engine {
                 if bridge::socks5_reply(&mut conn, 0).await.is_err() {
                     return;
                 }
-                let _ = remote.relay(&mut conn).await;
+                if let Relayed::Idle =
+                    limits::relay_until_idle(&mut *remote, &mut conn, BRIDGE_IDLE).await
+                {
+                    this.limits
+                        .bridges_idle_closed
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(%member, "outgoing peer connection closed: nothing moved for {BRIDGE_IDLE:?}");
+                }
             });
         }
     }
@@ -1726,6 +1911,15 @@ impl Engine {
                 debug!(%peer, "BitTorrent connection from neither a member nor bt_allow refused");
                 continue;
             }
+            // Before the permit: one host cannot take them all.
+            let host = peer.ip().to_canonical().to_string();
+            let Some(host_slot) = self.limits.hosts.try_acquire(&host) else {
+                self.limits
+                    .member_conns_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "{MAX_WIRES_PER_HOST} connections from this host on the BitTorrent listener: refusing another");
+                continue;
+            };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 warn!(%peer, "{MAX_DIRECT_WIRES} connections on the BitTorrent listener: refusing another");
                 continue;
@@ -1756,7 +1950,7 @@ impl Engine {
                         Err(_) => debug!(%peer, "direct peer wire refused: no handshake in time"),
                     }
                 }
-                drop(permit);
+                drop((permit, host_slot));
             });
         }
     }
@@ -1773,6 +1967,12 @@ impl Engine {
             known_holdings: lock(&self.holders).count(),
             warm_refused: self.warm_refused.load(Ordering::Relaxed),
             metainfo_refused: self.metainfo_refused.load(Ordering::Relaxed),
+            max_live: self.cfg.max_live.max(1),
+            live_refused: self.limits.live_refused.load(Ordering::Relaxed),
+            member_conns_refused: self.limits.member_conns_refused.load(Ordering::Relaxed),
+            member_bring_ups_refused: self.limits.member_bring_ups_refused.load(Ordering::Relaxed),
+            bridges_idle_closed: self.limits.bridges_idle_closed.load(Ordering::Relaxed),
+            socks_refused: self.socks_refused.load(Ordering::Relaxed),
             fetches: Vec::new(),
         };
         for l in live {
@@ -1910,6 +2110,11 @@ fn warm_ahead(live: &Live, warming: &AtomicBool) {
         std::thread::sleep(WARM_EVERY);
     }
 }
+
+/// The live cap and the per-member bounds, on a running engine.
+#[cfg(test)]
+#[path = "engine_bounds_tests.rs"]
+mod bounds_tests;
 
 #[cfg(test)]
 mod tests {

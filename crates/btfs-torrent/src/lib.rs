@@ -17,6 +17,7 @@
 mod bridge;
 pub mod congestion;
 mod engine;
+mod limits;
 pub mod meta;
 
 use std::io;
@@ -25,6 +26,7 @@ use btfs_core::{ContentId, InfoHash};
 
 pub use bridge::{BoxIo, Cidr, PeerIo, QuickAck, RelayFuture};
 pub use engine::{Engine, EngineConfig, FetchStatus, Network, ObjectPath, Status};
+pub use limits::DEFAULT_MAX_LIVE;
 pub use meta::Metainfo;
 
 /// Everything the content layer can fail with.
@@ -84,6 +86,8 @@ pub enum TorrentError {
     Mismatch(String),
     #[error("no progress for {0:?}: no reachable member holds the missing pieces")]
     Stalled(std::time::Duration),
+    #[error("{live} torrents are live and in use: no room for another")]
+    NoRoom { live: usize },
     #[error(transparent)]
     Io(#[from] io::Error),
 }

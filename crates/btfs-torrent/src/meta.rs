@@ -842,7 +842,6 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(256))]
 
             #[test]
             fn arbitrary_bytes_never_panic(
