@@ -81,12 +81,73 @@ struct Attack {
     metainfo: HashMap<InfoHash, Vec<u8>>,
     /// Metainfo requests it sends for each info hash it hears of, at once.
     flood_metainfo: usize,
+    /// Direct peer wires it opens to the target's BitTorrent port.
+    wires: Wires,
+}
+
+/// Peer wires the hostile member opens, each held open until the attack
+/// stops (or the target closes it).
+#[derive(Default)]
+struct Wires {
+    /// For each info hash it hears of: wires whose BitTorrent handshake
+    /// names it, then not a byte more.
+    per_info_hash: usize,
+    /// Wires that finish the noise handshake, then send nothing at all.
+    silent: usize,
+    /// How long the target took to close each silent wire.
+    closed_after: Arc<Mutex<Vec<Duration>>>,
+}
+
+/// What the attacker needs to open direct wires to the target.
+#[derive(Clone)]
+struct WireKit {
+    keypair: Keypair,
+    prologue: Vec<u8>,
+    addr: std::net::SocketAddr,
+    target: libp2p_identity::PeerId,
+}
+
+impl WireKit {
+    /// A secured wire to the target, or `None` if it refuses.
+    async fn open(&self) -> Option<btfs_mesh::wire::Wire<tokio::net::TcpStream>> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+        btfs_mesh::wire::connect(&self.keypair, &self.prologue, tcp, self.target)
+            .await
+            .ok()
+    }
+
+    /// Opens a wire that names `ih` (if any) and then stays quiet, until
+    /// the target closes it or `stop`; returns how long it stayed open.
+    async fn hold(self, ih: Option<InfoHash>, stop: Arc<AtomicBool>) -> Option<Duration> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut w = self.open().await?;
+        let opened = Instant::now();
+        if let Some(ih) = ih {
+            let mut hs = vec![19u8];
+            hs.extend_from_slice(b"BitTorrent protocol");
+            hs.extend_from_slice(&[0; 8]);
+            hs.extend_from_slice(&ih.0);
+            hs.extend_from_slice(b"-XX0001-hostilepeer!");
+            w.write_all(&hs).await.ok()?;
+            w.flush().await.ok()?;
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        while !stop.load(Ordering::SeqCst) {
+            match tokio::time::timeout(Duration::from_millis(200), w.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return Some(opened.elapsed()),
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+        None
+    }
 }
 
 /// A node under attack, with what it runs on. Fields drop in order: the
 /// node before its namespaces.
 struct Scene {
     target: NsNode,
+    /// The attacker's namespace.
+    attacker_ns: String,
     _net: Net,
     _keys: tempfile::TempDir,
     stop: Arc<AtomicBool>,
@@ -118,7 +179,7 @@ impl Scene {
         let keypair = hostile.keypair.clone();
         let attacker = {
             let stop = stop.clone();
-            in_namespace(&ns, move || {
+            in_namespace(&ns.clone(), move || {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(1)
                     .enable_all()
@@ -129,6 +190,7 @@ impl Scene {
         };
         Self {
             target,
+            attacker_ns: ns,
             _net: net,
             _keys: keys,
             stop,
@@ -138,7 +200,7 @@ impl Scene {
     }
 
     /// Waits until `what` holds of the target (30 s at most).
-    fn until(&self, what: &str, check: impl Fn(&NsNode) -> bool) {
+    fn until(&self, what: &str, mut check: impl FnMut(&NsNode) -> bool) {
         eventually(Duration::from_secs(30), what, || check(&self.target));
     }
 
@@ -210,7 +272,13 @@ async fn run_attack(
         members: None,
         validate: Arc::new(|_, _, _| true),
     };
+    let prologue = btfs_mesh::wire::prologue(CLUSTER, &cfg.psk.to_string());
+    let (keypair, target_ip) = (
+        cfg.keypair.clone(),
+        dial.split('/').nth(2).unwrap().to_owned(),
+    );
     let (mesh, mut events, _task) = btfs_mesh::start(cfg).unwrap();
+    let mut kit: Option<WireKit> = None;
     let batches: Vec<Vec<u8>> = attack
         .gossip
         .iter()
@@ -240,12 +308,34 @@ async fn run_attack(
                     };
                     let _ = responder.respond(answer).await;
                 }
-                Some(btfs_mesh::MeshEvent::Gossip { source, data, .. }) if attack.flood_metainfo > 0 => {
+                Some(btfs_mesh::MeshEvent::PeerUp(peer, _)) => {
+                    let k = WireKit {
+                        keypair: keypair.clone(),
+                        prologue: prologue.clone(),
+                        addr: format!("{target_ip}:{}", PORT + 1).parse().unwrap(),
+                        target: peer,
+                    };
+                    for _ in 0..attack.wires.silent {
+                        let (k, stop, closed) = (k.clone(), stop.clone(), attack.wires.closed_after.clone());
+                        tokio::spawn(async move {
+                            if let Some(d) = k.hold(None, stop).await {
+                                closed.lock().unwrap().push(d);
+                            }
+                        });
+                    }
+                    kit = Some(k);
+                }
+                Some(btfs_mesh::MeshEvent::Gossip { source, data, .. }) => {
                     let Ok(batch) = SignedRecord::decode_batch(&data) else { continue };
                     for r in batch {
                         let Some(ih) = r.record.torrent else { continue };
                         if !flooded.lock().unwrap().insert(ih) {
                             continue;
+                        }
+                        if let Some(k) = &kit {
+                            for _ in 0..attack.wires.per_info_hash {
+                                tokio::spawn(k.clone().hold(Some(ih), stop.clone()));
+                            }
                         }
                         let mut req = vec![RPC_METAINFO];
                         req.extend_from_slice(&ih.0);
@@ -561,4 +651,106 @@ fn a_flood_of_metainfo_requests_is_bounded() {
         log.contains("being brought up for members' requests already"),
         "{log}"
     );
+}
+
+#[test]
+fn hostile_handshakes_naming_many_info_hashes_are_bounded() {
+    let h = Hostile::new();
+    let mut scene = Scene::start(
+        &h,
+        Attack {
+            gossip: vec![h.sign("control.txt", h.file(1))],
+            wires: Wires {
+                per_info_hash: 12,
+                ..Wires::default()
+            },
+            ..Attack::default()
+        },
+        |_| ",max_torrents=4".into(),
+    );
+    scene.until("the control", |t| t.mnt.join("control.txt").exists());
+    // Files whose records reach the attacker, which opens 12 wires naming
+    // each one's torrent and holds them open: 96 wires, 8 torrents.
+    for i in 0..8u64 {
+        std::fs::write(
+            scene.target.mnt.join(format!("f{i}")),
+            common::pattern(i, 300 << 10),
+        )
+        .unwrap();
+    }
+    let mut most_live = 0;
+    scene.until("wires past the member's share refused", |t| {
+        let s = t.status();
+        most_live = most_live.max(s["live_torrents"].as_u64().unwrap());
+        s["member_conns_refused"].as_u64().unwrap() > 0
+            && s["live_refused"].as_u64().unwrap() + s["member_bring_ups_refused"].as_u64().unwrap()
+                > 0
+    });
+    assert!(
+        most_live <= 4,
+        "{most_live} torrents live with max_torrents=4"
+    );
+    // A local read still gets its torrent.
+    std::fs::write(scene.target.mnt.join("local"), b"local bytes").unwrap();
+    assert_eq!(
+        std::fs::read(scene.target.mnt.join("f0")).unwrap(),
+        common::pattern(0, 300 << 10)
+    );
+    scene.finish();
+}
+
+#[test]
+fn hostile_idle_connections_are_closed() {
+    let h = Hostile::new();
+    let closed = Arc::new(Mutex::new(Vec::new()));
+    let mut scene = Scene::start(
+        &h,
+        Attack {
+            gossip: vec![h.sign("control.txt", h.file(1))],
+            wires: Wires {
+                silent: 8,
+                closed_after: closed.clone(),
+                ..Wires::default()
+            },
+            ..Attack::default()
+        },
+        |_| String::new(),
+    );
+    scene.until("the control", |t| t.mnt.join("control.txt").exists());
+    // Plain TCP connections that never speak, next to the silent wires.
+    let addr = format!("{}:{}", scene.target.addr, PORT + 1);
+    let raw: Vec<_> = (0..8)
+        .map(|_| {
+            let ns = scene.attacker_ns.clone();
+            let addr = addr.clone();
+            in_namespace(&ns, move || {
+                let t = Instant::now();
+                let mut c = std::net::TcpStream::connect(&addr).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+                let n = std::io::Read::read(&mut c, &mut [0u8; 16]).unwrap_or(0);
+                (n, t.elapsed())
+            })
+        })
+        .collect();
+    scene.until("the silent wires closed", |_| {
+        closed.lock().unwrap().len() == 8
+    });
+    for d in closed.lock().unwrap().iter() {
+        assert!(
+            *d < Duration::from_secs(25),
+            "a silent wire stayed open {d:?}"
+        );
+    }
+    for r in raw {
+        let (n, d) = r.join().unwrap();
+        assert_eq!(n, 0, "the target sent bytes to a silent connection");
+        assert!(
+            d < Duration::from_secs(25),
+            "a silent connection stayed open {d:?}"
+        );
+    }
+    scene.until("the closes counted", |t| {
+        t.counter("bridges_idle_closed") >= 16
+    });
+    scene.finish();
 }

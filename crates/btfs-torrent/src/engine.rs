@@ -507,8 +507,8 @@ pub struct Status {
     /// torrents faster than `MEMBER_BRING_UP_RATE` a second after a burst of
     /// `MEMBER_BRING_UP_BURST`.
     pub member_bring_ups_refused: u64,
-    /// Bridged peer connections closed after `BRIDGE_IDLE` with no byte
-    /// moved either way.
+    /// Peer connections closed for moving nothing: no handshake within
+    /// `HANDSHAKE_TIMEOUT`, or no byte either way for `BRIDGE_IDLE`.
     pub bridges_idle_closed: u64,
     /// Connections to the loopback SOCKS5 bridge refused for want of the
     /// daemon's secret (local processes other than librqbit).
@@ -1681,12 +1681,21 @@ impl Engine {
                 .fetch_add(1, Ordering::Relaxed);
             return debug!(%from, "peer connection refused: {MAX_WIRES_PER_MEMBER} open from this member already");
         };
-        let (hs, ih) =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, bridge::read_handshake(&mut io)).await {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => return debug!(%from, "peer connection refused: {e}"),
-                Err(_) => return debug!(%from, "peer connection refused: no handshake"),
-            };
+        let (hs, ih) = match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            bridge::read_handshake(&mut io),
+        )
+        .await
+        {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return debug!(%from, "peer connection refused: {e}"),
+            Err(_) => {
+                self.limits
+                    .bridges_idle_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                return debug!(%from, "peer connection closed: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            }
+        };
         let ih = InfoHash(ih);
         let Some(_use) = self.held(ih, &from).await else {
             return;
@@ -1930,6 +1939,12 @@ impl Engine {
                 let mut first = [0u8; 1];
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.peek(&mut first)).await {
                     Ok(Ok(1)) => {}
+                    Err(_) => {
+                        this.limits
+                            .bridges_idle_closed
+                            .fetch_add(1, Ordering::Relaxed);
+                        return debug!(%peer, "BitTorrent listener: nothing received within {HANDSHAKE_TIMEOUT:?}");
+                    }
                     _ => return debug!(%peer, "BitTorrent listener: nothing received"),
                 }
                 if first[0] == bridge::BT_HANDSHAKE_FIRST {
@@ -1947,7 +1962,12 @@ impl Engine {
                             this.accept(io, member).await;
                         }
                         Ok(Err(e)) => debug!(%peer, "direct peer wire refused: {e}"),
-                        Err(_) => debug!(%peer, "direct peer wire refused: no handshake in time"),
+                        Err(_) => {
+                            this.limits
+                                .bridges_idle_closed
+                                .fetch_add(1, Ordering::Relaxed);
+                            debug!(%peer, "direct peer wire closed: no handshake within {HANDSHAKE_TIMEOUT:?}")
+                        }
                     }
                 }
                 drop((permit, host_slot));
