@@ -120,7 +120,17 @@ impl WireKit {
     /// the target closes it or `stop`; returns how long it stayed open.
     async fn hold(self, ih: Option<InfoHash>, stop: Arc<AtomicBool>) -> Option<Duration> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut w = self.open().await?;
+        // The target admits a wire once it counts this member as connected,
+        // which may be a moment after this side saw the connection.
+        let mut w = None;
+        for _ in 0..50 {
+            w = self.open().await;
+            if w.is_some() || stop.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut w = w?;
         let opened = Instant::now();
         if let Some(ih) = ih {
             let mut hs = vec![19u8];

@@ -951,6 +951,42 @@ fn the_readme_first_command_mounts_a_working_node_on_the_defaults() {
     let listen = status["listen"].to_string();
     assert!(listen.contains("/tcp/4410"), "mesh listens on {listen}");
     assert_eq!(status["mdns"], serde_json::json!(false), "{status}");
+    // Every default of the README's options table.
+    assert_eq!(
+        status["options"],
+        serde_json::json!({
+            "listen": "0.0.0.0:4410",
+            "mdns": false,
+            "members": null,
+            "threads": 4,
+            "passthrough": true,
+            "ttl_secs": 1.0,
+            "allow_other": true,
+            "tombstone_retention_secs": 86_400,
+            "bt_wire": "direct",
+            "bt_congestion": "cubic",
+            "bt_allow": [],
+            "read_timeout_secs": 30.0,
+            "prefetch": "none",
+            "up_rate": null,
+            "down_rate": null,
+            "cache_size": null,
+            "max_torrents": null,
+        }),
+        "{status}"
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == a.mnt.to_str())
+        .unwrap();
+    assert!(
+        line.contains("allow_other")
+            && line.contains("default_permissions")
+            && line.contains("nosuid"),
+        "{line}"
+    );
+    assert_eq!(status["passthrough"], serde_json::json!(true), "{status}");
     assert_eq!(status["max_live"], serde_json::json!(512), "{status}");
     assert_eq!(
         status["bittorrent_listen"],

@@ -485,6 +485,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
         "key_file": plan.key_path,
         "key_fingerprint": plan.key_fingerprint,
         "mdns": plan.opts.mdns,
+        "options": plan.opts.effective(),
 
         "pid": std::process::id(),
         "version": env!("CARGO_PKG_VERSION"),

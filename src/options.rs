@@ -281,6 +281,36 @@ fn on_off(name: &str, v: &str) -> Result<bool> {
 }
 
 impl MountOpts {
+    /// The options in force, defaults filled in, as `btfs status` shows
+    /// them (`options`).
+    pub(crate) fn effective(&self) -> serde_json::Value {
+        use crate::content::Prefetch;
+        let prefetch = match &self.prefetch {
+            Prefetch::None => "none".to_owned(),
+            Prefetch::All => "all".to_owned(),
+            Prefetch::Globs(g) => g.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(","),
+        };
+        serde_json::json!({
+            "listen": self.mesh_listen().to_string(),
+            "mdns": self.mdns,
+            "members": self.members,
+            "threads": self.threads,
+            "passthrough": self.passthrough,
+            "ttl_secs": self.ttl.as_secs_f64(),
+            "allow_other": self.allow_other,
+            "tombstone_retention_secs": self.tombstone_retention.as_secs(),
+            "bt_wire": if self.bt_wire_direct { "direct" } else { "mesh" },
+            "bt_congestion": self.bt_congestion.to_string(),
+            "bt_allow": self.bt_allow.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "read_timeout_secs": self.read_timeout.as_secs_f64(),
+            "prefetch": prefetch,
+            "up_rate": self.up_rate.map(|r| r.get()),
+            "down_rate": self.down_rate.map(|r| r.get()),
+            "cache_size": self.cache_size,
+            "max_torrents": self.max_torrents,
+        })
+    }
+
     /// Where the mesh listens: `listen=`, else [`DEFAULT_LISTEN`].
     pub(crate) fn mesh_listen(&self) -> SocketAddr {
         self.listen.unwrap_or(DEFAULT_LISTEN)
