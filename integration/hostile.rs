@@ -143,9 +143,9 @@ impl WireKit {
         }
         let mut buf = vec![0u8; 1 << 16];
         while !stop.load(Ordering::SeqCst) {
-            match tokio::time::timeout(Duration::from_millis(200), w.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => return Some(opened.elapsed()),
-                Ok(Ok(_)) | Err(_) => {}
+            let read = tokio::time::timeout(Duration::from_millis(200), w.read(&mut buf)).await;
+            if let Ok(Ok(0) | Err(_)) = read {
+                return Some(opened.elapsed());
             }
         }
         None
