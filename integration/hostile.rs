@@ -75,6 +75,8 @@ impl Hostile {
 struct Attack {
     /// Records it gossips, each in a batch of its own, every 300 ms.
     gossip: Vec<SignedRecord>,
+    /// Gossip messages it sends as they are, every 300 ms.
+    gossip_batches: Vec<Vec<u8>>,
     /// Its answer to every anti-entropy request: these records.
     sync: Vec<SignedRecord>,
     /// Its answers to metainfo requests, by info hash.
@@ -294,6 +296,7 @@ async fn run_attack(
         .iter()
         .map(|r| SignedRecord::encode_batch(&[postcard::to_allocvec(r).unwrap()]).unwrap())
         .collect();
+    let batches = [batches, attack.gossip_batches.clone()].concat();
     let page = postcard::to_allocvec(&SyncResponse {
         index: 1,
         from: 0,
@@ -763,4 +766,86 @@ fn hostile_idle_connections_are_closed() {
         t.counter("bridges_idle_closed") >= 16
     });
     scene.finish();
+}
+
+/// Records signed and then changed, claiming another member as author,
+/// naming a path outside the tree, or sharing a gossip message with a
+/// forgery: none is stored, the honest ones around them are.
+#[test]
+fn forged_records_from_a_peer_holding_the_key_are_refused() {
+    let h = Hostile::new();
+    let other = Hostile::new();
+    let passwd_before = std::fs::read("/etc/passwd").unwrap();
+    // Signed, then changed.
+    let mut tampered = h.sign("tampered.txt", h.file(1));
+    tampered.record.size = 4096;
+    // Claims another member as its author.
+    let mut stolen = h.sign("stolen.txt", h.file(1));
+    stolen.record.author = other.node;
+    stolen.record.version.increment(other.node);
+    // A path that escapes the tree: the encoding of a record whose path
+    // field says `../etc/passwd` (a RelPath cannot hold it).
+    #[derive(serde::Serialize)]
+    struct Raw {
+        path: String,
+        record: FileRecord,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    }
+    let traversal = postcard::to_allocvec(&Raw {
+        path: "../etc/passwd".into(),
+        record: h.file(1),
+        signature: h.sign("x", h.file(1)).signature,
+    })
+    .unwrap();
+    let enc = |r: &SignedRecord| postcard::to_allocvec(r).unwrap();
+    let batch = |rs: &[Vec<u8>]| SignedRecord::encode_batch(rs).unwrap();
+    let mut scene = Scene::start(
+        &h,
+        Attack {
+            // The control: an honest record from this member.
+            gossip: vec![h.sign("from-test-peer.txt", h.file(1))],
+            gossip_batches: vec![
+                batch(&[enc(&tampered)]),
+                batch(&[enc(&stolen)]),
+                batch(&[traversal]),
+                // One good record next to a forged one: the batch goes whole.
+                batch(&[
+                    enc(&h.sign("with-a-forged-neighbour.txt", h.file(1))),
+                    enc(&tampered),
+                ]),
+            ],
+            sync: vec![
+                tampered.clone(),
+                stolen.clone(),
+                h.sign("synced.txt", h.file(2)),
+            ],
+            ..Attack::default()
+        },
+        |_| String::new(),
+    );
+    scene.until("the honest records (gossip and sync)", |t| {
+        t.mnt.join("from-test-peer.txt").exists() && t.mnt.join("synced.txt").exists()
+    });
+    scene.until("the forgeries refused", |t| refused(t) >= 6);
+    scene.finish();
+    let m = &scene.target.mnt;
+    for name in ["tampered.txt", "stolen.txt", "with-a-forged-neighbour.txt"] {
+        assert!(!m.join(name).exists(), "{name} must not be written");
+    }
+    assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd_before);
+    let names: std::collections::BTreeSet<String> = std::fs::read_dir(m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["from-test-peer.txt", "honest.txt", "synced.txt"]
+            .map(String::from)
+            .into(),
+    );
+    let log = scene.target.log();
+    assert!(log.contains("refused gossip"), "{log}");
+    assert!(log.contains("bad signature"), "{log}");
+    assert!(log.contains("malformed"), "{log}");
 }
