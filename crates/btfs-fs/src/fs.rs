@@ -1580,7 +1580,7 @@ impl<B: Backend> Shared<B> {
     /// committed at the next start), and makes its next commit durable.
     fn sync_staging(&self, ino: u64, st: &mut OpenInode, datasync: bool) -> Result<()> {
         if let Some(staging) = &st.staging {
-            self.objects.mark_synced(&staging.path, ino, datasync)?;
+            self.objects.mark_synced(staging, ino, datasync)?;
             st.sync_on_commit = true;
         }
         Ok(())

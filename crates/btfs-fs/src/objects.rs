@@ -99,8 +99,13 @@ impl ObjectStore {
     /// Marks staging file `staging` of inode `ino` as holding acknowledged
     /// bytes: its data, the marker and both directory entries are on disk
     /// when this returns. A marked file is recovered after a crash.
-    pub(crate) fn mark_synced(&self, staging: &Path, ino: u64, datasync: bool) -> io::Result<()> {
-        let file = OpenOptions::new().write(true).open(staging)?;
+    pub(crate) fn mark_synced(
+        &self,
+        staging: &Staging,
+        ino: u64,
+        datasync: bool,
+    ) -> io::Result<()> {
+        let (file, staging) = (&staging.file, &staging.path);
         if datasync {
             file.sync_data()?;
         } else {
@@ -445,11 +450,11 @@ mod tests {
         let plain = store.new_staging(None).unwrap();
         let synced = store.new_staging(None).unwrap();
         (&*synced.file).write_all(b"acknowledged").unwrap();
-        store.mark_synced(&synced.path, 42, true).unwrap();
-        store.mark_synced(&synced.path, 42, false).unwrap();
+        store.mark_synced(&synced, 42, true).unwrap();
+        store.mark_synced(&synced, 42, false).unwrap();
         // A marker whose file went (installed and discarded half-way).
         let gone = store.new_staging(None).unwrap();
-        store.mark_synced(&gone.path, 7, true).unwrap();
+        store.mark_synced(&gone, 7, true).unwrap();
         fs::remove_file(&gone.path).unwrap();
         drop(store);
 
