@@ -484,7 +484,6 @@ fn start(plan: &MountPlan) -> Result<Started> {
         "peer_id": peer_id,
         "key_file": plan.key_path,
         "key_fingerprint": plan.key_fingerprint,
-        "mdns": plan.opts.mdns,
         "options": plan.opts.effective(),
 
         "pid": std::process::id(),
@@ -501,6 +500,7 @@ fn start(plan: &MountPlan) -> Result<Started> {
                     let view = peers.borrow();
                     obj.insert("peers".into(), serde_json::json!(view.peers));
                     obj.insert("listen".into(), serde_json::json!(view.listen));
+                    obj.insert("mdns".into(), serde_json::json!(view.mdns));
                     obj.insert(
                         "records_published".into(),
                         counters.published.load(Ordering::Relaxed).into(),

@@ -174,6 +174,26 @@ fn print_status(v: &serde_json::Value) {
         listen.join(", ")
     };
     println!("  mesh         listening on {listen}");
+    let mdns = &v["mdns"];
+    let mdns_line = if mdns["enabled"] != true {
+        "off".to_owned()
+    } else if mdns["running"] == true {
+        let ifaces: Vec<&str> = mdns["interfaces"]
+            .as_array()
+            .map_or(Vec::new(), |l| l.iter().filter_map(|a| a.as_str()).collect());
+        format!(
+            "running on {} ({} found, {} restarts)",
+            ifaces.join(", "),
+            mdns["discovered"].as_u64().unwrap_or(0),
+            mdns["restarts"].as_u64().unwrap_or(0)
+        )
+    } else {
+        format!(
+            "not running on any interface yet ({} restarts; see the log)",
+            mdns["restarts"].as_u64().unwrap_or(0)
+        )
+    };
+    println!("  mdns         {mdns_line}");
     println!(
         "  records      {} published, {} received by gossip, {} by sync ({} sync rounds), {} conflicts merged, {} refused",
         n("records_published"),

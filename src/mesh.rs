@@ -139,7 +139,7 @@ impl Holdings {
 }
 
 /// How often the status view of the mesh is refreshed.
-const PEERS_REFRESH: Duration = Duration::from_secs(1);
+const PEERS_REFRESH: Duration = Duration::from_millis(250);
 /// Least time between two gossip messages: a burst of changes goes out as
 /// full batches at this pace (about 50 messages, some 8,000 records, a second).
 const GOSSIP_PACE: Duration = Duration::from_millis(20);
@@ -153,6 +153,7 @@ const SYNC_INTERVAL: Duration = Duration::from_secs(15);
 pub(crate) struct PeersView {
     pub peers: Vec<PeerInfo>,
     pub listen: Vec<String>,
+    pub mdns: btfs_mesh::MdnsStatus,
 }
 
 fn multiaddr(a: SocketAddr) -> String {
@@ -770,12 +771,17 @@ pub(crate) fn start(
         let mut tick = tokio::time::interval(PEERS_REFRESH);
         loop {
             tick.tick().await;
-            let (Ok(peers), Ok(listen)) = (mesh.peers().await, mesh.listen_addrs().await) else {
+            let (Ok(peers), Ok(listen), Ok(mdns)) = (
+                mesh.peers().await,
+                mesh.listen_addrs().await,
+                mesh.mdns_status().await,
+            ) else {
                 return;
             };
             let view = PeersView {
                 peers,
                 listen: listen.iter().map(ToString::to_string).collect(),
+                mdns,
             };
             if tx.send(view).is_err() {
                 return;

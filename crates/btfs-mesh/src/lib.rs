@@ -18,6 +18,7 @@
 //! receiver. Every channel is bounded. The loop ends when every handle is
 //! dropped.
 
+mod discovery;
 pub mod wire;
 
 /// Mesh addresses, as `MeshConfig` takes them.
@@ -26,6 +27,7 @@ pub use libp2p::Multiaddr;
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
+    str::FromStr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -62,7 +64,19 @@ pub const MAX_GOSSIP: usize = 60 * 1024;
 /// redial.
 const REDIAL_TICK: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Addresses kept for one peer (mDNS and presence add to them).
+const MAX_ADDRS_PER_PEER: usize = 8;
+/// Peers kept that are not connected (every admitted key holder can make
+/// new identities; the map must not grow with them).
+const MAX_KNOWN: usize = 4096;
+/// Presence announcements go out at most this often (one is due whenever a
+/// member subscribes, so that newcomers learn of everyone).
+const PRESENCE_MIN_GAP: Duration = Duration::from_secs(1);
+/// And at least this often, so that a member that missed one learns later.
+const PRESENCE_INTERVAL: Duration = Duration::from_secs(60);
+/// Largest presence announcement accepted.
+const MAX_PRESENCE: usize = 2048;
 
 /// Errors of the mesh.
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +185,7 @@ struct Payload(#[serde(with = "serde_bytes")] Vec<u8>);
 struct Behaviour {
     members: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     gossipsub: gossipsub::Behaviour,
-    mdns: Toggle<mdns::tokio::Behaviour>,
+    mdns: Toggle<discovery::SupervisedMdns>,
     rpc: request_response::cbor::Behaviour<Payload, Payload>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -227,11 +241,29 @@ pub struct PeerInfo {
     pub last_seen_secs: u64,
 }
 
+/// Whether mDNS runs and where, as `btfs status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MdnsStatus {
+    /// `mdns=on`.
+    pub enabled: bool,
+    /// At least one instance is alive (asking and answering).
+    pub running: bool,
+    /// The IPv4 addresses of the interfaces it was last started on.
+    pub interfaces: Vec<String>,
+    /// Instances alive: one per interface address it runs on.
+    pub instances: usize,
+    /// Nodes it has found and not expired (members or not).
+    pub discovered: usize,
+    /// Times it was restarted because it had found nobody.
+    pub restarts: u64,
+}
+
 enum Command {
     Publish(Topic, Vec<u8>, oneshot::Sender<Result<(), MeshError>>),
     Request(PeerId, Vec<u8>, oneshot::Sender<Result<Vec<u8>, MeshError>>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Mdns(oneshot::Sender<MdnsStatus>),
 }
 
 /// Handle on a running mesh.
@@ -250,6 +282,7 @@ impl std::fmt::Debug for Command {
             Command::Request(..) => "Request",
             Command::Peers(..) => "Peers",
             Command::ListenAddrs(..) => "ListenAddrs",
+            Command::Mdns(..) => "Mdns",
         })
     }
 }
@@ -305,6 +338,11 @@ impl Mesh {
 
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, MeshError> {
         self.call(Command::ListenAddrs).await
+    }
+
+    /// Whether mDNS runs, and on which interfaces.
+    pub async fn mdns_status(&self) -> Result<MdnsStatus, MeshError> {
+        self.call(Command::Mdns).await
     }
 
     /// Opens a byte stream to a connected member (encrypted by the mesh's
@@ -366,6 +404,58 @@ struct EventLoop {
     outbound: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, MeshError>>>,
     known: HashMap<PeerId, Known>,
     bootstrap: Vec<Bootstrap>,
+    /// Restarts mDNS until it finds someone (`None` with `mdns=off`).
+    mdns: Option<discovery::Supervisor>,
+    /// Members announce their own listen addresses here, signed by
+    /// gossipsub, so that a member that knows one other learns them all.
+    presence: gossipsub::IdentTopic,
+    presence_due: bool,
+    presence_last: Option<Instant>,
+}
+
+/// First line of a presence announcement, before its time stamp.
+const PRESENCE_HEADER: &str = "btfs-presence/1";
+
+/// Whether `a` is an address a member may be dialled at: one IP (not
+/// loopback, unspecified, multicast or broadcast) and one non-zero TCP port,
+/// optionally followed by a peer id. Nothing else (no DNS, no relays).
+fn dialable(a: &Multiaddr) -> bool {
+    let mut it = a.iter();
+    let ip_ok = match it.next() {
+        Some(Protocol::Ip4(ip)) => {
+            !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast())
+        }
+        Some(Protocol::Ip6(ip)) => !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()),
+        _ => false,
+    };
+    let tcp_ok = matches!(it.next(), Some(Protocol::Tcp(port)) if port != 0);
+    let rest_ok = match it.next() {
+        None => true,
+        Some(Protocol::P2p(_)) => it.next().is_none(),
+        Some(_) => false,
+    };
+    ip_ok && tcp_ok && rest_ok
+}
+
+/// The addresses of a presence announcement (peer ids stripped), or `None`
+/// if anything in it is malformed, too long or not [`dialable`].
+fn parse_presence(data: &[u8]) -> Option<Vec<Multiaddr>> {
+    if data.len() > MAX_PRESENCE {
+        return None;
+    }
+    let text = std::str::from_utf8(data).ok()?;
+    let mut lines = text.split('\n');
+    let stamp = lines.next()?.strip_prefix(PRESENCE_HEADER)?.strip_prefix(' ')?;
+    stamp.parse::<u64>().ok()?;
+    let mut addrs = Vec::new();
+    for line in lines {
+        let a = Multiaddr::from_str(line).ok()?;
+        if !dialable(&a) || addrs.len() == MAX_ADDRS_PER_PEER {
+            return None;
+        }
+        addrs.push(a.iter().take(2).collect());
+    }
+    (!addrs.is_empty()).then_some(addrs)
 }
 
 fn protocol(cluster: &str, what: &str) -> Result<StreamProtocol, MeshError> {
@@ -414,7 +504,7 @@ fn build_swarm(cfg: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
                     gossip_cfg,
                 )?;
                 let mdns = if use_mdns {
-                    Some(mdns::tokio::Behaviour::new(
+                    Some(discovery::SupervisedMdns::new(
                         mdns::Config {
                             ttl: Duration::from_secs(60),
                             query_interval: Duration::from_secs(5),
@@ -471,7 +561,8 @@ pub fn start(
         .iter()
         .map(|t| (*t, t.ident(&cfg.cluster)))
         .collect();
-    for (_, t) in &topics {
+    let presence = gossipsub::IdentTopic::new(format!("btfs/{}/presence/1", cfg.cluster));
+    for t in topics.iter().map(|(_, t)| t).chain([&presence]) {
         swarm
             .behaviour_mut()
             .gossipsub
@@ -513,6 +604,12 @@ pub fn start(
                 next_dial: now,
             })
             .collect(),
+        mdns: cfg
+            .mdns
+            .then(|| discovery::Supervisor::new(now, discovery::multicast_interfaces())),
+        presence,
+        presence_due: true,
+        presence_last: None,
     };
     let task = tokio::spawn(event_loop.run());
     Ok((
@@ -547,7 +644,15 @@ impl EventLoop {
                     }
                 }
                 event = self.swarm.select_next_some() => self.swarm_event(event).await,
-                _ = redial.tick() => self.redial(),
+                _ = redial.tick() => {
+                    let now = Instant::now();
+                    self.supervise_mdns(now);
+                    self.redial();
+                    if self.presence_last.is_none_or(|t| now >= t + PRESENCE_INTERVAL) {
+                        self.presence_due = true;
+                    }
+                    self.announce_if_due(now);
+                }
             }
         }
     }
@@ -603,7 +708,112 @@ impl EventLoop {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::Mdns(reply) => {
+                let mut status = MdnsStatus::default();
+                if let (Some(sup), Some(m)) =
+                    (&self.mdns, self.swarm.behaviour_mut().mdns.as_mut())
+                {
+                    status = MdnsStatus {
+                        enabled: true,
+                        running: m.instances() > 0,
+                        interfaces: sup.started_on().iter().map(ToString::to_string).collect(),
+                        instances: m.instances(),
+                        discovered: m.discovered(),
+                        restarts: sup.restarts(),
+                    };
+                }
+                let _ = reply.send(status);
+            }
         }
+    }
+
+    /// Feeds the mDNS supervisor what the node sees, and does what it says.
+    fn supervise_mdns(&mut self, now: Instant) {
+        let (Some(sup), Some(m)) = (self.mdns.as_mut(), self.swarm.behaviour_mut().mdns.as_mut())
+        else {
+            return;
+        };
+        let seen = discovery::Observation {
+            interfaces: discovery::multicast_interfaces(),
+            instances: m.instances(),
+            discovered: m.discovered(),
+        };
+        for action in sup.handle(now, &seen) {
+            match action {
+                discovery::Action::Restart => {
+                    let n = sup.restarts();
+                    if n <= discovery::LOUD_RESTARTS {
+                        info!(restart = n, interfaces = ?seen.interfaces, "mDNS has found nobody yet: restarting it");
+                    } else {
+                        debug!(restart = n, "mDNS has found nobody yet: restarting it");
+                    }
+                    if let Err(e) = m.restart() {
+                        warn!("mDNS restart failed: {e}");
+                    }
+                }
+                discovery::Action::WarnCannotRun(why) => {
+                    warn!("mDNS cannot run on any interface: {why}; retrying");
+                }
+                discovery::Action::Recovered => {
+                    info!(interfaces = ?seen.interfaces, "mDNS runs again");
+                }
+            }
+        }
+    }
+
+    /// Publishes this node's listen addresses if an announcement is due and
+    /// the last one is at least `PRESENCE_MIN_GAP` old.
+    fn announce_if_due(&mut self, now: Instant) {
+        if !self.presence_due || self.presence_last.is_some_and(|t| now < t + PRESENCE_MIN_GAP) {
+            return;
+        }
+        let addrs: Vec<String> = self
+            .swarm
+            .listeners()
+            .filter(|a| dialable(a))
+            .take(MAX_ADDRS_PER_PEER)
+            .map(ToString::to_string)
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
+        // The stamp makes every announcement a new gossip message (ids are
+        // content hashes).
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let data = format!("{PRESENCE_HEADER} {stamp}\n{}", addrs.join("\n"));
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.presence.clone(), data.into_bytes())
+        {
+            Ok(_) | Err(gossipsub::PublishError::Duplicate) => {
+                self.presence_due = false;
+                self.presence_last = Some(now);
+            }
+            // Nobody to tell yet: a subscription will make it due again.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Err(e) => debug!("presence not published: {e}"),
+        }
+    }
+
+    /// A member's presence announcement: checked, then its addresses are
+    /// learnt and dialled. Returns whether it was valid.
+    fn presence_received(&mut self, source: PeerId, data: &[u8]) -> bool {
+        let Some(addrs) = parse_presence(data) else {
+            return false;
+        };
+        if source == *self.swarm.local_peer_id() || !self.admitted(&source) {
+            return true;
+        }
+        for a in addrs {
+            self.learn(source, Some(a));
+        }
+        self.redial();
+        true
     }
 
     async fn emit(&mut self, event: MeshEvent) {
@@ -612,13 +822,22 @@ impl EventLoop {
         }
     }
 
-    fn learn(&mut self, peer: PeerId, addr: Option<Multiaddr>) -> &mut Known {
+    /// Records `peer` (and `addr`), within `MAX_KNOWN` peers and
+    /// `MAX_ADDRS_PER_PEER` addresses each (the newest kept).
+    fn learn(&mut self, peer: PeerId, addr: Option<Multiaddr>) -> Option<&mut Known> {
         let now = Instant::now();
+        if !self.known.contains_key(&peer) && self.known.len() >= MAX_KNOWN {
+            debug!(%peer, "not recorded: {MAX_KNOWN} peers known already");
+            return None;
+        }
         let k = self.known.entry(peer).or_insert_with(|| Known::new(now));
         if let Some(addr) = addr.filter(|a| !k.addrs.contains(a)) {
+            if k.addrs.len() >= MAX_ADDRS_PER_PEER {
+                k.addrs.remove(0);
+            }
             k.addrs.push(addr);
         }
-        k
+        Some(k)
     }
 
     async fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -632,7 +851,12 @@ impl EventLoop {
             } => {
                 let remote = endpoint.get_remote_address().clone();
                 let dialed = endpoint.is_dialer();
-                let k = self.learn(peer_id, dialed.then_some(remote.clone()));
+                self.learn(peer_id, dialed.then_some(remote.clone()));
+                // A connection is recorded even beyond `MAX_KNOWN`.
+                let k = self
+                    .known
+                    .entry(peer_id)
+                    .or_insert_with(|| Known::new(Instant::now()));
                 k.connections = num_established.get() as usize;
                 k.last_seen = Instant::now();
                 k.backoff = BACKOFF_MIN;
@@ -683,6 +907,36 @@ impl EventLoop {
 
     async fn behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
+                if topic == self.presence.hash() =>
+            {
+                // A newcomer (or a reconnection): tell it who this node is.
+                self.presence_due = true;
+                self.announce_if_due(Instant::now());
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) if message.topic == self.presence.hash() => {
+                let source = message.source.unwrap_or(propagation_source);
+                let ok = self.admitted(&source) && self.presence_received(source, &message.data);
+                if !ok {
+                    warn!(%source, "rejected a presence announcement");
+                }
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        if ok {
+                            gossipsub::MessageAcceptance::Accept
+                        } else {
+                            gossipsub::MessageAcceptance::Reject
+                        },
+                    );
+            }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,
@@ -724,7 +978,8 @@ impl EventLoop {
                     }
                     self.learn(peer, Some(addr));
                 }
-                // Dialing happens on the redial tick, which spreads it out.
+                // Members that start together find each other at once.
+                self.redial();
             }
             BehaviourEvent::Rpc(request_response::Event::Message { peer, message, .. }) => {
                 match message {

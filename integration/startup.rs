@@ -1,0 +1,200 @@
+//! Members that start together find each other, every time: a whole rack
+//! powering on at once is the normal case. Each round builds fresh
+//! namespaces, starts four members and one node with another key at the same
+//! instant, and checks that every member is connected to every other member
+//! within 3 s and that a write on each member is listed on all the others
+//! within 1 s after that.
+//!
+//! The suite runs a few rounds; the long run is
+//! `BTFS_STARTUP_ROUNDS=50 cargo test --release --test netns startup -- --nocapture --test-threads 1`.
+
+use super::*;
+use std::sync::{Arc, Barrier};
+
+const MEMBERS: usize = 4;
+/// From the last mount's return to every member connected to every other.
+const CONNECT_WITHIN: Duration = Duration::from_secs(3);
+/// From the writes to each one listed on every other member.
+const LISTED_WITHIN: Duration = Duration::from_secs(1);
+
+fn rounds() -> usize {
+    std::env::var("BTFS_STARTUP_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+/// What one node of a round is given: its key and its extra options.
+struct Plan {
+    key: PathBuf,
+    extra: String,
+    /// Started this long after the round's common instant.
+    delay: Duration,
+}
+
+/// Starts every planned node on its own thread, released together by a
+/// barrier (plus each one's delay); returns them in plan order with the
+/// instant of the last mount's return.
+fn start_together(net: &mut Net, plans: Vec<Plan>) -> (Vec<NsNode>, Instant) {
+    let places: Vec<(String, String)> = plans.iter().map(|_| net.add()).collect();
+    let barrier = Arc::new(Barrier::new(plans.len()));
+    let started: Vec<_> = plans
+        .into_iter()
+        .zip(places)
+        .map(|(plan, (ns, addr))| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let released = Instant::now();
+                std::thread::sleep(plan.delay);
+                let begun = Instant::now();
+                let node = NsNode::start(&ns, &addr, &plan.key, &plan.extra);
+                (node, released, begun, Instant::now())
+            })
+        })
+        .collect();
+    let started: Vec<_> = started.into_iter().map(|t| t.join().unwrap()).collect();
+    let released = started.iter().map(|s| s.1).max().unwrap();
+    let ready = started.iter().map(|s| s.3).max().unwrap();
+    for (i, s) in started.iter().enumerate() {
+        eprintln!(
+            "  node {i}: mount begun at +{:?}, serving at +{:?}",
+            s.2.saturating_duration_since(released),
+            s.3.saturating_duration_since(released)
+        );
+    }
+    (started.into_iter().map(|s| s.0).collect(), ready)
+}
+
+/// The checks of one round, on `members` (and the `foreign` node, which must
+/// stay alone).
+fn check_round(round: usize, members: &[NsNode], foreign: &NsNode, ready: Instant) {
+    let deadline = ready + CONNECT_WITHIN;
+    loop {
+        let counts: Vec<usize> = members.iter().map(NsNode::connected_peers).collect();
+        if counts.iter().all(|&c| c == MEMBERS - 1) {
+            eprintln!("round {round}: all connected after {:?}", ready.elapsed());
+            break;
+        }
+        if Instant::now() > deadline {
+            for m in members {
+                eprintln!("--- {}: {}", m.ns, m.status());
+            }
+            panic!(
+                "round {round}: members connected to {counts:?} others {:?} after the last \
+                 mount, want {} each",
+                ready.elapsed(),
+                MEMBERS - 1
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (i, m) in members.iter().enumerate() {
+        std::fs::write(m.mnt.join(format!("r{round}-from-{i}")), b"hello").unwrap();
+    }
+    let written = Instant::now();
+    loop {
+        let missing: Vec<String> = members
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| {
+                (0..MEMBERS)
+                    .filter(move |&j| j != i && !m.mnt.join(format!("r{round}-from-{j}")).exists())
+                    .map(move |j| format!("{j}'s file on {i}"))
+            })
+            .collect();
+        if missing.is_empty() {
+            eprintln!("round {round}: all writes listed after {:?}", written.elapsed());
+            break;
+        }
+        assert!(
+            written.elapsed() < LISTED_WITHIN,
+            "round {round}: not listed {LISTED_WITHIN:?} after the writes: {missing:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(foreign.connected_peers(), 0, "the foreign node joined");
+    assert_eq!(foreign.status()["records_received"], 0);
+}
+
+fn keys() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "cluster.key");
+    let other = keygen(dir.path(), "other.key");
+    (dir, key, other)
+}
+
+#[test]
+fn startup_members_powered_on_together_find_each_other_by_mdns_every_round() {
+    let (_dir, key, other) = keys();
+    for round in 0..rounds() {
+        let mut net = Net::new();
+        let mut plans: Vec<Plan> = (0..MEMBERS)
+            .map(|_| Plan {
+                key: key.clone(),
+                extra: ",mdns=on".into(),
+                delay: Duration::ZERO,
+            })
+            .collect();
+        plans.push(Plan {
+            key: other.clone(),
+            extra: ",mdns=on".into(),
+            delay: Duration::ZERO,
+        });
+        let (mut nodes, ready) = start_together(&mut net, plans);
+        let foreign = nodes.pop().unwrap();
+        check_round(round, &nodes, &foreign, ready);
+        for m in &nodes {
+            let s = m.status();
+            assert_eq!(s["mdns"]["running"], true, "{s}");
+            let ifaces = s["mdns"]["interfaces"].as_array().unwrap();
+            assert!(
+                ifaces.iter().any(|i| i.as_str() == Some(m.addr.as_str())),
+                "mDNS runs on the node's address: {s}"
+            );
+        }
+        drop(foreign);
+        drop(nodes);
+        drop(net);
+    }
+}
+
+#[test]
+fn startup_members_naming_one_later_starter_in_peers_find_all_the_others() {
+    let (_dir, key, other) = keys();
+    // Member i names member i+1 only. Start offsets alternate between
+    // rounds: the first member's named peer comes last (5 s later), or each
+    // named peer comes 5/3 s after the member naming it.
+    let step = Duration::from_millis(5000 / 3);
+    for round in 0..rounds() {
+        let mut net = Net::new();
+        let base = net.subnet % 250;
+        let addr = |i: usize| format!("10.231.{base}.{}", i + 1);
+        let offsets: [u32; MEMBERS] = if round % 2 == 0 {
+            [0, 3, 2, 1]
+        } else {
+            [0, 1, 2, 3]
+        };
+        let mut plans: Vec<Plan> = (0..MEMBERS)
+            .map(|i| Plan {
+                key: key.clone(),
+                extra: format!(",mdns=off,peers={}:{PORT}", addr((i + 1) % MEMBERS)),
+                delay: step * offsets[i],
+            })
+            .collect();
+        plans.push(Plan {
+            key: other.clone(),
+            extra: format!(",mdns=off,peers={}:{PORT}", addr(0)),
+            delay: Duration::ZERO,
+        });
+        let (mut nodes, ready) = start_together(&mut net, plans);
+        let foreign = nodes.pop().unwrap();
+        check_round(round, &nodes, &foreign, ready);
+        for m in &nodes {
+            assert_eq!(m.status()["mdns"]["running"], false);
+        }
+        drop(foreign);
+        drop(nodes);
+        drop(net);
+    }
+}
