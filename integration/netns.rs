@@ -341,8 +341,11 @@ fn bootstrap_peers_alone_connect_members_and_presence_introduces_the_others() {
     let key = keygen(keys.path(), "cluster.key");
     let mut net = Net::new();
     let (ns, addr) = net.add();
+    let spokes = net.start_nodes(2, &key, &format!(",mdns=off,peers={addr}:{PORT}"));
+    // The hub comes up later: the spokes redial it until it does.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(spokes.iter().all(|s| s.connected_peers() == 0));
     let hub = NsNode::start(&ns, &addr, &key, ",mdns=off");
-    let spokes = net.start_nodes(2, &key, &format!(",mdns=off,peers={}:{PORT}", hub.addr));
     eventually(
         Duration::from_secs(30),
         "the hub connected to both spokes",
@@ -351,12 +354,17 @@ fn bootstrap_peers_alone_connect_members_and_presence_introduces_the_others() {
     // Each spoke names only the hub; the other spoke's presence announcement,
     // relayed by the hub, introduces them.
     for s in &spokes {
-        eventually(Duration::from_secs(10), "a spoke connected to both others", || {
-            s.connected_peers() == 2
-        });
+        eventually(
+            Duration::from_secs(10),
+            "a spoke connected to both others",
+            || s.connected_peers() == 2,
+        );
     }
     let peers = spokes[0].status()["peers"].to_string();
-    assert!(peers.contains(&format!("/ip4/{}/tcp/{PORT}", spokes[1].addr)), "{peers}");
+    assert!(
+        peers.contains(&format!("/ip4/{}/tcp/{PORT}", spokes[1].addr)),
+        "{peers}"
+    );
 }
 
 #[test]

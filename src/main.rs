@@ -178,9 +178,9 @@ fn print_status(v: &serde_json::Value) {
     let mdns_line = if mdns["enabled"] != true {
         "off".to_owned()
     } else if mdns["running"] == true {
-        let ifaces: Vec<&str> = mdns["interfaces"]
-            .as_array()
-            .map_or(Vec::new(), |l| l.iter().filter_map(|a| a.as_str()).collect());
+        let ifaces: Vec<&str> = mdns["interfaces"].as_array().map_or(Vec::new(), |l| {
+            l.iter().filter_map(|a| a.as_str()).collect()
+        });
         format!(
             "running on {} ({} found, {} restarts)",
             ifaces.join(", "),

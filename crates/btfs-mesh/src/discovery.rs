@@ -30,8 +30,8 @@ use libp2p::{
     core::{Endpoint, transport::PortUse},
     mdns,
     swarm::{
-        ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler,
-        THandlerInEvent, THandlerOutEvent, ToSwarm, behaviour::NewListenAddr, dummy,
+        ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+        THandlerOutEvent, ToSwarm, behaviour::NewListenAddr, dummy,
     },
 };
 
@@ -312,7 +312,10 @@ impl NetworkBehaviour for SupervisedMdns {
         match event {}
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
         let Running { inner, rt } = &mut self.running;
         // Instances are spawned from here: onto the behaviour's own runtime.
         let _in = rt.as_ref().map(|rt| rt.enter());
@@ -338,7 +341,10 @@ mod tests {
 
     fn restarts_at(sup: &mut Supervisor, t0: Instant, secs: u64, o: &Observation) -> Vec<u64> {
         (0..=secs)
-            .filter(|s| sup.handle(t0 + Duration::from_secs(*s), o).contains(&Action::Restart))
+            .filter(|s| {
+                sup.handle(t0 + Duration::from_secs(*s), o)
+                    .contains(&Action::Restart)
+            })
             .collect()
     }
 
@@ -413,17 +419,33 @@ mod tests {
             .public()
             .to_peer_id();
         let mut m = SupervisedMdns::new(mdns::Config::default(), local).unwrap();
-        let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
-        let before = threads();
+        // Threads of mDNS runtimes (no other test in this process makes one).
+        let threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.trim() == "btfs-mdns")
+                .count()
+        };
+        // A new thread takes its name from inside, once it runs; old
+        // runtimes shut down in the background: both take a moment.
+        let settle = || async {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while threads() != 1 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        settle().await;
+        assert_eq!(threads(), 1);
         for _ in 0..5 {
             m.restart().unwrap();
         }
-        // Old runtimes shut down in the background: give their threads a moment.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while threads() > before && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(threads() <= before, "{} threads, {before} before", threads());
-        assert_eq!(m.instances(), 0, "no instance before the behaviour is polled");
+        settle().await;
+        assert_eq!(threads(), 1, "the old runtimes' threads are gone");
+        assert_eq!(
+            m.instances(),
+            0,
+            "no instance before the behaviour is polled"
+        );
     }
 }

@@ -417,15 +417,13 @@ struct EventLoop {
 const PRESENCE_HEADER: &str = "btfs-presence/1";
 
 /// Whether `a` is an address a member may be dialled at: one IP (not
-/// loopback, unspecified, multicast or broadcast) and one non-zero TCP port,
-/// optionally followed by a peer id. Nothing else (no DNS, no relays).
+/// unspecified, multicast or broadcast) and one non-zero TCP port, optionally
+/// followed by a peer id. Nothing else (no DNS, no relays).
 fn dialable(a: &Multiaddr) -> bool {
     let mut it = a.iter();
     let ip_ok = match it.next() {
-        Some(Protocol::Ip4(ip)) => {
-            !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast())
-        }
-        Some(Protocol::Ip6(ip)) => !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()),
+        Some(Protocol::Ip4(ip)) => !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()),
+        Some(Protocol::Ip6(ip)) => !(ip.is_unspecified() || ip.is_multicast()),
         _ => false,
     };
     let tcp_ok = matches!(it.next(), Some(Protocol::Tcp(port)) if port != 0);
@@ -445,7 +443,10 @@ fn parse_presence(data: &[u8]) -> Option<Vec<Multiaddr>> {
     }
     let text = std::str::from_utf8(data).ok()?;
     let mut lines = text.split('\n');
-    let stamp = lines.next()?.strip_prefix(PRESENCE_HEADER)?.strip_prefix(' ')?;
+    let stamp = lines
+        .next()?
+        .strip_prefix(PRESENCE_HEADER)?
+        .strip_prefix(' ')?;
     stamp.parse::<u64>().ok()?;
     let mut addrs = Vec::new();
     for line in lines {
@@ -710,8 +711,7 @@ impl EventLoop {
             }
             Command::Mdns(reply) => {
                 let mut status = MdnsStatus::default();
-                if let (Some(sup), Some(m)) =
-                    (&self.mdns, self.swarm.behaviour_mut().mdns.as_mut())
+                if let (Some(sup), Some(m)) = (&self.mdns, self.swarm.behaviour_mut().mdns.as_mut())
                 {
                     status = MdnsStatus {
                         enabled: true,
@@ -743,7 +743,13 @@ impl EventLoop {
                 discovery::Action::Restart => {
                     let n = sup.restarts();
                     if n <= discovery::LOUD_RESTARTS {
-                        info!(restart = n, interfaces = ?seen.interfaces, "mDNS has found nobody yet: restarting it");
+                        info!(
+                            restart = n,
+                            interfaces = ?seen.interfaces,
+                            instances = seen.instances,
+                            discovered = seen.discovered,
+                            "mDNS has found nobody yet: restarting it"
+                        );
                     } else {
                         debug!(restart = n, "mDNS has found nobody yet: restarting it");
                     }
@@ -764,7 +770,11 @@ impl EventLoop {
     /// Publishes this node's listen addresses if an announcement is due and
     /// the last one is at least `PRESENCE_MIN_GAP` old.
     fn announce_if_due(&mut self, now: Instant) {
-        if !self.presence_due || self.presence_last.is_some_and(|t| now < t + PRESENCE_MIN_GAP) {
+        if !self.presence_due
+            || self
+                .presence_last
+                .is_some_and(|t| now < t + PRESENCE_MIN_GAP)
+        {
             return;
         }
         let addrs: Vec<String> = self
