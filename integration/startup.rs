@@ -148,10 +148,10 @@ fn startup_members_powered_on_together_find_each_other_by_mdns_every_round() {
         let foreign = nodes.pop().unwrap();
         check_round(round, &nodes, &foreign, ready);
         // Not a failure (the supervisor is there for it), but worth seeing in
-        // the long run: members whose first mDNS instance found nobody.
+        // the long run: members whose first mDNS instance found no member within a second.
         let healed: Vec<&str> = nodes
             .iter()
-            .filter(|m| m.log().contains("mDNS has found nobody yet"))
+            .filter(|m| m.log().contains("mDNS has found no member yet"))
             .map(|m| m.ns.as_str())
             .collect();
         if !healed.is_empty() {

@@ -11,10 +11,17 @@
 //! instances countable and a restart complete (the old runtime, with all its
 //! instances and sockets, is shut down). [`Supervisor`] is the IO-free policy,
 //! fed once a tick with what the node can see: its multicast-capable IPv4
-//! addresses, the instances alive, and the nodes mDNS has found. Until mDNS
-//! has found someone, it restarts on a backoff (1 s doubling to 30 s, then
+//! addresses, the instances alive, and the members mDNS has found. Until mDNS
+//! has found a member, it restarts on a backoff (1 s doubling to 30 s, then
 //! every 30 s); each restart is a fresh watcher, fresh instances and an
 //! immediate query.
+//!
+//! Why a re-query matters even when instances run: an instance stops probing
+//! at its first valid answer and then asks only every `query_interval`. At a
+//! simultaneous start, the first answer may come from one node (or from a
+//! node with another key) while the others' answers were missed (they had no
+//! instance yet, or their swarm had not yet reported its listen address), so
+//! the rest would be found only at the next query.
 
 use std::{
     collections::BTreeSet,
@@ -35,7 +42,7 @@ use libp2p::{
     },
 };
 
-/// First restart delay while mDNS has found nobody.
+/// First restart delay while mDNS has found no member.
 pub(crate) const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest restart delay, and the period once it is reached.
 pub(crate) const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -63,9 +70,10 @@ pub(crate) struct Observation {
     pub interfaces: BTreeSet<Ipv4Addr>,
     /// Instances of the current behaviour that are alive.
     pub instances: usize,
-    /// Nodes (members or not) the current behaviour has found and not
-    /// expired: proof that its queries go out and answers come back.
-    pub discovered: usize,
+    /// Members the current behaviour has found that are connected (a node
+    /// found with another key does not count: the key is what makes a
+    /// member).
+    pub members: usize,
 }
 
 /// The restart policy (no IO, no clock of its own).
@@ -125,7 +133,7 @@ impl Supervisor {
             }
         }
         let new_interface = !seen.interfaces.is_subset(&self.started_on);
-        let healthy = seen.instances > 0 && seen.discovered > 0;
+        let healthy = seen.instances > 0 && seen.members > 0;
         if new_interface {
             self.backoff = RETRY_MIN;
             self.restart(now, seen, &mut actions);
@@ -246,9 +254,10 @@ impl SupervisedMdns {
             .map_or(0, |rt| rt.metrics().num_alive_tasks())
     }
 
-    /// Nodes found and not expired.
-    pub(crate) fn discovered(&self) -> usize {
-        self.running.inner.discovered_nodes().len()
+    /// Nodes found and not expired (a node with several addresses is
+    /// listed once for each).
+    pub(crate) fn discovered(&self) -> impl Iterator<Item = &PeerId> {
+        self.running.inner.discovered_nodes()
     }
 }
 
@@ -331,11 +340,11 @@ mod tests {
         (1..=n).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect()
     }
 
-    fn seen(interfaces: u8, instances: usize, discovered: usize) -> Observation {
+    fn seen(interfaces: u8, instances: usize, members: usize) -> Observation {
         Observation {
             interfaces: ifaces(interfaces),
             instances,
-            discovered,
+            members,
         }
     }
 

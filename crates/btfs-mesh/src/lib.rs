@@ -254,7 +254,7 @@ pub struct MdnsStatus {
     pub instances: usize,
     /// Nodes it has found and not expired (members or not).
     pub discovered: usize,
-    /// Times it was restarted because it had found nobody.
+    /// Times it was restarted because it had found no member.
     pub restarts: u64,
 }
 
@@ -718,7 +718,7 @@ impl EventLoop {
                         running: m.instances() > 0,
                         interfaces: sup.started_on().iter().map(ToString::to_string).collect(),
                         instances: m.instances(),
-                        discovered: m.discovered(),
+                        discovered: m.discovered().collect::<HashSet<_>>().len(),
                         restarts: sup.restarts(),
                     };
                 }
@@ -733,10 +733,16 @@ impl EventLoop {
         else {
             return;
         };
+        let members = m
+            .discovered()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .filter(|p| self.known.get(p).is_some_and(|k| k.connections > 0))
+            .count();
         let seen = discovery::Observation {
             interfaces: discovery::multicast_interfaces(),
             instances: m.instances(),
-            discovered: m.discovered(),
+            members,
         };
         for action in sup.handle(now, &seen) {
             match action {
@@ -747,11 +753,11 @@ impl EventLoop {
                             restart = n,
                             interfaces = ?seen.interfaces,
                             instances = seen.instances,
-                            discovered = seen.discovered,
-                            "mDNS has found nobody yet: restarting it"
+                            members = seen.members,
+                            "mDNS has found no member yet: restarting it"
                         );
                     } else {
-                        debug!(restart = n, "mDNS has found nobody yet: restarting it");
+                        debug!(restart = n, "mDNS has found no member yet: restarting it");
                     }
                     if let Err(e) = m.restart() {
                         warn!("mDNS restart failed: {e}");
