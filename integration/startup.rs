@@ -211,3 +211,69 @@ fn startup_members_naming_one_later_starter_in_peers_find_all_the_others() {
         drop(net);
     }
 }
+
+#[test]
+fn startup_mdns_without_an_interface_warns_once_and_starts_when_one_comes_up() {
+    let (_dir, key, _other) = keys();
+    let mut net = Net::new();
+    // A namespace with loopback only, as a machine whose link is not up yet.
+    let ns = format!("btfs-{}-l", net.id);
+    run_ok("ip", &["netns", "add", &ns]);
+    net.namespaces.push(ns.clone());
+    run_ok("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+    let node = NsNode::start_in(
+        &ns,
+        "127.0.0.1",
+        "cluster",
+        &format!("key={},listen=0.0.0.0:{PORT},mdns=on", key.display()),
+    );
+    let warning = "mDNS cannot run on any interface";
+    eventually(Duration::from_secs(10), "the warning", || {
+        node.log().contains(warning)
+    });
+    let s = node.status();
+    assert_eq!(s["mdns"]["enabled"], true, "{s}");
+    assert_eq!(s["mdns"]["running"], false, "{s}");
+    assert_eq!(s["mdns"]["interfaces"], serde_json::json!([]), "{s}");
+
+    // The link comes up: mDNS starts on it without a remount.
+    let addr = format!("10.231.{}.77", net.subnet % 250);
+    let host_end = format!("btfs-v{}-l", net.id);
+    run_ok(
+        "ip",
+        &[
+            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ],
+    );
+    run_ok(
+        "ip",
+        &["link", "set", &host_end, "master", &net.bridge(), "up"],
+    );
+    run_ok(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ],
+    );
+    run_ok("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
+    eventually(
+        Duration::from_secs(10),
+        "mDNS running on the new link",
+        || {
+            let s = node.status();
+            s["mdns"]["running"] == true
+                && s["mdns"]["interfaces"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|i| i.as_str() == Some(addr.as_str())))
+        },
+    );
+    let log = node.log();
+    assert_eq!(log.matches(warning).count(), 1, "warned once");
+    assert!(log.contains("mDNS runs again"));
+}
