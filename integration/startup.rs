@@ -166,6 +166,10 @@ fn startup_members_powered_on_together_find_each_other_by_mdns_every_round() {
                 "mDNS runs on the node's address: {s}"
             );
         }
+        let human = btfs(&["status", nodes[0].mnt.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&human.stdout);
+        let line = format!("mdns         running on {}", nodes[0].addr);
+        assert!(text.contains(&line), "{text}");
         drop(foreign);
         drop(nodes);
         drop(net);

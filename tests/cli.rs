@@ -239,6 +239,7 @@ fn status_reports_counts_in_text_and_json() {
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("files        2 (1.0 KiB)"), "{text}");
     assert!(text.contains("open         1 handles on 1 files"), "{text}");
+    assert!(text.contains("mdns         off"), "{text}");
 
     let nothing = btfs(&["status", "/"]);
     assert!(!nothing.status.success());
