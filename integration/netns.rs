@@ -360,11 +360,6 @@ fn bootstrap_peers_alone_connect_members_and_presence_introduces_the_others() {
             || s.connected_peers() == 2,
         );
     }
-    let peers = spokes[0].status()["peers"].to_string();
-    assert!(
-        peers.contains(&format!("/ip4/{}/tcp/{PORT}", spokes[1].addr)),
-        "{peers}"
-    );
 }
 
 #[test]

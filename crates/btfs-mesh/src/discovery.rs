@@ -27,6 +27,7 @@ use std::{
     collections::BTreeSet,
     io,
     net::Ipv4Addr,
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -179,10 +180,14 @@ pub(crate) fn multicast_interfaces() -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
+/// Runtimes made so far (their threads are named `btfs-mdns-N`).
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
 /// One libp2p-mdns behaviour and the runtime that holds all its tasks.
 struct Running {
     inner: mdns::tokio::Behaviour,
     rt: Option<tokio::runtime::Runtime>,
+    generation: u64,
 }
 
 impl Drop for Running {
@@ -215,9 +220,10 @@ impl SupervisedMdns {
     }
 
     fn start(config: &mdns::Config, local: PeerId) -> io::Result<Running> {
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name("btfs-mdns")
+            .thread_name(format!("btfs-mdns-{generation}"))
             .enable_all()
             .build()?;
         let inner = {
@@ -227,6 +233,7 @@ impl SupervisedMdns {
         Ok(Running {
             inner,
             rt: Some(rt),
+            generation,
         })
     }
 
@@ -325,7 +332,7 @@ impl NetworkBehaviour for SupervisedMdns {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        let Running { inner, rt } = &mut self.running;
+        let Running { inner, rt, .. } = &mut self.running;
         // Instances are spawned from here: onto the behaviour's own runtime.
         let _in = rt.as_ref().map(|rt| rt.enter());
         inner.poll(cx)
@@ -428,29 +435,34 @@ mod tests {
             .public()
             .to_peer_id();
         let mut m = SupervisedMdns::new(mdns::Config::default(), local).unwrap();
-        // Threads of mDNS runtimes (no other test in this process makes one).
+        // The names of mDNS runtime threads (no other test here makes one).
         let threads = || {
-            std::fs::read_dir("/proc/self/task")
+            let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
                 .unwrap()
                 .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|name| name.trim() == "btfs-mdns")
-                .count()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| name.starts_with("btfs-mdns-"))
+                .collect();
+            names.sort();
+            names
         };
-        // A new thread takes its name from inside, once it runs; old
-        // runtimes shut down in the background: both take a moment.
-        let settle = || async {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while threads() != 1 && Instant::now() < deadline {
+        // Old runtimes shut down in the background, and a new thread names
+        // itself once it runs: wait (a loaded machine may take a while) for
+        // exactly the current runtime's thread.
+        async fn settle(threads: impl Fn() -> Vec<String>, want: &[String]) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while threads() != want && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-        };
-        settle().await;
-        assert_eq!(threads(), 1);
+        }
+        let current = |m: &SupervisedMdns| vec![format!("btfs-mdns-{}", m.running.generation)];
+        settle(threads, &current(&m)).await;
+        assert_eq!(threads(), current(&m));
         for _ in 0..5 {
             m.restart().unwrap();
         }
-        settle().await;
-        assert_eq!(threads(), 1, "the old runtimes' threads are gone");
+        settle(threads, &current(&m)).await;
+        assert_eq!(threads(), current(&m), "the old runtimes' threads are gone");
         assert_eq!(
             m.instances(),
             0,

@@ -783,10 +783,18 @@ impl EventLoop {
         {
             return;
         }
-        let addrs: Vec<String> = self
-            .swarm
-            .listeners()
-            .filter(|a| dialable(a))
+        let all: Vec<&Multiaddr> = self.swarm.listeners().filter(|a| dialable(a)).collect();
+        // Loopback only where there is nothing else (one machine, tests):
+        // elsewhere it would send members to their own machine.
+        let loopback = |a: &Multiaddr| match a.iter().next() {
+            Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+            Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+            _ => false,
+        };
+        let only_loopback = all.iter().all(|a| loopback(a));
+        let addrs: Vec<String> = all
+            .into_iter()
+            .filter(|a| only_loopback || !loopback(a))
             .take(MAX_ADDRS_PER_PEER)
             .map(ToString::to_string)
             .collect();
