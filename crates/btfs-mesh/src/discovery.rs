@@ -250,6 +250,10 @@ impl SupervisedMdns {
                 }));
         }
         self.running = fresh;
+        tracing::debug!(
+            thread = format!("btfs-mdns-{}", self.running.generation),
+            "mDNS restarted on a runtime of its own"
+        );
         Ok(())
     }
 
