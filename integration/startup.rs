@@ -34,7 +34,8 @@ struct Plan {
 
 /// Starts every planned node on its own thread, released together by a
 /// barrier (plus each one's delay); returns them in plan order with the
-/// instant of the last mount's return.
+/// instant of the last mount's return. Fails if a mount began more than
+/// 100 ms later than its plan says.
 fn start_together(net: &mut Net, plans: Vec<Plan>) -> (Vec<NsNode>, Instant) {
     let places: Vec<(String, String)> = plans.iter().map(|_| net.add()).collect();
     let barrier = Arc::new(Barrier::new(plans.len()));
@@ -49,18 +50,23 @@ fn start_together(net: &mut Net, plans: Vec<Plan>) -> (Vec<NsNode>, Instant) {
                 std::thread::sleep(plan.delay);
                 let begun = Instant::now();
                 let node = NsNode::start(&ns, &addr, &plan.key, &plan.extra);
-                (node, released, begun, Instant::now())
+                (node, released, begun, Instant::now(), plan.delay)
             })
         })
         .collect();
     let started: Vec<_> = started.into_iter().map(|t| t.join().unwrap()).collect();
-    let released = started.iter().map(|s| s.1).max().unwrap();
+    let released = started.iter().map(|s| s.1).min().unwrap();
     let ready = started.iter().map(|s| s.3).max().unwrap();
     for (i, s) in started.iter().enumerate() {
+        let begun = s.2.saturating_duration_since(released);
         eprintln!(
-            "  node {i}: mount begun at +{:?}, serving at +{:?}",
-            s.2.saturating_duration_since(released),
+            "  node {i}: mount begun at +{begun:?}, serving at +{:?}",
             s.3.saturating_duration_since(released)
+        );
+        assert!(
+            begun.saturating_sub(s.4) < Duration::from_millis(100),
+            "node {i} began {begun:?} after the release, planned {:?}",
+            s.4
         );
     }
     (started.into_iter().map(|s| s.0).collect(), ready)
