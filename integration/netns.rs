@@ -63,26 +63,32 @@ impl Net {
         let addr = format!("10.231.{}.{}", self.subnet % 250, i + 1);
         run_ok("ip", &["netns", "add", &ns]);
         self.namespaces.push(ns.clone());
+        run_ok("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        self.plug(&ns, &host_end, &addr);
+        (ns, addr)
+    }
+
+    /// Links namespace `ns` to the bridge (`eth0` inside, `host_end` on the
+    /// host) with address `addr`/24, up, multicast routed on it.
+    fn plug(&self, ns: &str, host_end: &str, addr: &str) {
         run_ok(
             "ip",
             &[
-                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns,
             ],
         );
         run_ok(
             "ip",
-            &["link", "set", &host_end, "master", &self.bridge(), "up"],
+            &["link", "set", host_end, "master", &self.bridge(), "up"],
         );
         let inside = |args: &[&str]| {
-            let mut full = vec!["-n", ns.as_str()];
+            let mut full = vec!["-n", ns];
             full.extend_from_slice(args);
             run_ok("ip", &full);
         };
         inside(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         inside(&["link", "set", "eth0", "up"]);
-        inside(&["link", "set", "lo", "up"]);
         inside(&["route", "add", "224.0.0.0/4", "dev", "eth0"]);
-        (ns, addr)
     }
 }
 

@@ -249,29 +249,7 @@ fn startup_mdns_without_an_interface_warns_once_and_starts_when_one_comes_up() {
     // The link comes up: mDNS starts on it without a remount.
     let addr = format!("10.231.{}.77", net.subnet % 250);
     let host_end = format!("btfs-v{}-l", net.id);
-    run_ok(
-        "ip",
-        &[
-            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ],
-    );
-    run_ok(
-        "ip",
-        &["link", "set", &host_end, "master", &net.bridge(), "up"],
-    );
-    run_ok(
-        "ip",
-        &[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ],
-    );
-    run_ok("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
+    net.plug(&ns, &host_end, &addr);
     eventually(
         Duration::from_secs(10),
         "mDNS running on the new link",
