@@ -1072,6 +1072,12 @@ impl EventLoop {
     /// Dials known members that are not connected, and bootstrap addresses,
     /// each with its own exponential backoff. mDNS neither dials nor
     /// re-announces after a short outage, so this is what reconnects.
+    ///
+    /// Every dial takes a new local port. With the default (the listen port
+    /// reused), two members that find each other in the same instant dial
+    /// 4410 to 4410 both ways: TCP merges that into one connection on which
+    /// both sides act as the dialer, the handshake fails on both, and the
+    /// retries, one backoff step later on both sides, collide again.
     fn redial(&mut self) {
         let now = Instant::now();
         let local = *self.swarm.local_peer_id();
@@ -1086,7 +1092,12 @@ impl EventLoop {
             if k.connections > 0 || k.next_dial > now || k.addrs.is_empty() || *peer == local {
                 continue;
             }
-            dials.push(DialOpts::peer_id(*peer).addresses(k.addrs.clone()).build());
+            dials.push(
+                DialOpts::peer_id(*peer)
+                    .addresses(k.addrs.clone())
+                    .allocate_new_port()
+                    .build(),
+            );
             k.next_dial = now + k.backoff;
             k.backoff = (k.backoff * 2).min(BACKOFF_MAX);
         }
@@ -1094,7 +1105,12 @@ impl EventLoop {
             if b.next_dial > now || connected_addrs.contains(&b.addr) {
                 continue;
             }
-            dials.push(DialOpts::unknown_peer_id().address(b.addr.clone()).build());
+            dials.push(
+                DialOpts::unknown_peer_id()
+                    .address(b.addr.clone())
+                    .allocate_new_port()
+                    .build(),
+            );
             b.next_dial = now + b.backoff;
             b.backoff = (b.backoff * 2).min(BACKOFF_MAX);
         }
