@@ -11,32 +11,23 @@ use std::{
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
-    sync::atomic::Ordering,
 };
 
 use anyhow::{Context, Result, bail};
-use btfs_core::{FileRecord, NodeId, RelPath, Wanted};
-use btfs_fs::{BtfsFs, FsConfig, MountOptions, ObjectStore};
-use btfs_store::Store;
+use btfs_core::{RelPath, Wanted};
+use btfs_fs::{BtfsFs, MountOptions};
+use btfs_node::{Node, NodeConfig, NodeInfo};
 use nix::unistd::ForkResult;
 use tracing::{error, info};
 
-use btfs_torrent::{Engine, EngineConfig};
-
 use crate::{
-    content::{Content, MeshNet},
-    control, keys, mesh,
+    control, keys,
     options::{MountOpts, default_state_dir, validate_cluster_name},
 };
 
-/// New record versions waiting to be signed and gossiped; beyond this they are
-/// left to anti-entropy.
-const ANNOUNCE_CAP: usize = 4096;
 /// Runtime worker threads: the mesh, the peer-wire bridges and FUSE
 /// answers. (librqbit runs on a thread of its own, see `btfs_torrent`.)
 const RUNTIME_THREADS: usize = 2;
-/// Whole-file fetches (prefetch policy) running at once.
-const PREFETCH_PARALLEL: usize = 2;
 
 /// Where the BitTorrent listener for standard clients binds: `bt_listen=`,
 /// else the mesh's address with the next port (any port when the mesh's is
@@ -53,10 +44,6 @@ fn bt_listen(plan: &MountPlan) -> std::net::SocketAddr {
     };
     std::net::SocketAddr::new(mesh.ip(), port)
 }
-/// How often expired tombstones are looked for.
-const TOMBSTONE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
-/// How often released objects are deleted (after the store is flushed).
-const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything `btfs mount` decided before forking.
 #[derive(Debug)]
@@ -167,7 +154,7 @@ impl Ready {
         if let Some(mut pipe) = self.0.take() {
             let msg = match outcome {
                 Ok(()) => "OK\n".to_owned(),
-                Err(e) => format!("ERR {e:#}\n"),
+                Err(e) => format!("ERR {}\n", crate::describe(e)),
             };
             let _ = pipe.write_all(msg.as_bytes());
         }
@@ -227,7 +214,7 @@ pub(crate) fn run(plan: MountPlan, foreground: bool) -> Result<()> {
             init_logging(Some(log));
             let result = serve(&plan, Ready(Some(fs::File::from(write_end))));
             if let Err(e) = &result {
-                error!("{e:#}");
+                error!("{}", crate::describe(e));
             }
             std::process::exit(i32::from(result.is_err()));
         }
@@ -236,7 +223,7 @@ pub(crate) fn run(plan: MountPlan, foreground: bool) -> Result<()> {
 
 fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     let started = start(plan);
-    let (session, fs, listener_path, rt, node, engine) = match started {
+    let (session, listener_path, rt, node, control) = match started {
         Ok(s) => s,
         Err(e) => {
             let r = Err(e);
@@ -244,7 +231,7 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
             return r;
         }
     };
-    info!(name = %plan.name, mountpoint = %plan.mountpoint.display(), node = %node.short(), key = %plan.key_fingerprint, "mounted");
+    info!(name = %plan.name, mountpoint = %plan.mountpoint.display(), node = %node.id().short(), key = %plan.key_fingerprint, "mounted");
     ready.send(&Ok(()));
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -278,9 +265,13 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     let fuse_result = fuse
         .join()
         .map_err(|_| anyhow::anyhow!("the FUSE session thread panicked"))?;
-    // Keeps what partial torrents fetched (their bitfields) for the next
-    // start.
-    rt.block_on(engine.stop());
+    // The node's tasks end in order; the engine keeps what partial torrents
+    // fetched (their bitfields) for the next start.
+    control.abort();
+    let fs = node.fs().clone();
+    rt.block_on(node.shutdown());
+    // What is left is librqbit's own (it has a runtime of its own) and
+    // blocking work already handed off: not waited for past this.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     let _ = fs::remove_file(&listener_path);
     fs.collect_garbage()
@@ -330,11 +321,10 @@ fn export_want(
 
 type Started = (
     fuser::Session<BtfsFs<btfs_store::SledBackend>>,
-    btfs_fs::FsHandle<btfs_store::SledBackend>,
     PathBuf,
     tokio::runtime::Runtime,
-    NodeId,
-    Arc<Engine>,
+    Node,
+    tokio::task::JoinHandle<()>,
 );
 
 /// Raises this process's open-file limit to its hard limit: live torrents,
@@ -375,78 +365,55 @@ fn max_live(asked: Option<usize>, open_files: u64) -> usize {
     want.min(room)
 }
 
+/// What the node needs from the plan.
+fn node_config(plan: &MountPlan, keypair: libp2p_identity::Keypair, open_files: u64) -> NodeConfig {
+    let o = &plan.opts;
+    NodeConfig {
+        cluster: plan.name.clone(),
+        psk: plan.psk,
+        keypair,
+        state_dir: plan.state_dir.clone(),
+        listen: o.mesh_listen(),
+        peers: o.peers.clone(),
+        peers_file: o.peers_file.clone(),
+        mdns: o.mdns,
+        members: o.members.clone(),
+        passthrough: o.passthrough,
+        ttl: o.ttl,
+        tombstone_retention: o.tombstone_retention,
+        bt_listen: bt_listen(plan),
+        bt_allow: o.bt_allow.clone(),
+        wire_direct: o.bt_wire_direct,
+        congestion: o.bt_congestion.clone(),
+        read_timeout: o.read_timeout,
+        up_rate: o.up_rate,
+        down_rate: o.down_rate,
+        cache_size: o.cache_size,
+        max_live: max_live(o.max_torrents, open_files),
+        prefetch: o.prefetch.clone(),
+        info: NodeInfo {
+            name: plan.name.clone(),
+            mountpoint: plan.mountpoint.clone(),
+            state_dir: plan.state_dir.clone(),
+            key_file: plan.key_path.clone(),
+            key_fingerprint: plan.key_fingerprint.clone(),
+            options: o.effective(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+    }
+}
+
 fn start(plan: &MountPlan) -> Result<Started> {
     let open_files = raise_open_files();
     info!(open_files, "open-file limit");
-    let state = &plan.state_dir;
-    let (keypair, node) = keys::load_or_create_identity(&state.join("identity.key"))?;
-    let store = Arc::new(Store::open_sled(&state.join("db"))?);
-    let objects =
-        ObjectStore::open(state).with_context(|| format!("object store in {}", state.display()))?;
-    let (announce_tx, announce_rx) = tokio::sync::mpsc::channel(ANNOUNCE_CAP);
-    let (sign_key, cluster) = (keypair.clone(), plan.name.clone());
-    let signer = btfs_fs::Signer(Arc::new(move |path: &RelPath, record: &FileRecord| {
-        btfs_sync::SignedRecord::sign(&cluster, path.clone(), record.clone(), &sign_key)
-            .map(|s| s.signature)
-            .map_err(|e| e.to_string())
-    }));
-    let content = Arc::new(Content::new(plan.opts.prefetch.clone()));
-    let cfg = FsConfig {
-        announce: Some(announce_tx),
-        signer: Some(signer),
-        content: Some(content.clone()),
-        node,
-        passthrough: plan.opts.passthrough,
-        ttl: plan.opts.ttl,
-        state_dir: state.clone(),
-    };
-    let fs = BtfsFs::new(store, objects, cfg)?;
-    let handle = fs.handle();
-    let peer_id = keypair.public().to_peer_id().to_string();
-    let mesh_setup = mesh::config(plan, keypair)?;
-
+    let (keypair, _) = keys::load_or_create_identity(&plan.state_dir.join("identity.key"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(RUNTIME_THREADS)
         .thread_name("btfs-rt")
         .enable_all()
         .build()?;
-    let (peers, counters, net) = {
-        let _guard = rt.enter();
-        mesh::start(
-            mesh_setup,
-            announce_rx,
-            handle.clone(),
-            content.clone(),
-            plan.opts.bt_wire_direct,
-            plan.opts.bt_congestion.clone(),
-        )?
-    };
-    let objects_handle = handle.clone();
-    let engine_cfg = EngineConfig {
-        dir: state.join("bt"),
-        object_path: Arc::new(move |c| objects_handle.object_path(c)),
-        listen: bt_listen(plan),
-        allow: plan.opts.bt_allow.clone(),
-        read_timeout: plan.opts.read_timeout,
-        up_rate: plan.opts.up_rate,
-        down_rate: plan.opts.down_rate,
-        hash_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        prefetch_parallel: PREFETCH_PARALLEL,
-        cache_size: plan.opts.cache_size,
-        wire_congestion: plan.opts.bt_congestion.clone(),
-        max_live: max_live(plan.opts.max_torrents, open_files),
-    };
-    let engine = rt
-        .block_on(Engine::start(engine_cfg, net.clone()))
-        .context("starting the BitTorrent engine")?;
-    content.set(engine.clone(), rt.handle().clone());
-    let recovered = handle
-        .recover_synced()
-        .context("recovering the versions synced before a crash")?;
-    if recovered > 0 {
-        info!(recovered, "versions synced before a crash were committed");
-    }
-    rt.spawn(MeshNet::serve(net.mesh.clone(), engine.clone()));
+    let (node, fs) = rt.block_on(Node::start(node_config(plan, keypair, open_files)))?;
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
         control::create_run_dir(dir)?;
@@ -470,64 +437,16 @@ fn start(plan: &MountPlan) -> Result<Started> {
             allow_other: plan.opts.allow_other,
         },
     )?;
-
-    handle
+    node.fs()
         .set_notifier(session.notifier())
         .context("starting the kernel-invalidation thread")?;
-    let status_handle = handle.clone();
-    let status_engine = engine.clone();
-    let info = serde_json::json!({
-        "name": plan.name,
-        "mountpoint": plan.mountpoint,
-        "state_dir": plan.state_dir,
-        "node_id": node.to_hex(),
-        "peer_id": peer_id,
-        "key_file": plan.key_path,
-        "key_fingerprint": plan.key_fingerprint,
-        "options": plan.opts.effective(),
-
-        "pid": std::process::id(),
-        "version": env!("CARGO_PKG_VERSION"),
-    });
-    let status = move || {
-        let mut v = info.clone();
-        match status_handle.status() {
-            Ok(s) => {
-                if let (Some(obj), Ok(serde_json::Value::Object(fs))) =
-                    (v.as_object_mut(), serde_json::to_value(s))
-                {
-                    obj.extend(fs);
-                    let view = peers.borrow();
-                    obj.insert("peers".into(), serde_json::json!(view.peers));
-                    obj.insert("listen".into(), serde_json::json!(view.listen));
-                    obj.insert("mdns".into(), serde_json::json!(view.mdns));
-                    obj.insert(
-                        "records_published".into(),
-                        counters.published.load(Ordering::Relaxed).into(),
-                    );
-                    if let Ok(serde_json::Value::Object(bt)) =
-                        serde_json::to_value(status_engine.status())
-                    {
-                        obj.extend(bt);
-                    }
-                    for (name, c) in [
-                        ("records_received", &counters.received),
-                        ("records_synced", &counters.synced),
-                        ("records_refused", &counters.refused),
-                        ("records_merged", &counters.merged),
-                        ("sync_rounds", &counters.syncs),
-                        ("peer_wires_direct", &counters.wires_direct),
-                        ("peer_wires_mesh", &counters.wires_mesh),
-                    ] {
-                        obj.insert(name.into(), c.load(Ordering::Relaxed).into());
-                    }
-                }
-            }
-            Err(e) => v = serde_json::json!({ "error": e.to_string() }),
-        }
-        v
+    let reporter = node.reporter();
+    let status = move || match reporter.status() {
+        Ok(s) => serde_json::to_value(s)
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
-    let (torrent_fs, torrent_engine) = (handle.clone(), engine.clone());
+    let (torrent_fs, torrent_engine) = (node.fs().clone(), node.engine().clone());
     let torrent: control::TorrentFn = Arc::new(move |path: String, caller: control::Caller| {
         let (fs, engine) = (torrent_fs.clone(), torrent_engine.clone());
         Box::pin(async move {
@@ -541,36 +460,6 @@ fn start(plan: &MountPlan) -> Result<Started> {
             }
         })
     });
-    rt.spawn(control::serve(listener, Arc::new(status), torrent));
-    let gc_handle = handle.clone();
-    let retention = plan.opts.tombstone_retention;
-    rt.spawn(async move {
-        let mut tick = tokio::time::interval(GC_INTERVAL);
-        let mut tombstones = tokio::time::interval(TOMBSTONE_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = tombstones.tick() => {
-                    let h = gc_handle.clone();
-                    match tokio::task::spawn_blocking(move || h.collect_tombstones(retention)).await {
-                        Ok(Ok(n)) if n > 0 => tracing::info!(collected = n, "forgot expired tombstones"),
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => tracing::warn!("tombstone collection failed: {e}"),
-                        Err(e) => tracing::warn!("tombstone collection task failed: {e}"),
-                    }
-                    continue;
-                }
-            }
-            let h = gc_handle.clone();
-            match tokio::task::spawn_blocking(move || h.collect_garbage()).await {
-                Ok(Ok(n)) if n > 0 => {
-                    tracing::debug!(deleted = n, "collected unreferenced objects")
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!("garbage collection failed: {e}"),
-                Err(e) => tracing::warn!("garbage collection task failed: {e}"),
-            }
-        }
-    });
-    Ok((session, handle, sock, rt, node, engine))
+    let control = rt.spawn(control::serve(listener, Arc::new(status), torrent));
+    Ok((session, sock, rt, node, control))
 }

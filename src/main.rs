@@ -1,15 +1,14 @@
 //! `btfs`: the command-line front end and daemon of the btfs filesystem.
 
-mod content;
 mod control;
 mod daemon;
 mod keys;
-mod mesh;
 mod options;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
+use btfs_node::NodeStatus;
 use clap::{Parser, Subcommand};
 
 const EXAMPLES: &str = "\
@@ -121,138 +120,103 @@ fn progress_bar(done: u64, total: u64, width: usize) -> String {
     )
 }
 
-fn print_status(v: &serde_json::Value) {
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_owned();
-    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-    println!("btfs {} on {}", s("name"), s("mountpoint"));
-    println!("  node         {}", s("node_id"));
-    println!("  peer id      {} (for members=)", s("peer_id"));
-    println!("  state        {}", s("state_dir"));
+fn print_status(v: &NodeStatus) {
+    let (i, f, r, bt) = (&v.info, &v.fs, &v.records, &v.bittorrent);
+    println!("btfs {} on {}", i.name, i.mountpoint.display());
+    println!("  node         {}", v.node_id);
+    println!("  peer id      {} (for members=)", v.peer_id);
+    println!("  state        {}", i.state_dir.display());
     println!(
         "  key          {} (fingerprint {})",
-        s("key_file"),
-        s("key_fingerprint")
+        i.key_file.display(),
+        i.key_fingerprint
     );
     println!(
         "  files        {} ({}), {} directories, {} symlinks, {} tombstones",
-        n("files"),
-        human_bytes(n("bytes")),
-        n("dirs"),
-        n("symlinks"),
-        n("tombstones")
+        f.tree.files,
+        human_bytes(f.tree.bytes),
+        f.tree.dirs,
+        f.tree.symlinks,
+        f.tree.tombstones
     );
     println!(
         "  open         {} handles on {} files",
-        n("open_handles"),
-        n("open_files")
+        f.open_handles, f.open_files
     );
     println!(
         "  commits      {} ({} failed)",
-        n("commits"),
-        n("commit_failures")
+        f.commits, f.commit_failures
     );
     println!(
         "  passthrough  {}",
-        if v.get("passthrough")
-            .and_then(|x| x.as_bool())
-            .unwrap_or(false)
-        {
-            "on"
-        } else {
-            "off"
-        }
+        if f.passthrough { "on" } else { "off" }
     );
-    let listen: Vec<&str> = v
-        .get("listen")
-        .and_then(|l| l.as_array())
-        .map_or(Vec::new(), |l| {
-            l.iter().filter_map(|a| a.as_str()).collect()
-        });
-    let listen = if listen.is_empty() {
+    let listen = if v.mesh.listen.is_empty() {
         "-".to_owned()
     } else {
-        listen.join(", ")
+        v.mesh.listen.join(", ")
     };
     println!("  mesh         listening on {listen}");
-    let mdns = &v["mdns"];
-    let mdns_line = if mdns["enabled"] != true {
+    let mdns = &v.mesh.mdns;
+    let mdns_line = if !mdns.enabled {
         "off".to_owned()
-    } else if mdns["running"] == true {
-        let ifaces: Vec<&str> = mdns["interfaces"].as_array().map_or(Vec::new(), |l| {
-            l.iter().filter_map(|a| a.as_str()).collect()
-        });
+    } else if mdns.running {
         format!(
             "running on {} ({} found, {} restarts)",
-            ifaces.join(", "),
-            mdns["discovered"].as_u64().unwrap_or(0),
-            mdns["restarts"].as_u64().unwrap_or(0)
+            mdns.interfaces.join(", "),
+            mdns.discovered,
+            mdns.restarts
         )
     } else {
         format!(
             "not running on any interface yet ({} restarts; see the log)",
-            mdns["restarts"].as_u64().unwrap_or(0)
+            mdns.restarts
         )
     };
     println!("  mdns         {mdns_line}");
     println!(
         "  records      {} published, {} received by gossip, {} by sync ({} sync rounds), {} conflicts merged, {} refused",
-        n("records_published"),
-        n("records_received"),
-        n("records_synced"),
-        n("sync_rounds"),
-        n("records_merged"),
-        n("records_refused")
+        r.records_published,
+        r.records_received,
+        r.records_synced,
+        r.sync_rounds,
+        r.records_merged,
+        r.records_refused
     );
-    let peers = v
-        .get("peers")
-        .and_then(|p| p.as_array())
-        .cloned()
-        .unwrap_or_default();
-    let connected = peers.iter().filter(|p| p["connected"] == true).count();
+    let peers = &v.mesh.peers;
+    let connected = peers.iter().filter(|p| p.connected).count();
     println!(
         "  peers        {connected} connected, {} known",
         peers.len()
     );
-    for p in &peers {
+    for p in peers {
         println!(
             "    {} {} {} (last seen {} s ago)",
-            if p["connected"] == true { "*" } else { " " },
-            p["id"].as_str().unwrap_or("?"),
-            p["addresses"]
-                .as_array()
-                .and_then(|a| a.first())
-                .and_then(|a| a.as_str())
-                .unwrap_or("-"),
-            p["last_seen_secs"].as_u64().unwrap_or(0)
+            if p.connected { "*" } else { " " },
+            p.id,
+            p.addresses.first().map_or("-", String::as_str),
+            p.last_seen_secs
         );
     }
     println!(
         "  bittorrent   {} (members over the mesh), {} live torrents, {} holdings known, {} down, {} up",
-        s("bittorrent_listen"),
-        n("live_torrents"),
-        n("known_holdings"),
-        human_bytes(n("bytes_downloaded")),
-        human_bytes(n("bytes_uploaded"))
+        bt.bittorrent_listen.as_deref().unwrap_or("-"),
+        bt.live_torrents,
+        bt.known_holdings,
+        human_bytes(bt.bytes_downloaded),
+        human_bytes(bt.bytes_uploaded)
     );
-    for f in v["fetches"].as_array().into_iter().flatten() {
-        let (have, size) = (
-            f["have"].as_u64().unwrap_or(0),
-            f["size"].as_u64().unwrap_or(0),
-        );
+    for f in &bt.fetches {
         println!(
             "    {} {} {}/{}{}",
-            progress_bar(have, size, 24),
-            f["path"].as_str().unwrap_or("-"),
-            human_bytes(have),
-            human_bytes(size),
-            if f["full"] == true {
-                " (whole file)"
-            } else {
-                ""
-            }
+            progress_bar(f.have, f.size, 24),
+            f.path,
+            human_bytes(f.have),
+            human_bytes(f.size),
+            if f.full { " (whole file)" } else { "" }
         );
     }
-    println!("  daemon       pid {}, version {}", n("pid"), s("version"));
+    println!("  daemon       pid {}, version {}", i.pid, i.version);
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -288,11 +252,30 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{v}");
             } else {
-                print_status(&v);
+                let status: NodeStatus = serde_json::from_value(v)
+                    .context("the daemon sent a status this btfs cannot read")?;
+                print_status(&status);
             }
             Ok(())
         }
     }
+}
+
+/// An error and its causes on one line, each cause once (some messages
+/// already show their cause).
+pub(crate) fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn main() -> ExitCode {
@@ -300,7 +283,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("btfs: {e:#}");
+            eprintln!("btfs: {}", describe(&e));
             ExitCode::FAILURE
         }
     }

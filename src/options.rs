@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use btfs_torrent::{Cidr, congestion::Congestion};
 use nix::mount::MsFlags;
 
-use crate::content::Prefetch;
+use btfs_node::Prefetch;
 
 /// Options that take a value.
 const VALUED: &[&str] = &[
@@ -130,23 +130,17 @@ pub(crate) struct MountOpts {
     pub max_torrents: Option<usize>,
 }
 
+/// Sizes and rates: `k`, `M`, `G`, `T` are powers of 1024 (`500M`,
+/// `20G`, `1.5T`, `512 KiB`), a bare number is bytes.
+fn size_of(v: &str) -> Option<u64> {
+    parse_size::Config::new().with_binary().parse_size(v).ok()
+}
+
 /// Parses `500M`, `20G`, `1T` or a bare number of bytes.
 fn parse_size(option: &str, v: &str) -> Result<u64> {
-    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
-    let shift = match unit {
-        "" => 0,
-        "k" | "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => bail!("mount option {option}={v}: expected a size, e.g. 500M, 20G, 1T"),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| {
-            anyhow::anyhow!("mount option {option}={v}: expected a size, e.g. 500M, 20G, 1T")
-        })
+    size_of(v).ok_or_else(|| {
+        anyhow::anyhow!("mount option {option}={v}: expected a size, e.g. 500M, 20G, 1T")
+    })
 }
 
 /// librqbit's rate limiter takes 16 KiB at a time: a lower limit stalls.
@@ -154,23 +148,9 @@ pub(crate) const MIN_RATE: u64 = 16 << 10;
 
 /// Parses `512k`, `10M`, `1G` or a bare number of bytes per second.
 pub(crate) fn parse_rate(option: &str, v: &str) -> Result<NonZeroU32> {
-    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
-    let mult: u64 = match unit {
-        "" => 1,
-        "k" | "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        _ => bail!("mount option {option}={v}: expected bytes per second, e.g. 512k, 10M, 1G"),
-    };
-    let n = num
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "mount option {option}={v}: expected bytes per second, e.g. 512k, 10M, 1G"
-            )
-        })?;
+    let n = size_of(v).ok_or_else(|| {
+        anyhow::anyhow!("mount option {option}={v}: expected bytes per second, e.g. 512k, 10M, 1G")
+    })?;
     if n < MIN_RATE {
         bail!(
             "mount option {option}={v}: at least 16k (16384 bytes/s); lower limits stall BitTorrent transfers"
@@ -228,18 +208,12 @@ fn socket_addr(option: &str, v: &str) -> Result<SocketAddr> {
 /// never brings a deleted file back.
 pub(crate) const MIN_TOMBSTONE_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
-/// Parses `90s`, `30m`, `36h`, `7d` (a bare number is seconds).
+/// Parses `90s`, `30m`, `36h`, `7d`, `1h30m` (a bare number is seconds).
 pub(crate) fn parse_duration(v: &str) -> Option<Duration> {
-    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    Some(Duration::from_secs(secs))
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return v.parse().ok().map(Duration::from_secs);
+    }
+    humantime::parse_duration(v).ok()
 }
 
 impl Default for MountOpts {
@@ -284,12 +258,7 @@ impl MountOpts {
     /// The options in force, defaults filled in, as `btfs status` shows
     /// them (`options`).
     pub(crate) fn effective(&self) -> serde_json::Value {
-        use crate::content::Prefetch;
-        let prefetch = match &self.prefetch {
-            Prefetch::None => "none".to_owned(),
-            Prefetch::All => "all".to_owned(),
-            Prefetch::Globs(g) => g.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(","),
-        };
+        let prefetch = self.prefetch.to_string();
         serde_json::json!({
             "listen": self.mesh_listen().to_string(),
             "mdns": self.mdns,
@@ -506,7 +475,9 @@ mod tests {
         assert_eq!(r.tombstone_retention, Duration::from_secs(7 * 86_400));
         assert_eq!(parse_duration("90m"), Some(Duration::from_secs(5400)));
         assert_eq!(parse_duration("12"), Some(Duration::from_secs(12)));
-        assert_eq!(parse_duration("1w"), None);
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1x"), None);
+        assert_eq!(parse_duration(""), None);
     }
 
     #[test]
@@ -584,5 +555,13 @@ mod tests {
         assert!(validate_cluster_name("shared").is_ok());
         assert!(validate_cluster_name("a/b").is_err());
         assert!(validate_cluster_name("").is_err());
+    }
+
+    /// The README's first command mounts without `listen=`: the default must
+    /// be a mesh address libp2p accepts (it once was a bare `IP:PORT`).
+    #[test]
+    fn the_default_listen_address_is_a_valid_multiaddr() {
+        let a = btfs_node::mesh_address(MountOpts::default().mesh_listen()).unwrap();
+        assert_eq!(a.to_string(), "/ip4/0.0.0.0/tcp/4410");
     }
 }

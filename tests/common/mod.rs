@@ -24,8 +24,13 @@ pub fn require_fuse() {
     );
 }
 
+/// The binary under test: this build's, or `BTFS_BIN` (a benchmark of an
+/// older build against this one, side by side).
 pub fn btfs_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_btfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("BTFS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_btfs").to_owned())
+    })
 }
 
 /// Runs a command, failing the test with its output if it fails.

@@ -49,6 +49,31 @@ pub enum FsError {
 
 pub(crate) type Result<T, E = FsError> = std::result::Result<T, E>;
 
+/// Why a [`Signer`](crate::Signer) could not sign a record: any error, its
+/// causes kept.
+pub type SignError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Shows an error with its causes, `error: cause: …`, for a log line. A
+/// cause whose text its parent's already shows is not repeated.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !shown.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            shown = text;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
 /// The errno an application sees for each error. Exhaustive on purpose: a new
 /// variant must decide its errno here.
 pub fn errno(e: &FsError) -> Errno {
@@ -108,5 +133,22 @@ mod tests {
         let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
         assert_eq!(errno(&FsError::Io(full)), Errno::ENOSPC);
         assert_eq!(errno(&FsError::Io(std::io::Error::other("x"))), Errno::EIO);
+    }
+
+    #[test]
+    fn a_chain_shows_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        enum Outer {
+            #[error("cannot sign")]
+            Hides(#[source] std::io::Error),
+            #[error("cannot sign: {0}")]
+            Shows(#[source] std::io::Error),
+        }
+        let hides: SignError = Box::new(Outer::Hides(std::io::Error::other("no key")));
+        assert_eq!(ErrorChain(&*hides).to_string(), "cannot sign: no key");
+        let shows: SignError = Box::new(Outer::Shows(std::io::Error::other("no key")));
+        assert_eq!(ErrorChain(&*shows).to_string(), "cannot sign: no key");
+        let plain: SignError = "no key".into();
+        assert_eq!(ErrorChain(&*plain).to_string(), "no key");
     }
 }

@@ -16,7 +16,7 @@ pub mod mount;
 mod objects;
 
 pub use content::{ContentSource, Done, Wanted};
-pub use error::{FsError, errno};
+pub use error::{FsError, SignError, errno};
 pub use fs::{Announced, Applied, BtfsFs, FsConfig, FsHandle, FsStatus, Signer};
 pub use mount::{MountError, MountOptions, check_mountpoint, mount, mounted_at, unmount};
 pub use objects::ObjectStore;

@@ -29,6 +29,12 @@ pub(crate) struct Staging {
     pub(crate) file: std::sync::Arc<File>,
 }
 
+/// The object file of `c` under the objects directory.
+fn object_path_in(objects: &Path, c: &ContentId) -> PathBuf {
+    let hex = c.to_hex();
+    objects.join(&hex[..2]).join(hex)
+}
+
 #[derive(Debug)]
 pub struct ObjectStore {
     objects: PathBuf,
@@ -140,8 +146,14 @@ impl ObjectStore {
     }
 
     pub fn object_path(&self, c: &ContentId) -> PathBuf {
-        let hex = c.to_hex();
-        self.objects.join(&hex[..2]).join(hex)
+        object_path_in(&self.objects, c)
+    }
+
+    /// Where objects live, as a function that outlives this store (for the
+    /// content engine, built before the filesystem that owns the store).
+    pub fn path_fn(&self) -> impl Fn(&ContentId) -> PathBuf + Send + Sync + 'static {
+        let objects = self.objects.clone();
+        move |c| object_path_in(&objects, c)
     }
 
     /// Opens committed content for reading. The empty object is created on

@@ -32,6 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use libp2p::{
     Multiaddr, PeerId,
     core::transport::ListenerId,
@@ -47,6 +48,12 @@ use libp2p::{
 pub(crate) const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest restart delay, and the period once it is reached.
 pub(crate) const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The restart delays: 1 s doubling to 30 s, then every 30 s, for ever.
+const RETRY: ExponentialBuilder = ExponentialBuilder::new()
+    .with_factor(2.0)
+    .with_min_delay(RETRY_MIN)
+    .with_max_delay(RETRY_MAX)
+    .without_max_times();
 /// Restarts logged at info level (the backoff phase); later ones at debug.
 pub(crate) const LOUD_RESTARTS: u64 = 6;
 /// Restarts that must find no instance alive before "mDNS cannot run" is
@@ -81,7 +88,9 @@ pub(crate) struct Observation {
 #[derive(Debug)]
 pub(crate) struct Supervisor {
     started_on: BTreeSet<Ipv4Addr>,
-    backoff: Duration,
+    /// The delays of the restarts to come: its first one (`RETRY_MIN`) is
+    /// taken when the schedule starts, for the first restart.
+    backoff: ExponentialBackoff,
     next_restart: Instant,
     restarts: u64,
     /// Restarts in a row after which no instance was alive.
@@ -92,14 +101,27 @@ pub(crate) struct Supervisor {
 impl Supervisor {
     /// A supervisor for a behaviour just started on `interfaces`.
     pub(crate) fn new(now: Instant, interfaces: BTreeSet<Ipv4Addr>) -> Self {
+        let mut backoff = RETRY.build();
+        let first = Self::next_delay(&mut backoff);
         Self {
             started_on: interfaces,
-            backoff: RETRY_MIN,
-            next_restart: now + RETRY_MIN,
+            backoff,
+            next_restart: now + first,
             restarts: 0,
             failed_restarts: 0,
             warned: false,
         }
+    }
+
+    /// The next delay of `backoff` (the schedule never ends).
+    fn next_delay(backoff: &mut ExponentialBackoff) -> Duration {
+        backoff.next().unwrap_or(RETRY_MAX)
+    }
+
+    /// Starts the schedule again; returns its first delay (`RETRY_MIN`).
+    fn reset_backoff(&mut self) -> Duration {
+        self.backoff = RETRY.build();
+        Self::next_delay(&mut self.backoff)
     }
 
     /// Restarts so far.
@@ -117,7 +139,7 @@ impl Supervisor {
         if seen.interfaces.is_empty() {
             // Nothing to run on; start at once when an interface comes.
             self.started_on.clear();
-            self.backoff = RETRY_MIN;
+            self.reset_backoff();
             if !self.warned {
                 self.warned = true;
                 actions.push(Action::WarnCannotRun(
@@ -136,11 +158,10 @@ impl Supervisor {
         let new_interface = !seen.interfaces.is_subset(&self.started_on);
         let healthy = seen.instances > 0 && seen.members > 0;
         if new_interface {
-            self.backoff = RETRY_MIN;
+            self.reset_backoff();
             self.restart(now, seen, &mut actions);
         } else if healthy {
-            self.backoff = RETRY_MIN;
-            self.next_restart = now + RETRY_MIN;
+            self.next_restart = now + self.reset_backoff();
         } else if now >= self.next_restart {
             self.restart(now, seen, &mut actions);
         }
@@ -159,8 +180,7 @@ impl Supervisor {
         }
         self.started_on = seen.interfaces.clone();
         self.restarts += 1;
-        self.backoff = (self.backoff * 2).min(RETRY_MAX);
-        self.next_restart = now + self.backoff;
+        self.next_restart = now + Self::next_delay(&mut self.backoff);
         actions.push(Action::Restart);
     }
 }

@@ -163,7 +163,7 @@ pub enum Change {
 }
 
 /// Counts over the live tree.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Stats {
     pub files: u64,
     pub dirs: u64,

@@ -25,10 +25,13 @@ use std::{
     task::{Context, Poll},
 };
 
+use ipnet::IpNet;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
+
+use crate::MemberId;
 
 /// Buffer of each direction of a relay that copies: large writes make large
 /// frames (tokio's default, 8 KiB, costs a frame and its encryption per
@@ -158,11 +161,10 @@ pub(crate) struct SocksSecret([u8; 32]);
 impl SocksSecret {
     pub(crate) fn random() -> io::Result<Self> {
         let mut raw = [0u8; 16];
-        getrandom::fill(&mut raw)
-            .map_err(|e| io::Error::other(format!("random SOCKS5 secret: {e}")))?;
+        getrandom::fill(&mut raw).map_err(|e| io::Error::other(SecretError::Random(e)))?;
         let mut hex_secret = [0u8; 32];
         hex::encode_to_slice(raw, &mut hex_secret)
-            .map_err(|e| io::Error::other(format!("SOCKS5 secret: {e}")))?;
+            .map_err(|e| io::Error::other(SecretError::Hex(e)))?;
         Ok(Self(hex_secret))
     }
 
@@ -186,6 +188,15 @@ impl SocksSecret {
         let password_ok = ct_eq(password, &self.0);
         user_ok & password_ok
     }
+}
+
+/// Why no SOCKS5 secret could be made.
+#[derive(Debug, thiserror::Error)]
+enum SecretError {
+    #[error("random SOCKS5 secret: {0}")]
+    Random(#[source] getrandom::Error),
+    #[error("SOCKS5 secret: {0}")]
+    Hex(#[source] hex::FromHexError),
 }
 
 impl std::fmt::Debug for SocksSecret {
@@ -301,8 +312,8 @@ pub(crate) async fn socks5_reply(io: &mut (impl AsyncWrite + Unpin), code: u8) -
 /// to a member.
 #[derive(Debug, Default)]
 pub(crate) struct PeerTable {
-    by_member: HashMap<String, SocketAddr>,
-    by_addr: HashMap<SocketAddr, String>,
+    by_member: HashMap<MemberId, SocketAddr>,
+    by_addr: HashMap<SocketAddr, MemberId>,
 }
 
 pub(crate) const SYNTHETIC_PORT: u16 = 6881;
@@ -310,7 +321,7 @@ pub(crate) const CONNECTIONS_PER_MEMBER: u16 = 1;
 
 impl PeerTable {
     /// The addresses that stand for `member`.
-    pub(crate) fn addrs_of(&mut self, member: &str) -> Vec<SocketAddr> {
+    pub(crate) fn addrs_of(&mut self, member: &MemberId) -> Vec<SocketAddr> {
         let ip = match self.by_member.get(member) {
             Some(a) => a.ip(),
             None => {
@@ -322,8 +333,8 @@ impl PeerTable {
                     Ipv4Addr::new(127, 77, x, y),
                     SYNTHETIC_PORT,
                 ));
-                self.by_member.insert(member.to_owned(), addr);
-                self.by_addr.insert(addr, member.to_owned());
+                self.by_member.insert(*member, addr);
+                self.by_addr.insert(addr, *member);
                 addr.ip()
             }
         };
@@ -332,66 +343,72 @@ impl PeerTable {
             .collect()
     }
 
-    pub(crate) fn member_at(&self, addr: &SocketAddr) -> Option<&str> {
+    pub(crate) fn member_at(&self, addr: &SocketAddr) -> Option<MemberId> {
         self.by_addr
             .get(&SocketAddr::new(addr.ip(), SYNTHETIC_PORT))
-            .map(String::as_str)
+            .copied()
     }
 }
 
-/// An IPv4 or IPv6 network, `ADDR/BITS` (a bare address is one host).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    net: IpAddr,
-    bits: u8,
-}
+/// An IPv4 or IPv6 network, `ADDR/BITS` (a bare address is one host: /32 or
+/// /128). Shown as given (`10.1.2.3/16` stays so); an IPv4-mapped IPv6
+/// address is matched as the IPv4 address it maps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(IpNet);
 
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(&n.octets(), &a.octets(), self.bits),
-            (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(&n.octets(), &a.octets(), self.bits),
-            _ => false,
-        }
+        self.0.contains(&ip.to_canonical())
     }
 }
 
-fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
-    let (full, rest) = (usize::from(bits / 8), bits % 8);
-    a[..full] == b[..full] && (rest == 0 || (a[full] ^ b[full]) >> (8 - rest) == 0)
+/// Why a network did not parse as a [`Cidr`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{input:?}: {addr:?} is not an IP address")]
+    NotAnAddress { input: String, addr: String },
+    #[error("{input:?}: prefix length must be 0 to {max}")]
+    BadPrefix { input: String, max: u8 },
 }
 
 impl FromStr for Cidr {
-    type Err = String;
+    type Err = CidrError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, CidrError> {
         let (ip, bits) = match s.split_once('/') {
             Some((ip, bits)) => (ip, Some(bits)),
             None => (s, None),
         };
-        let net: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("{s:?}: {ip:?} is not an IP address"))?;
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        let bits = match bits {
-            None => max,
-            Some(b) => b
-                .parse::<u8>()
-                .ok()
-                .filter(|b| *b <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?,
+        let addr: IpAddr = ip.parse().map_err(|_| CidrError::NotAnAddress {
+            input: s.to_owned(),
+            addr: ip.to_owned(),
+        })?;
+        let Some(bits) = bits else {
+            return Ok(Self(IpNet::from(addr)));
         };
-        Ok(Self { net, bits })
+        bits.parse::<u8>()
+            .ok()
+            .and_then(|b| IpNet::new(addr, b).ok())
+            .map(Self)
+            .ok_or_else(|| CidrError::BadPrefix {
+                input: s.to_owned(),
+                max: if addr.is_ipv4() { 32 } else { 128 },
+            })
     }
 }
 
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.net, self.bits)
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cidr")
+            .field("net", &self.0.addr())
+            .field("bits", &self.0.prefix_len())
+            .finish()
     }
 }
 
@@ -426,15 +443,52 @@ mod tests {
     }
 
     #[test]
+    fn cidrs_show_as_given_and_say_what_is_wrong() {
+        for (given, shown) in [
+            ("10.1.2.3/16", "10.1.2.3/16"),
+            ("192.168.1.7", "192.168.1.7/32"),
+            ("fd00::1", "fd00::1/128"),
+            ("fd00::/8", "fd00::/8"),
+        ] {
+            assert_eq!(given.parse::<Cidr>().unwrap().to_string(), shown);
+        }
+        assert_eq!(
+            "nope/8".parse::<Cidr>().unwrap_err().to_string(),
+            r#""nope/8": "nope" is not an IP address"#
+        );
+        assert_eq!(
+            "10.0.0.0/33".parse::<Cidr>().unwrap_err().to_string(),
+            r#""10.0.0.0/33": prefix length must be 0 to 32"#
+        );
+        assert_eq!(
+            "fd00::/x".parse::<Cidr>().unwrap_err().to_string(),
+            r#""fd00::/x": prefix length must be 0 to 128"#
+        );
+        assert!(
+            !"fd00::/8"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("10.0.0.1".parse().unwrap())
+        );
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("1.2.3.4".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn members_get_stable_distinct_loopback_addresses() {
         let mut t = PeerTable::default();
-        let a = t.addrs_of("A");
-        let b = t.addrs_of("B");
+        let (member_a, member_b) = (MemberId::random(), MemberId::random());
+        let a = t.addrs_of(&member_a);
+        let b = t.addrs_of(&member_b);
         assert_eq!(a.len(), usize::from(CONNECTIONS_PER_MEMBER));
         assert!(a.iter().all(|x| !b.contains(x)));
-        assert_eq!(t.addrs_of("A"), a);
+        assert_eq!(t.addrs_of(&member_a), a);
         assert!(a[0].ip().is_loopback());
-        assert!(b.iter().all(|x| t.member_at(x) == Some("B")));
+        assert!(b.iter().all(|x| t.member_at(x) == Some(member_b)));
         assert_eq!(t.member_at(&"127.77.0.9:6881".parse().unwrap()), None);
     }
 

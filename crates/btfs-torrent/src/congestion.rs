@@ -9,12 +9,9 @@
 //! default (and the test VM's), models the path's bandwidth from the
 //! delivery rate of the last few round trips. On loopback, or a LAN, those
 //! last a millisecond or less, so it paces each burst at the rate the wire
-//! happened to carry just before. On the test VM, a whole 1 GiB remote file
-//! read through the mount against a plain TCP copy of it, round by round
-//! (`docs/BENCHMARKS.md`), gave a median ratio of 0.66 with BBR everywhere
-//! (6 rounds), 0.71 with the loopback legs on cubic (9 rounds), and 0.76
-//! with the wires on cubic too (35 rounds). The copy's own speed did not
-//! depend on its algorithm.
+//! happened to carry just before. Loss-based algorithms read remote files
+//! faster here, on the loopback legs and on the wires (see
+//! docs/BENCHMARKS.md).
 //!
 //! * **Loopback legs** always get a loss-based algorithm (cubic, or reno
 //!   where cubic is missing): they have no congestion to control. That means
@@ -99,14 +96,25 @@ impl Congestion {
                 .map_err(|e| {
                     io::Error::new(
                         e.kind(),
-                        format!(
-                            "TCP congestion control {name:?} (bt_congestion=): {e}; this kernel has: {}",
-                            available()
-                        ),
+                        ApplyError {
+                            name: name.clone(),
+                            available: available(),
+                            source: e,
+                        },
                     )
                 }),
         }
     }
+}
+
+/// A named algorithm could not be set (the kernel lacks it, most likely).
+#[derive(Debug, thiserror::Error)]
+#[error("TCP congestion control {name:?} (bt_congestion=): {source}; this kernel has: {available}")]
+struct ApplyError {
+    name: String,
+    available: String,
+    #[source]
+    source: io::Error,
 }
 
 /// The kernel's available algorithms, for error messages.

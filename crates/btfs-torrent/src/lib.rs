@@ -24,10 +24,17 @@ use std::io;
 
 use btfs_core::{ContentId, InfoHash};
 
-pub use bridge::{BoxIo, Cidr, PeerIo, QuickAck, RelayFuture};
+pub use bridge::{BoxIo, Cidr, CidrError, PeerIo, QuickAck, RelayFuture};
 pub use engine::{Engine, EngineConfig, FetchStatus, Network, ObjectPath, Status};
+/// A mesh member, as the [`Network`] names it: its libp2p peer id (shown
+/// in base58, as libp2p shows it).
+pub use libp2p_identity::PeerId as MemberId;
 pub use limits::DEFAULT_MAX_LIVE;
 pub use meta::Metainfo;
+
+/// An error from librqbit (its errors are `anyhow` errors, which convert to
+/// this), kept as the cause of a [`TorrentError`].
+pub type SessionCause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Everything the content layer can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +44,7 @@ pub enum TorrentError {
     #[error("the file changed while it was hashed: {expected} bytes expected, {found} found")]
     SizeChanged { expected: u64, found: u64 },
     #[error("invalid metainfo: {0}")]
-    BadMetainfo(String),
+    BadMetainfo(#[source] librqbit_bencode::DeserializeError),
     #[error("invalid metainfo: {len} bytes, over the {max}-byte bound")]
     MetainfoTooLarge { len: usize, max: usize },
     #[error("invalid metainfo: info hash {found}, not the {expected} asked for")]
@@ -77,11 +84,19 @@ pub enum TorrentError {
         size: u64,
     },
     #[error("encoding metainfo: {0}")]
-    Encode(String),
+    Encode(#[source] librqbit_bencode::SerializeError),
     #[error("no member sent the metainfo of torrent {0}")]
     NoMetainfo(InfoHash),
     #[error("BitTorrent session: {0}")]
-    Session(String),
+    Session(#[source] SessionCause),
+    /// librqbit did not do what this crate expects of it (no listener, a
+    /// torrent added as list-only).
+    #[error("BitTorrent session: {0}")]
+    SessionUnexpected(&'static str),
+    /// A task on librqbit's runtime failed (it panicked, or the runtime
+    /// stopped).
+    #[error("BitTorrent session: BitTorrent runtime: {0}")]
+    Runtime(#[source] tokio::task::JoinError),
     #[error("the downloaded content does not match its id {0}")]
     Mismatch(String),
     #[error("no progress for {0:?}: no reachable member holds the missing pieces")]
@@ -93,21 +108,18 @@ pub enum TorrentError {
 }
 
 impl TorrentError {
-    fn encode(e: impl std::fmt::Display) -> Self {
-        Self::Encode(e.to_string())
-    }
-
-    fn session(e: impl std::fmt::Display) -> Self {
-        Self::Session(e.to_string())
+    fn session(e: impl Into<SessionCause>) -> Self {
+        Self::Session(e.into())
     }
 }
 
 impl From<TorrentError> for io::Error {
+    /// The error itself, its text as before, and its cause kept.
     fn from(e: TorrentError) -> Self {
         match e {
             TorrentError::Io(io) => io,
-            TorrentError::Stalled(_) => io::Error::new(io::ErrorKind::TimedOut, e.to_string()),
-            other => io::Error::other(other.to_string()),
+            TorrentError::Stalled(_) => io::Error::new(io::ErrorKind::TimedOut, e),
+            other => io::Error::other(other),
         }
     }
 }

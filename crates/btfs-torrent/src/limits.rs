@@ -21,14 +21,21 @@
 
 use std::{
     collections::HashMap,
+    fmt,
+    hash::Hash,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, RawFd},
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
-use crate::bridge::{PeerIo, QuickAck};
+use parking_lot::Mutex;
+
+use crate::{
+    MemberId,
+    bridge::{PeerIo, QuickAck},
+};
 
 /// Torrents live at once unless `EngineConfig::max_live` says otherwise.
 /// Each costs librqbit an open file, piece state and a 100 ms stats loop
@@ -81,35 +88,69 @@ const IDLE_CHECKS: u32 = 6;
 /// forgotten.
 const BUCKETS_KEPT: usize = 4096;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Whom a peer connection (and the torrent it brings up) is for: what the
+/// engine's logs name, and what its bounds count under [`Remote::key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Remote {
+    /// A member, over a mesh stream or a direct wire.
+    Member(MemberId),
+    /// A standard BitTorrent client from a `bt_allow=` network, by its
+    /// address.
+    Client(SocketAddr),
+    /// Whatever the caller of `Engine::warm` named (the daemon names what
+    /// asked, not a member).
+    Named(String),
 }
 
-/// The key a peer connection is bounded under: the member (its peer id),
-/// or for a standard client, which the engine names by its address, the
-/// client's IP address (each connection has its own port).
-pub(crate) fn member_key(from: &str) -> String {
-    match from.parse::<SocketAddr>() {
-        Ok(a) => a.ip().to_canonical().to_string(),
-        Err(_) => from.to_owned(),
+/// The key a peer connection is bounded under: the member (its peer id), or
+/// for a standard client the client's IP address (each connection has its
+/// own port).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Key {
+    Member(MemberId),
+    Host(IpAddr),
+    Named(String),
+}
+
+impl Remote {
+    pub(crate) fn key(&self) -> Key {
+        match self {
+            Self::Member(m) => Key::Member(*m),
+            Self::Client(a) => Key::Host(a.ip().to_canonical()),
+            // A name that is an address counts as that address's host.
+            Self::Named(n) => match n.parse::<SocketAddr>() {
+                Ok(a) => Key::Host(a.ip().to_canonical()),
+                Err(_) => Key::Named(n.clone()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Member(m) => m.fmt(f),
+            Self::Client(a) => a.fmt(f),
+            Self::Named(n) => n.fmt(f),
+        }
     }
 }
 
 /// Counts of what each key holds, at most `max` each.
 #[derive(Debug)]
-pub(crate) struct Slots {
+pub(crate) struct Slots<K: Hash + Eq> {
     max: usize,
-    held: Arc<Mutex<HashMap<String, usize>>>,
+    held: Arc<Mutex<HashMap<K, usize>>>,
 }
 
 /// One of a key's [`Slots`], given back when dropped.
 #[derive(Debug)]
-pub(crate) struct Slot {
-    held: Arc<Mutex<HashMap<String, usize>>>,
-    key: String,
+pub(crate) struct Slot<K: Hash + Eq> {
+    held: Arc<Mutex<HashMap<K, usize>>>,
+    key: K,
 }
 
-impl Slots {
+impl<K: Hash + Eq + Clone> Slots<K> {
     pub(crate) fn new(max: usize) -> Self {
         Self {
             max,
@@ -118,27 +159,27 @@ impl Slots {
     }
 
     /// A slot for `key`, unless it holds `max` already.
-    pub(crate) fn try_acquire(&self, key: &str) -> Option<Slot> {
-        let mut held = lock(&self.held);
+    pub(crate) fn try_acquire(&self, key: &K) -> Option<Slot<K>> {
+        let mut held = self.held.lock();
         if held.get(key).copied().unwrap_or(0) >= self.max {
             return None;
         }
-        *held.entry(key.to_owned()).or_insert(0) += 1;
+        *held.entry(key.clone()).or_insert(0) += 1;
         Some(Slot {
             held: self.held.clone(),
-            key: key.to_owned(),
+            key: key.clone(),
         })
     }
 
     #[cfg(test)]
-    pub(crate) fn held_by(&self, key: &str) -> usize {
-        lock(&self.held).get(key).copied().unwrap_or(0)
+    pub(crate) fn held_by(&self, key: &K) -> usize {
+        self.held.lock().get(key).copied().unwrap_or(0)
     }
 }
 
-impl Drop for Slot {
+impl<K: Hash + Eq> Drop for Slot<K> {
     fn drop(&mut self) {
-        let mut held = lock(&self.held);
+        let mut held = self.held.lock();
         if let Some(n) = held.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -150,14 +191,14 @@ impl Drop for Slot {
 
 /// A token bucket per key: `burst` at once, `per_sec` a second after.
 #[derive(Debug)]
-pub(crate) struct Buckets {
+pub(crate) struct Buckets<K> {
     burst: f64,
     per_sec: f64,
     /// Tokens left, as of when.
-    by_key: Mutex<HashMap<String, (f64, Instant)>>,
+    by_key: Mutex<HashMap<K, (f64, Instant)>>,
 }
 
-impl Buckets {
+impl<K: Hash + Eq + Clone> Buckets<K> {
     pub(crate) fn new(burst: u32, per_sec: u32) -> Self {
         Self {
             burst: f64::from(burst),
@@ -172,12 +213,12 @@ impl Buckets {
     }
 
     /// Takes a token of `key`'s bucket, if it has one.
-    pub(crate) fn try_take(&self, key: &str, now: Instant) -> bool {
-        let mut by_key = lock(&self.by_key);
+    pub(crate) fn try_take(&self, key: &K, now: Instant) -> bool {
+        let mut by_key = self.by_key.lock();
         if by_key.len() >= BUCKETS_KEPT && !by_key.contains_key(key) {
             by_key.retain(|_, (tokens, at)| self.refilled(*tokens, *at, now) < self.burst);
         }
-        let (tokens, at) = by_key.entry(key.to_owned()).or_insert((self.burst, now));
+        let (tokens, at) = by_key.entry(key.clone()).or_insert((self.burst, now));
         let have = self.refilled(*tokens, *at, now);
         *at = now;
         if have >= 1.0 {
@@ -241,11 +282,12 @@ pub(crate) fn lru_victim<K>(items: impl IntoIterator<Item = (K, Usage)>, local: 
 #[derive(Debug)]
 pub(crate) struct Limits {
     /// Peer connections per member (or standard client address).
-    pub(crate) members: Slots,
-    /// Connections per host on the BitTorrent listener.
-    pub(crate) hosts: Slots,
+    pub(crate) members: Slots<Key>,
+    /// Connections per host (canonical IP address) on the BitTorrent
+    /// listener.
+    pub(crate) hosts: Slots<IpAddr>,
     /// Torrents brought up for each member's handshakes.
-    pub(crate) bring_ups: Buckets,
+    pub(crate) bring_ups: Buckets<Key>,
     pub(crate) live_refused: AtomicU64,
     pub(crate) member_conns_refused: AtomicU64,
     pub(crate) member_bring_ups_refused: AtomicU64,
@@ -391,42 +433,55 @@ mod tests {
     #[test]
     fn slots_bound_each_key_and_come_back_when_dropped() {
         let s = Slots::new(MAX_WIRES_PER_MEMBER);
-        let held: Vec<Slot> = (0..MAX_WIRES_PER_MEMBER)
-            .map(|_| s.try_acquire("a").expect("within the bound"))
+        let held: Vec<Slot<&str>> = (0..MAX_WIRES_PER_MEMBER)
+            .map(|_| s.try_acquire(&"a").expect("within the bound"))
             .collect();
-        assert!(s.try_acquire("a").is_none(), "one over the bound");
-        let b = s.try_acquire("b");
+        assert!(s.try_acquire(&"a").is_none(), "one over the bound");
+        let b = s.try_acquire(&"b");
         assert!(b.is_some(), "another member is not refused");
         drop(held.into_iter().next());
-        assert!(s.try_acquire("a").is_some());
+        assert!(s.try_acquire(&"a").is_some());
         drop(b);
-        assert_eq!(s.held_by("b"), 0);
-        assert!(lock(&s.held).get("b").is_none(), "empty keys are forgotten");
+        assert_eq!(s.held_by(&"b"), 0);
+        assert!(s.held.lock().get("b").is_none(), "empty keys are forgotten");
     }
 
     #[test]
     fn standard_clients_are_bounded_by_address_members_by_name() {
-        assert_eq!(member_key("10.0.0.7:51234"), "10.0.0.7");
-        assert_eq!(member_key("[::ffff:10.0.0.7]:1"), "10.0.0.7");
-        assert_eq!(member_key("12D3KooWabc"), "12D3KooWabc");
+        let client = |a: &str| Remote::Client(a.parse().unwrap());
+        let host = |a: &str| Key::Host(a.parse().unwrap());
+        assert_eq!(client("10.0.0.7:51234").key(), host("10.0.0.7"));
+        assert_eq!(client("[::ffff:10.0.0.7]:1").key(), host("10.0.0.7"));
+        let m = MemberId::random();
+        assert_eq!(Remote::Member(m).key(), Key::Member(m));
+        // Logs name them as before: the peer id in base58, the address.
+        assert_eq!(Remote::Member(m).to_string(), m.to_base58());
+        assert_eq!(client("10.0.0.7:51234").to_string(), "10.0.0.7:51234");
+        // What `warm` is told: a name, unless it is an address.
+        let named = |n: &str| Remote::Named(n.into()).key();
+        assert_eq!(
+            named("metainfo request"),
+            Key::Named("metainfo request".into())
+        );
+        assert_eq!(named("10.0.0.7:1"), host("10.0.0.7"));
     }
 
     #[test]
     fn bring_ups_are_a_burst_then_a_rate() {
         let b = Buckets::new(4, 2);
         let t0 = Instant::now();
-        assert!((0..4).all(|_| b.try_take("m", t0)));
-        assert!(!b.try_take("m", t0));
-        assert!(b.try_take("other", t0), "each member has its own");
+        assert!((0..4).all(|_| b.try_take(&"m", t0)));
+        assert!(!b.try_take(&"m", t0));
+        assert!(b.try_take(&"other", t0), "each member has its own");
         let later = t0 + Duration::from_millis(500);
-        assert!(b.try_take("m", later), "2 a second: one after 500 ms");
-        assert!(!b.try_take("m", later));
+        assert!(b.try_take(&"m", later), "2 a second: one after 500 ms");
+        assert!(!b.try_take(&"m", later));
         let much_later = t0 + Duration::from_secs(3600);
         assert!(
-            (0..4).all(|_| b.try_take("m", much_later)),
+            (0..4).all(|_| b.try_take(&"m", much_later)),
             "never over the burst"
         );
-        assert!(!b.try_take("m", much_later));
+        assert!(!b.try_take(&"m", much_later));
     }
 
     /// A peer stream in memory.

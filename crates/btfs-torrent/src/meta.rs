@@ -95,7 +95,7 @@ impl Metainfo {
             private: true,
         };
         let mut raw = Vec::new();
-        bencode_serialize_to_writer(&info, &mut raw).map_err(TorrentError::encode)?;
+        bencode_serialize_to_writer(&info, &mut raw).map_err(TorrentError::Encode)?;
         let id = Id20::new(sha1(&raw));
         let info = WithRawBytes {
             data: info,
@@ -126,7 +126,7 @@ impl Metainfo {
                 max: MAX_METAINFO_BYTES,
             });
         }
-        let t = torrent_from_bytes(&bytes).map_err(|e| TorrentError::BadMetainfo(e.to_string()))?;
+        let t = torrent_from_bytes(&bytes).map_err(TorrentError::BadMetainfo)?;
         let found = InfoHash(t.info_hash.0);
         if found != *expected {
             return Err(TorrentError::WrongInfoHash {
@@ -138,7 +138,7 @@ impl Metainfo {
         // The info dictionary must be exactly what `build` encodes for these
         // fields: no other keys, no other encoding.
         let mut raw = Vec::new();
-        bencode_serialize_to_writer(&t.info.data, &mut raw).map_err(TorrentError::encode)?;
+        bencode_serialize_to_writer(&t.info.data, &mut raw).map_err(TorrentError::Encode)?;
         if raw != t.info.raw_bytes.as_ref() {
             return Err(TorrentError::NonCanonicalInfo);
         }
@@ -211,7 +211,7 @@ where
         info_hash: id,
     };
     let mut bytes = Vec::new();
-    bencode_serialize_to_writer(&meta, &mut bytes).map_err(TorrentError::encode)?;
+    bencode_serialize_to_writer(&meta, &mut bytes).map_err(TorrentError::Encode)?;
     Ok(bytes)
 }
 

@@ -23,8 +23,8 @@ use btfs_store::{Backend, Change, Derived, Entry, NO_INO, ROOT_INO, Replication,
 use fuser::INodeNo;
 use tracing::{debug, warn};
 
-use super::{Shared, lock};
-use crate::error::Result;
+use super::Shared;
+use crate::error::{ErrorChain, Result};
 
 /// A new local version, for the mesh to gossip.
 #[derive(Debug, Clone)]
@@ -104,7 +104,11 @@ impl<B: Backend> Shared<B> {
         match (signer.0)(path, record) {
             Ok(sig) => sig,
             Err(e) => {
-                warn!(%path, "could not sign a new version (peers will refuse it): {e}");
+                warn!(
+                    %path,
+                    "could not sign a new version (peers will refuse it): {}",
+                    ErrorChain(&*e)
+                );
                 Vec::new()
             }
         }
@@ -212,7 +216,8 @@ impl<B: Backend> Shared<B> {
             self.announce_dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.commits
+        self.committer
+            .commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -221,7 +226,7 @@ impl<B: Backend> Shared<B> {
     pub(super) fn apply_remote(&self, path: RelPath, incoming: Version) -> Result<Applied> {
         let mut inval = Inval::default();
         let outcome = {
-            let _ns = lock(&self.ns);
+            let _ns = self.ns.lock();
             let current = self.store.get(&path)?;
             let held = current
                 .as_ref()
@@ -398,11 +403,11 @@ impl<B: Backend> Shared<B> {
         // A replaced inode that is open keeps working until closed (the
         // kernel forgets it then); one that is not open just goes.
         for (p, o) in replaced {
-            let open = self.cell(o.ino).is_some();
+            let open = self.inodes.cell(o.ino).is_some();
             debug!(path = %p, ino = o.ino, open, "a remote version replaced an inode");
             if open {
-                self.mark_unlinked(&o);
-                lock(&self.remote_replaced).insert(o.ino, p);
+                self.inodes.mark_unlinked(&o);
+                self.inodes.remote_replaced.lock().insert(o.ino, p);
             }
         }
         self.gc(released);
@@ -501,8 +506,11 @@ impl<B: Backend> Shared<B> {
         inval.inodes.sort_unstable();
         inval.inodes.dedup();
         inval.inodes.retain(|i| *i != NO_INO);
-        lock(&self.stale_cache).extend(inval.inodes.iter().copied());
-        if let Some(tx) = lock(&self.inval_tx).as_ref() {
+        self.inodes
+            .stale_cache
+            .lock()
+            .extend(inval.inodes.iter().copied());
+        if let Some(tx) = self.inval_tx.lock().as_ref() {
             // Full: the kernel's caches expire with the entry TTL anyway.
             let _ = tx.try_send(inval);
         }

@@ -1,30 +1,41 @@
 //! The live cap and the per-member bounds on a running engine (librqbit on
 //! loopback, no members).
 
-use super::*;
+use std::collections::HashSet;
+
+use super::{live::Need, *};
+use crate::{
+    limits::{Key, MAX_WIRES_PER_MEMBER, Remote},
+    meta::Metainfo,
+};
 
 struct NoMembers;
 
 impl Network for NoMembers {
-    fn members(&self) -> Vec<String> {
+    fn members(&self) -> Vec<MemberId> {
         Vec::new()
     }
-    fn member_of(&self, _: &NodeId) -> Option<String> {
+    fn member_of(&self, _: &NodeId) -> Option<MemberId> {
         None
     }
-    fn dial(&self, _: String) -> BoxFuture<io::Result<BoxIo>> {
+    fn dial(&self, _: MemberId) -> BoxFuture<io::Result<BoxIo>> {
         Box::pin(async { Err(io::Error::other("no members")) })
     }
-    fn metainfo(&self, _: InfoHash, _: Option<String>) -> BoxFuture<Option<Vec<u8>>> {
+    fn metainfo(&self, _: InfoHash, _: Option<MemberId>) -> BoxFuture<Option<Vec<u8>>> {
         Box::pin(async { None })
     }
     fn announce(&self, _: Vec<ContentId>, _: Vec<ContentId>) {}
     fn is_member_ip(&self, _: IpAddr) -> bool {
         false
     }
-    fn accept_wire(&self, _: TcpStream) -> BoxFuture<io::Result<(BoxIo, String)>> {
+    fn accept_wire(&self, _: TcpStream) -> BoxFuture<io::Result<(BoxIo, MemberId)>> {
         Box::pin(async { Err(io::Error::other("no members")) })
     }
+}
+
+/// A member, for `held`.
+fn member(m: MemberId) -> Remote {
+    Remote::Member(m)
 }
 
 async fn engine(dir: &Path, max_live: usize) -> Arc<Engine> {
@@ -57,7 +68,7 @@ fn object(engine: &Engine, n: u8) -> InfoHash {
 }
 
 fn live_set(engine: &Engine) -> HashSet<InfoHash> {
-    lock(&engine.live).keys().copied().collect()
+    engine.live.lock().keys().copied().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,21 +77,22 @@ async fn the_live_cap_retires_the_least_recently_used_idle_torrent_and_refuses_m
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path(), 2).await;
     let [a, b, c] = [1, 2, 3].map(|n| object(&engine, n));
+    let [m1, m2, m3] = [(); 3].map(|()| member(MemberId::random()));
 
     // Two idle torrents, `a` used least recently.
-    drop(engine.held(a, "m1").await.expect("a comes up"));
+    drop(engine.held(a, &m1).await.expect("a comes up"));
     tokio::time::sleep(Duration::from_millis(5)).await;
-    drop(engine.held(b, "m1").await.expect("b comes up"));
+    drop(engine.held(b, &m1).await.expect("b comes up"));
     assert_eq!(live_set(&engine), HashSet::from([a, b]));
 
     // A third: `a` is retired, not `b`.
-    let on_c = engine.held(c, "m2").await.expect("c comes up");
+    let on_c = engine.held(c, &m2).await.expect("c comes up");
     assert_eq!(live_set(&engine), HashSet::from([b, c]));
 
     // Both in use by members' connections: a member's handshake for `a`
     // is refused, and counted.
-    let on_b = engine.held(b, "m2").await.expect("b is live");
-    assert!(engine.held(a, "m3").await.is_none());
+    let on_b = engine.held(b, &m2).await.expect("b is live");
+    assert!(engine.held(a, &m3).await.is_none());
     assert_eq!(engine.status().live_refused, 1);
     assert_eq!(live_set(&engine), HashSet::from([b, c]));
 
@@ -132,33 +144,31 @@ async fn until(mut cond: impl FnMut() -> bool) {
 async fn a_member_is_refused_connections_past_its_share_and_others_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path(), 8).await;
+    let (member_a, member_b) = (MemberId::random(), MemberId::random());
     let mut far_ends = Vec::new();
     for _ in 0..MAX_WIRES_PER_MEMBER {
         let (io, far) = silent();
         far_ends.push(far);
-        tokio::spawn(engine.clone().accept(io, "A".into()));
+        tokio::spawn(engine.clone().accept(io, member_a));
     }
-    let held = |m: &'static str| {
+    let held = |m: MemberId| {
         let e = engine.clone();
-        move || e.limits.members.held_by(m)
+        move || e.limits.members.held_by(&Key::Member(m))
     };
-    let held_a = held("A");
+    let held_a = held(member_a);
     until(|| held_a() == MAX_WIRES_PER_MEMBER).await;
 
     // One more from A: refused at once.
     let (io, _far) = silent();
-    tokio::time::timeout(
-        Duration::from_secs(1),
-        engine.clone().accept(io, "A".into()),
-    )
-    .await
-    .expect("refused without waiting for a handshake");
+    tokio::time::timeout(Duration::from_secs(1), engine.clone().accept(io, member_a))
+        .await
+        .expect("refused without waiting for a handshake");
     assert_eq!(engine.status().member_conns_refused, 1);
 
     // B's is not.
     let (io, far_b) = silent();
-    let b = tokio::spawn(engine.clone().accept(io, "B".into()));
-    let held_b = held("B");
+    let b = tokio::spawn(engine.clone().accept(io, member_b));
+    let held_b = held(member_b);
     until(|| held_b() == 1).await;
     assert_eq!(engine.status().member_conns_refused, 1);
 

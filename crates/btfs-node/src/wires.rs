@@ -1,27 +1,28 @@
-//! Content between nodes: the BitTorrent engine wired to the filesystem
-//! (`ContentSource`) and to the mesh (`Network`: member streams and
-//! metainfo requests).
+//! The mesh as the BitTorrent engine sees it (`btfs_torrent::Network`):
+//! connected members, peer wires to them (direct noise-secured TCP, or
+//! streams inside the mesh when that fails), holdings announcements and
+//! metainfo requests.
 
 use std::{
     collections::{HashMap, HashSet},
     io,
     net::{IpAddr, SocketAddr},
-    path::Path,
-    sync::{Arc, Mutex, MutexGuard, OnceLock, atomic::Ordering},
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use btfs_core::{ContentId, FileRecord, InfoHash, NodeId, RelPath};
-use btfs_fs::{ContentSource, Done, Wanted};
+use btfs_core::{ContentId, InfoHash, NodeId};
 use btfs_mesh::Mesh;
-use btfs_torrent::{BoxIo, Engine, Network, PeerIo, QuickAck, RelayFuture};
+use btfs_torrent::{BoxIo, Engine, MemberId, Network, PeerIo, QuickAck, RelayFuture};
 use futures::StreamExt;
 use libp2p_identity::{Keypair, PeerId};
-use tokio::net::TcpStream;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
+use parking_lot::Mutex;
+use tokio::{net::TcpStream, sync::mpsc};
+use tokio_util::{compat::FuturesAsyncReadCompatExt, sync::CancellationToken};
 use tracing::{debug, info, warn};
 
-use crate::mesh::{Counters, Rpc, peer_of};
+use crate::{holdings::Change, membership::peer_of, replicate::Counters, rpc::Rpc};
 
 /// Peer-wire streams from members served at once (each is one BitTorrent
 /// connection; librqbit keeps at most 128 per torrent).
@@ -42,107 +43,6 @@ fn wire_retry(failures: u32) -> Duration {
     WIRE_RETRY
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
         .min(WIRE_RETRY_MAX)
-}
-
-/// Which files are fetched in full as soon as their record arrives.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Prefetch {
-    None,
-    All,
-    Globs(Vec<glob::Pattern>),
-}
-
-impl Prefetch {
-    pub(crate) fn matches(&self, path: &RelPath) -> bool {
-        match self {
-            Prefetch::None => false,
-            Prefetch::All => true,
-            Prefetch::Globs(g) => {
-                let p = path.to_string();
-                let p = p.trim_start_matches('/');
-                let name = p.rsplit('/').next().unwrap_or(p);
-                g.iter().any(|g| g.matches(p) || g.matches(name))
-            }
-        }
-    }
-}
-
-/// The filesystem's content source: the engine, once started.
-#[derive(Debug)]
-pub(crate) struct Content {
-    engine: OnceLock<(Arc<Engine>, tokio::runtime::Handle)>,
-    prefetch: Prefetch,
-}
-
-impl Content {
-    pub(crate) fn new(prefetch: Prefetch) -> Self {
-        Self {
-            engine: OnceLock::new(),
-            prefetch,
-        }
-    }
-
-    pub(crate) fn set(&self, engine: Arc<Engine>, rt: tokio::runtime::Handle) {
-        let _ = self.engine.set((engine, rt));
-    }
-
-    pub(crate) fn engine(&self) -> Option<&Arc<Engine>> {
-        self.engine.get().map(|(e, _)| e)
-    }
-
-    /// A record arrived from another node: prefetch its content if the
-    /// policy says so.
-    pub(crate) fn arrived(&self, path: &RelPath, r: &FileRecord) {
-        let Some(engine) = self.engine() else {
-            return;
-        };
-        if self.prefetch.matches(path)
-            && let Some(wanted) = Wanted::of(path.to_string(), r)
-        {
-            engine.prefetch(wanted);
-        }
-    }
-}
-
-fn not_started() -> io::Error {
-    io::Error::other("the BitTorrent engine is not running")
-}
-
-impl ContentSource for Content {
-    fn publish(&self, content: &ContentId, file: &Path, size: u64) -> io::Result<Option<InfoHash>> {
-        let engine = self.engine().ok_or_else(not_started)?;
-        Ok(Some(engine.publish(content, file, size)?))
-    }
-
-    fn read(&self, wanted: Wanted, offset: u64, len: u32, done: Done<Vec<u8>>) {
-        let Some((engine, rt)) = self.engine.get() else {
-            return done(Err(not_started()));
-        };
-        let engine = engine.clone();
-        rt.spawn(async move { done(engine.read(wanted, offset, len).await) });
-    }
-
-    fn opened(&self, content: &ContentId) {
-        if let Some(engine) = self.engine() {
-            engine.touch(content);
-        }
-    }
-
-    fn fetch(&self, wanted: Wanted, done: Done<()>) {
-        let Some((engine, rt)) = self.engine.get() else {
-            return done(Err(not_started()));
-        };
-        let engine = engine.clone();
-        rt.spawn(async move {
-            let label = wanted.path.clone();
-            let r = engine.fetch(wanted).await;
-            if let Err(e) = &r {
-                warn!(path = %label, "fetching for a writer failed: {e}");
-            }
-            // The answer opens the file, which may copy it: off the runtime.
-            tokio::task::spawn_blocking(move || done(r.map_err(io::Error::from)));
-        });
-    }
 }
 
 /// How members' peer wires are secured (see `btfs_mesh::wire`).
@@ -171,18 +71,14 @@ struct WirePeer {
 
 /// The mesh as the engine sees it.
 pub(crate) struct MeshNet {
-    pub(crate) mesh: Mesh,
+    mesh: Mesh,
     connected: Arc<Mutex<HashSet<PeerId>>>,
     /// Holdings changes for the gossip task.
-    holdings: tokio::sync::mpsc::Sender<(Vec<ContentId>, Vec<ContentId>)>,
+    holdings: mpsc::Sender<Change>,
     wire: Arc<WireConfig>,
     /// Connected members' direct wires.
     wires: Arc<Mutex<HashMap<PeerId, WirePeer>>>,
     counters: Arc<Counters>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Where to dial a member's direct wire: the port it gave, on the IP its
@@ -195,11 +91,19 @@ fn wire_addr(advertised: SocketAddr, seen: Option<IpAddr>) -> Option<SocketAddr>
     }
 }
 
+impl std::fmt::Debug for MeshNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshNet")
+            .field("direct", &self.wire.direct)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MeshNet {
     pub(crate) fn new(
         mesh: Mesh,
         connected: Arc<Mutex<HashSet<PeerId>>>,
-        holdings: tokio::sync::mpsc::Sender<(Vec<ContentId>, Vec<ContentId>)>,
+        holdings: mpsc::Sender<Change>,
         wire: WireConfig,
         counters: Arc<Counters>,
     ) -> Self {
@@ -213,13 +117,24 @@ impl MeshNet {
         }
     }
 
-    fn connected(&self) -> Vec<PeerId> {
-        lock(&self.connected).iter().copied().collect()
+    pub(crate) fn wire_direct(&self) -> bool {
+        self.wire.direct
     }
 
-    /// A member came up: asks it where it takes direct wires.
-    pub(crate) fn peer_up(&self, peer: PeerId, ip: Option<IpAddr>) {
-        lock(&self.wires).insert(
+    fn connected(&self) -> Vec<PeerId> {
+        self.connected.lock().iter().copied().collect()
+    }
+
+    /// A member came up: asks it where it takes direct wires (a task of
+    /// `tasks`, ended by `cancel`).
+    pub(crate) fn peer_up(
+        &self,
+        peer: PeerId,
+        ip: Option<IpAddr>,
+        tasks: &tokio_util::task::TaskTracker,
+        cancel: &CancellationToken,
+    ) {
+        self.wires.lock().insert(
             peer,
             WirePeer {
                 ip,
@@ -230,7 +145,7 @@ impl MeshNet {
             return;
         }
         let (mesh, wires) = (self.mesh.clone(), self.wires.clone());
-        tokio::spawn(async move {
+        let ask = async move {
             let Ok(req) = postcard::to_allocvec(&Rpc::Wire) else {
                 return;
             };
@@ -241,15 +156,17 @@ impl MeshNet {
             let advertised = postcard::from_bytes::<Option<SocketAddr>>(&answer)
                 .ok()
                 .flatten();
-            if let Some(w) = lock(&wires).get_mut(&peer) {
+            if let Some(w) = wires.lock().get_mut(&peer) {
                 w.addr = advertised.and_then(|a| wire_addr(a, w.ip));
                 debug!(%peer, addr = ?w.addr, "member's direct wire");
             }
-        });
+        };
+        let cancel = cancel.clone();
+        tasks.spawn(async move { cancel.run_until_cancelled(ask).await });
     }
 
     pub(crate) fn peer_down(&self, peer: &PeerId) {
-        lock(&self.wires).remove(peer);
+        self.wires.lock().remove(peer);
     }
 
     /// The member's direct wire address, unless it failed lately.
@@ -257,7 +174,7 @@ impl MeshNet {
         if !self.wire.direct {
             return None;
         }
-        let wires = lock(&self.wires);
+        let wires = self.wires.lock();
         let w = wires.get(peer)?;
         match w.failed_until {
             Some(t) if Instant::now() < t => None,
@@ -265,23 +182,34 @@ impl MeshNet {
         }
     }
 
-    /// Bridges the streams members open to this node into the engine.
-    pub(crate) async fn serve(mesh: Mesh, engine: Arc<Engine>) {
+    /// Bridges the streams members open to this node into the engine,
+    /// until the node stops.
+    pub(crate) async fn serve(
+        mesh: Mesh,
+        engine: Arc<Engine>,
+        tasks: tokio_util::task::TaskTracker,
+        cancel: CancellationToken,
+    ) {
         let mut incoming = match mesh.incoming_streams() {
             Ok(i) => i,
             Err(e) => return warn!("no member streams: {e}"),
         };
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_STREAMS));
-        while let Some((peer, stream)) = incoming.next().await {
+        loop {
+            let next = tokio::select! {
+                n = incoming.next() => n,
+                () = cancel.cancelled() => None,
+            };
+            let Some((peer, stream)) = next else { return };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 warn!(%peer, "{MAX_PEER_STREAMS} peer-wire streams open: refusing another");
                 continue;
             };
             debug!(%peer, "member opened a peer-wire stream");
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                engine
-                    .accept(Box::new(stream.compat()), peer.to_string())
+            let (engine, cancel) = (engine.clone(), cancel.clone());
+            tasks.spawn(async move {
+                cancel
+                    .run_until_cancelled(engine.accept(Box::new(stream.compat()), peer))
                     .await;
                 drop(permit);
             });
@@ -301,59 +229,55 @@ impl PeerIo for DirectWire {
 
 impl tokio::io::AsyncRead for DirectWire {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
 impl tokio::io::AsyncWrite for DirectWire {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
     fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
 impl Network for MeshNet {
-    fn members(&self) -> Vec<String> {
-        self.connected().iter().map(ToString::to_string).collect()
+    fn members(&self) -> Vec<MemberId> {
+        self.connected()
     }
 
-    fn member_of(&self, node: &NodeId) -> Option<String> {
-        peer_of(node).map(|p| p.to_string())
+    fn member_of(&self, node: &NodeId) -> Option<MemberId> {
+        peer_of(node)
     }
 
-    fn dial(
-        &self,
-        member: String,
-    ) -> std::pin::Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send>> {
+    fn dial(&self, peer: MemberId) -> BoxFuture<io::Result<BoxIo>> {
         let mesh = self.mesh.clone();
         let (wire, wires, counters) =
             (self.wire.clone(), self.wires.clone(), self.counters.clone());
-        let peer: Option<PeerId> = member.parse().ok();
-        let direct = peer.and_then(|p| self.direct_addr(&p));
+        let direct = self.direct_addr(&peer);
         Box::pin(async move {
-            let peer =
-                peer.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a peer id"))?;
             if let Some(addr) = direct {
                 let connect = async {
                     let tcp = TcpStream::connect(addr).await?;
@@ -367,7 +291,7 @@ impl Network for MeshNet {
                 let failed = match tokio::time::timeout(WIRE_CONNECT, connect).await {
                     Ok(Ok(w)) => {
                         counters.wires_direct.fetch_add(1, Ordering::Relaxed);
-                        if let Some(w) = lock(&wires).get_mut(&peer) {
+                        if let Some(w) = wires.lock().get_mut(&peer) {
                             w.failures = 0;
                         }
                         return Ok(Box::new(DirectWire(w)) as BoxIo);
@@ -375,7 +299,7 @@ impl Network for MeshNet {
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("no handshake within {WIRE_CONNECT:?}"),
                 };
-                if let Some(w) = lock(&wires).get_mut(&peer) {
+                if let Some(w) = wires.lock().get_mut(&peer) {
                     w.failures += 1;
                     let wait = wire_retry(w.failures);
                     w.failed_until = Some(Instant::now() + wait);
@@ -385,7 +309,7 @@ impl Network for MeshNet {
             let s = mesh
                 .open_stream(peer)
                 .await
-                .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
+                .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
             counters.wires_mesh.fetch_add(1, Ordering::Relaxed);
             Ok(Box::new(s.compat()) as BoxIo)
         })
@@ -393,25 +317,24 @@ impl Network for MeshNet {
 
     fn is_member_ip(&self, ip: IpAddr) -> bool {
         self.wire.direct
-            && lock(&self.wires)
+            && self
+                .wires
+                .lock()
                 .values()
                 .any(|w| w.ip == Some(ip) || w.addr.is_some_and(|a| a.ip() == ip))
     }
 
-    fn accept_wire(
-        &self,
-        conn: TcpStream,
-    ) -> std::pin::Pin<Box<dyn Future<Output = io::Result<(BoxIo, String)>> + Send>> {
+    fn accept_wire(&self, conn: TcpStream) -> BoxFuture<io::Result<(BoxIo, MemberId)>> {
         let (wire, connected) = (self.wire.clone(), self.connected.clone());
         Box::pin(async move {
             let (peer, w) = btfs_mesh::wire::accept(&wire.keypair, &wire.prologue, conn).await?;
-            if !lock(&connected).contains(&peer) {
+            if !connected.lock().contains(&peer) {
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!("{peer} is not a connected member"),
                 ));
             }
-            Ok((Box::new(DirectWire(w)) as BoxIo, peer.to_string()))
+            Ok((Box::new(DirectWire(w)) as BoxIo, peer))
         })
     }
 
@@ -421,21 +344,14 @@ impl Network for MeshNet {
         }
     }
 
-    fn metainfo(
-        &self,
-        torrent: InfoHash,
-        first: Option<String>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send>> {
+    fn metainfo(&self, torrent: InfoHash, first: Option<MemberId>) -> BoxFuture<Option<Vec<u8>>> {
         let mesh = self.mesh.clone();
-        let mut peers: Vec<PeerId> = first.and_then(|f| f.parse().ok()).into_iter().collect();
         let connected = self.connected();
-        if let Some(f) = peers.first().copied()
-            && !connected.contains(&f)
-        {
-            peers.clear();
-        }
-        let first = peers.first().copied();
-        peers.extend(connected.into_iter().filter(|p| Some(*p) != first));
+        let first = first.filter(|f| connected.contains(f));
+        let peers: Vec<PeerId> = first
+            .into_iter()
+            .chain(connected.into_iter().filter(|p| Some(*p) != first))
+            .collect();
         Box::pin(async move {
             let req = postcard::to_allocvec(&Rpc::Metainfo(torrent.0)).ok()?;
             for p in peers {

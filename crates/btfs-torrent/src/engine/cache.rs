@@ -1,0 +1,145 @@
+//! Fetched content as a cache: its use is marked, and it is kept under
+//! `cache_size` by evicting the least recently used content that another
+//! connected member holds.
+
+use std::{collections::HashSet, fs, io, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
+
+use btfs_core::ContentId;
+use tracing::{info, warn};
+
+use super::Engine;
+use crate::MemberId;
+
+/// How often the cache is measured against `cache_size`.
+const CACHE_EVERY: Duration = Duration::from_secs(5);
+
+impl Engine {
+    /// Marks fetched content as just used (a local open of its object).
+    pub fn touch(&self, content: &ContentId) {
+        let marker = self.cfg.dir.join("fetched").join(content.to_hex());
+        if let Ok(f) = fs::File::options().write(true).open(&marker) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Keeps fetched content (objects fetched here, and partial content)
+    /// under `limit` bytes: least recently used first, only content that a
+    /// connected member holds, never content in use.
+    pub(super) async fn keep_cache(self: Arc<Self>, limit: u64) {
+        let mut tick = tokio::time::interval(CACHE_EVERY);
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let this = self.clone();
+            let members: HashSet<MemberId> = self.net.members().into_iter().collect();
+            let in_use: HashSet<ContentId> =
+                self.live.lock().values().map(|l| l.meta.content).collect();
+            let r = tokio::task::spawn_blocking(move || this.evict(limit, &members, &in_use)).await;
+            match r {
+                Ok(Ok(over)) if over > 0 && !warned => {
+                    warned = true;
+                    warn!(
+                        over,
+                        "fetched content exceeds cache_size, but the rest is in use or held by no connected member"
+                    );
+                }
+                Ok(Ok(0)) => warned = false,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!("cache: {e}"),
+                Err(e) => warn!("cache task: {e}"),
+            }
+        }
+    }
+
+    /// One eviction pass; returns the bytes still over `limit`.
+    fn evict(
+        &self,
+        limit: u64,
+        members: &HashSet<MemberId>,
+        in_use: &HashSet<ContentId>,
+    ) -> io::Result<u64> {
+        // (last use, bytes, content, object or partial file, marker, holder known)
+        let mut items = Vec::new();
+        for e in fs::read_dir(self.cfg.dir.join("fetched"))? {
+            let e = e?;
+            let Some(c) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| ContentId::from_hex(n).ok())
+            else {
+                continue;
+            };
+            let object = (self.cfg.object_path)(&c);
+            let Ok(meta) = fs::metadata(&object) else {
+                // Collected by the filesystem (no record uses it any more).
+                let _ = fs::remove_file(e.path());
+                continue;
+            };
+            // The marker names the member it was fetched from (`install`).
+            let author = fs::read_to_string(e.path()).unwrap_or_default();
+            let used = e.metadata()?.modified()?;
+            let held = author
+                .trim()
+                .parse::<MemberId>()
+                .is_ok_and(|a| members.contains(&a))
+                || self
+                    .holders
+                    .lock()
+                    .of(&c)
+                    .iter()
+                    .any(|m| members.contains(m));
+            items.push((used, meta.len(), c, object, Some(e.path()), held));
+        }
+        for e in fs::read_dir(self.cfg.dir.join("partial"))? {
+            let e = e?;
+            let Some(c) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| ContentId::from_hex(n).ok())
+            else {
+                continue;
+            };
+            let meta = e.metadata()?;
+            // Partial content was fetched from members: they hold it.
+            items.push((
+                meta.modified()?,
+                meta.blocks() * 512,
+                c,
+                e.path(),
+                None,
+                true,
+            ));
+        }
+        let mut total: u64 = items.iter().map(|i| i.1).sum();
+        let mut dropped = Vec::new();
+        items.sort_by_key(|i| i.0);
+        for (_, bytes, c, file, marker, held) in items {
+            if total <= limit {
+                break;
+            }
+            if !held || in_use.contains(&c) {
+                continue;
+            }
+            match fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(m) = &marker {
+                let _ = fs::remove_file(m);
+            }
+            total -= bytes;
+            if marker.is_some() {
+                dropped.push(c);
+            }
+            info!(content = %c.short(), bytes, "evicted from the cache (another member holds it)");
+        }
+        if !dropped.is_empty() {
+            self.net.announce(Vec::new(), dropped);
+        }
+        Ok(total.saturating_sub(limit))
+    }
+}
