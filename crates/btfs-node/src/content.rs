@@ -7,6 +7,7 @@ use std::{io, path::Path, sync::Arc};
 use btfs_core::{ContentId, FileRecord, InfoHash, RelPath};
 use btfs_fs::{ContentSource, Done, Wanted};
 use btfs_torrent::Engine;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 /// Which files are fetched in full as soon as their record arrives.
@@ -46,18 +47,27 @@ impl std::fmt::Display for Prefetch {
 }
 
 /// The filesystem's content source: the engine, on the node's runtime.
+/// Reads and fetches run as tasks of the node (FUSE threads are not the
+/// runtime's, hence the handle).
 #[derive(Debug)]
 pub struct Content {
     engine: Arc<Engine>,
     rt: tokio::runtime::Handle,
+    tasks: TaskTracker,
     prefetch: Prefetch,
 }
 
 impl Content {
-    pub(crate) fn new(engine: Arc<Engine>, rt: tokio::runtime::Handle, prefetch: Prefetch) -> Self {
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        rt: tokio::runtime::Handle,
+        tasks: TaskTracker,
+        prefetch: Prefetch,
+    ) -> Self {
         Self {
             engine,
             rt,
+            tasks,
             prefetch,
         }
     }
@@ -80,8 +90,10 @@ impl ContentSource for Content {
 
     fn read(&self, wanted: Wanted, offset: u64, len: u32, done: Done<Vec<u8>>) {
         let engine = self.engine.clone();
-        self.rt
-            .spawn(async move { done(engine.read(wanted, offset, len).await) });
+        self.tasks.spawn_on(
+            async move { done(engine.read(wanted, offset, len).await) },
+            &self.rt,
+        );
     }
 
     fn opened(&self, content: &ContentId) {
@@ -90,7 +102,7 @@ impl ContentSource for Content {
 
     fn fetch(&self, wanted: Wanted, done: Done<()>) {
         let engine = self.engine.clone();
-        self.rt.spawn(async move {
+        let fetch = async move {
             let label = wanted.path.clone();
             let r = engine.fetch(wanted).await;
             if let Err(e) = &r {
@@ -98,6 +110,7 @@ impl ContentSource for Content {
             }
             // The answer opens the file, which may copy it: off the runtime.
             tokio::task::spawn_blocking(move || done(r.map_err(io::Error::from)));
-        });
+        };
+        self.tasks.spawn_on(fetch, &self.rt);
     }
 }

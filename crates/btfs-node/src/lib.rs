@@ -6,6 +6,7 @@
 //! * [`wires`]: the mesh as the BitTorrent engine sees it (members, peer
 //!   wires, metainfo requests).
 //! * [`content`]: the engine as the filesystem sees it, and prefetch.
+//! * [`loops`]: the node's long-lived tasks and the event routing.
 //! * [`membership`]: `members=` and `peers_file=`, and record admission.
 //! * [`status`]: `btfs status` as one typed value.
 //!
@@ -16,6 +17,7 @@
 mod content;
 mod error;
 mod holdings;
+mod loops;
 mod membership;
 mod replicate;
 mod rpc;
@@ -27,18 +29,14 @@ mod wires;
 mod tests;
 
 use std::{
-    collections::HashSet,
-    net::SocketAddr,
-    num::NonZeroU32,
-    path::PathBuf,
-    sync::{Arc, atomic::Ordering},
+    collections::HashSet, net::SocketAddr, num::NonZeroU32, path::PathBuf, sync::Arc,
     time::Duration,
 };
 
 use btfs_core::{FileRecord, NodeId, RelPath};
 use btfs_fs::{Announced, BtfsFs, FsConfig, FsHandle, ObjectStore};
-use btfs_mesh::{Mesh, MeshConfig, Topic};
-use btfs_store::{Backend, SledBackend, Store};
+use btfs_mesh::MeshConfig;
+use btfs_store::{SledBackend, Store};
 use btfs_sync::SignedRecord;
 use btfs_torrent::{Cidr, Engine, EngineConfig, congestion::Congestion};
 use libp2p_identity::{Keypair, PeerId};
@@ -57,9 +55,9 @@ pub use status::{MeshView, NodeInfo, NodeStatus, RecordCounts};
 pub use transport::{NetEvent, Reply, Transport};
 
 use crate::{
-    holdings::{HOLDINGS_QUEUE, HOLDINGS_SETTLE, Holdings},
-    replicate::{Replicator, SYNC_INTERVAL, publish_loop},
-    rpc::Rpc,
+    holdings::HOLDINGS_QUEUE,
+    loops::{ContentPlane, collect, event_loop, mesh_view, periodic_sync, validator},
+    replicate::{Replicator, publish_loop},
     wires::{MeshNet, WireConfig},
 };
 
@@ -68,12 +66,9 @@ use crate::{
 pub const ANNOUNCE_CAP: usize = 4096;
 /// Whole-file fetches (prefetch policy) running at once.
 const PREFETCH_PARALLEL: usize = 2;
-/// How often the status view of the mesh is refreshed.
-const PEERS_REFRESH: Duration = Duration::from_millis(250);
-/// How often expired tombstones are looked for.
-const TOMBSTONE_INTERVAL: Duration = Duration::from_secs(600);
-/// How often released objects are deleted (after the store is flushed).
-const GC_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stopping node waits for its short tasks once the engine has
+/// stopped (they end within milliseconds; this bounds a stuck one).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything a node needs to start, decided by the binary from its
 /// options.
@@ -150,233 +145,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
-}
-
-/// The mesh's gossip validator: every record of a batch checked (shape,
-/// signature, membership), holdings bounded; refusals counted.
-fn validator(
-    cluster: String,
-    membership: Membership,
-    counters: Arc<Counters>,
-) -> btfs_mesh::Validator {
-    Arc::new(move |source: &PeerId, topic: Topic, bytes: &[u8]| {
-        let checked = match topic {
-            Topic::Records => SignedRecord::decode_batch(bytes)
-                .and_then(|batch| {
-                    batch
-                        .iter()
-                        .try_for_each(|r| membership.verify(&cluster, r))
-                })
-                .map_err(|e| error_chain(&e)),
-            Topic::Holdings => Holdings::decode(bytes)
-                .map(drop)
-                .map_err(|e| error_chain(&e)),
-        };
-        match checked {
-            Ok(()) => true,
-            Err(e) => {
-                counters.refused.fetch_add(1, Ordering::Relaxed);
-                warn!(%source, ?topic, "refused gossip: {e}");
-                false
-            }
-        }
-    })
-}
-
-/// The content side of the node's events: holdings, direct wires and
-/// metainfo requests.
-#[derive(Debug)]
-struct ContentPlane {
-    net: Arc<MeshNet>,
-    engine: Arc<Engine>,
-    /// An announcement of all holdings is due.
-    reannounce_due: std::sync::atomic::AtomicBool,
-}
-
-impl ContentPlane {
-    /// A member came up: announce all this node holds, soon (one
-    /// announcement for the members that come up meanwhile).
-    fn reannounce_soon(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
-        if self.reannounce_due.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (me, cancel) = (self.clone(), cancel.clone());
-        tasks.spawn(async move {
-            if cancel
-                .run_until_cancelled(tokio::time::sleep(HOLDINGS_SETTLE))
-                .await
-                .is_none()
-            {
-                return;
-            }
-            me.reannounce_due.store(false, Ordering::Release);
-            let engine = me.engine.clone();
-            let _ = tokio::task::spawn_blocking(move || engine.announce_holdings()).await;
-        });
-    }
-
-    fn holdings(&self, source: PeerId, data: &[u8]) {
-        let Ok(h) = Holdings::decode(data) else {
-            return;
-        };
-        debug!(%source, held = h.held.len(), dropped = h.dropped.len(), "holdings");
-        self.engine.note_holdings(&source, &h.held, &h.dropped);
-    }
-
-    fn answer_wire(&self) -> Vec<u8> {
-        let addr = self
-            .net
-            .wire_direct()
-            .then(|| self.engine.listen_addr())
-            .flatten();
-        postcard::to_allocvec(&addr).unwrap_or_default()
-    }
-
-    fn answer_metainfo(&self, ih: [u8; 20]) -> Vec<u8> {
-        let ih = btfs_core::InfoHash(ih);
-        let bytes = self.engine.local_metainfo(&ih).unwrap_or_default();
-        if !bytes.is_empty() {
-            self.engine.warm(ih, "metainfo request".into());
-        }
-        bytes
-    }
-}
-
-/// Routes the transport's events to replication and to the content side
-/// (`None` in tests of records alone), until the events end or the node
-/// stops.
-async fn event_loop<T: Transport, B: Backend, E: Into<NetEvent>>(
-    mut events: mpsc::Receiver<E>,
-    rep: Arc<Replicator<T, B>>,
-    content: Option<Arc<ContentPlane>>,
-    tasks: TaskTracker,
-    cancel: CancellationToken,
-) {
-    loop {
-        let event = tokio::select! {
-            e = events.recv() => e,
-            () = cancel.cancelled() => None,
-        };
-        let Some(event) = event else { return };
-        match event.into() {
-            NetEvent::PeerUp(p, ip) => {
-                info!(peer = %p, "peer up");
-                rep.peer_up(p);
-                if let Some(c) = &content {
-                    c.net.peer_up(p, ip, &tasks, &cancel);
-                    c.reannounce_soon(&tasks, &cancel);
-                }
-            }
-            NetEvent::PeerDown(p) => {
-                info!(peer = %p, "peer down");
-                rep.peer_down(&p);
-                if let Some(c) = &content {
-                    c.net.peer_down(&p);
-                }
-            }
-            NetEvent::Gossip {
-                topic: Topic::Holdings,
-                source,
-                data,
-            } => {
-                if let Some(c) = &content {
-                    c.holdings(source, &data);
-                }
-            }
-            NetEvent::Gossip {
-                topic: Topic::Records,
-                source,
-                data,
-            } => rep.gossip(source, &data).await,
-            NetEvent::Request { peer, data, reply } => {
-                let (rep, content) = (rep.clone(), content.clone());
-                let cancel = cancel.clone();
-                tasks.spawn(async move {
-                    let answer = async {
-                        match postcard::from_bytes::<Rpc>(&data) {
-                            Ok(Rpc::Sync(req)) => rep.answer(req).await,
-                            Ok(Rpc::Wire) => content.map(|c| c.answer_wire()).unwrap_or_default(),
-                            Ok(Rpc::Metainfo(ih)) => {
-                                content.map(|c| c.answer_metainfo(ih)).unwrap_or_default()
-                            }
-                            Err(_) => Vec::new(),
-                        }
-                    };
-                    let Some(answer) = cancel.run_until_cancelled(answer).await else {
-                        return;
-                    };
-                    if let Err(e) = reply.send(answer).await {
-                        debug!(%peer, "could not answer a sync request: {e}");
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// Asks every connected peer for what it stored since, every
-/// `SYNC_INTERVAL`.
-async fn periodic_sync<T: Transport, B: Backend>(
-    rep: Arc<Replicator<T, B>>,
-    cancel: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(SYNC_INTERVAL);
-    tick.tick().await;
-    while cancel.run_until_cancelled(tick.tick()).await.is_some() {
-        rep.sync_all();
-    }
-}
-
-/// Refreshes the status view of the mesh.
-async fn mesh_view(mesh: Mesh, tx: watch::Sender<MeshView>, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(PEERS_REFRESH);
-    while cancel.run_until_cancelled(tick.tick()).await.is_some() {
-        let (Ok(peers), Ok(listen), Ok(mdns)) = (
-            mesh.peers().await,
-            mesh.listen_addrs().await,
-            mesh.mdns_status().await,
-        ) else {
-            return;
-        };
-        let view = MeshView {
-            peers,
-            listen: listen.iter().map(ToString::to_string).collect(),
-            mdns,
-        };
-        if tx.send(view).is_err() {
-            return;
-        }
-    }
-}
-
-/// Deletes released objects every `GC_INTERVAL`, and forgets expired
-/// tombstones every `TOMBSTONE_INTERVAL`.
-async fn collect<B: Backend>(fs: FsHandle<B>, retention: Duration, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(GC_INTERVAL);
-    let mut tombstones = tokio::time::interval(TOMBSTONE_INTERVAL);
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = tombstones.tick() => {
-                let h = fs.clone();
-                match tokio::task::spawn_blocking(move || h.collect_tombstones(retention)).await {
-                    Ok(Ok(n)) if n > 0 => info!(collected = n, "forgot expired tombstones"),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => warn!("tombstone collection failed: {e}"),
-                    Err(e) => warn!("tombstone collection task failed: {e}"),
-                }
-                continue;
-            }
-        }
-        let h = fs.clone();
-        match tokio::task::spawn_blocking(move || h.collect_garbage()).await {
-            Ok(Ok(n)) if n > 0 => debug!(deleted = n, "collected unreferenced objects"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!("garbage collection failed: {e}"),
-            Err(e) => warn!("garbage collection task failed: {e}"),
-        }
-    }
 }
 
 /// This node's signer of records.
@@ -484,6 +252,7 @@ impl Node {
         let content = Arc::new(Content::new(
             engine.clone(),
             tokio::runtime::Handle::current(),
+            tasks.clone(),
             cfg.prefetch.clone(),
         ));
         let (announce_tx, announce_rx) = mpsc::channel::<Announced>(ANNOUNCE_CAP);
@@ -606,10 +375,11 @@ impl Node {
     }
 
     /// Stops the node's tasks in order: the loops first (nothing new is
-    /// applied, gossiped or answered), then the short tasks they started,
-    /// then the engine (it keeps what partial torrents fetched), and last
-    /// the mesh. The store is flushed by the caller, which owns the
-    /// filesystem.
+    /// applied, gossiped or answered; the short tasks that watch the same
+    /// token end too), then the engine (it keeps what partial torrents
+    /// fetched, and the reads and fetches still waiting on it end), then
+    /// whatever short task is left, and last the mesh. The store is flushed
+    /// by the caller, which owns the filesystem.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         while let Some(r) = self.loops.join_next().await {
@@ -617,9 +387,17 @@ impl Node {
                 warn!("a node task failed: {e}");
             }
         }
-        self.tasks.close();
-        self.tasks.wait().await;
         self.engine.stop().await;
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = self.tasks.len(),
+                "tasks still running {SHUTDOWN_GRACE:?} after the engine stopped: not waited for"
+            );
+        }
         self.mesh_task.abort();
         let _ = self.mesh_task.await;
         debug!("node stopped");

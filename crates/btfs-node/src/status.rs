@@ -80,3 +80,65 @@ pub struct NodeStatus {
     #[serde(flatten)]
     pub bittorrent: btfs_torrent::Status,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `btfs status --json` is an interface (scripts and the benchmarks read
+    /// it): one flat object with the names it has always had.
+    #[test]
+    fn status_json_keeps_its_field_names_and_reads_back() {
+        let status = NodeStatus {
+            info: NodeInfo {
+                name: "demo".into(),
+                options: serde_json::json!({ "mdns": false }),
+                pid: 7,
+                ..NodeInfo::default()
+            },
+            node_id: "ab".into(),
+            peer_id: "12D3".into(),
+            fs: FsStatus {
+                open_handles: 1,
+                open_files: 2,
+                passthrough: true,
+                commits: 3,
+                commit_failures: 0,
+                pending_gc: 4,
+                tree: btfs_store::Stats {
+                    files: 5,
+                    ..Default::default()
+                },
+            },
+            mesh: MeshView::default(),
+            records: RecordCounts {
+                records_synced: 6,
+                ..Default::default()
+            },
+            bittorrent: btfs_torrent::Status::default(),
+        };
+        let v = serde_json::to_value(&status).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut want = vec![
+            "name", "mountpoint", "state_dir", "key_file", "key_fingerprint", "options", "pid",
+            "version", "node_id", "peer_id", "open_handles", "open_files", "passthrough",
+            "commits", "commit_failures", "pending_gc", "files", "dirs", "symlinks", "tombstones",
+            "bytes", "peers", "listen", "mdns", "records_published", "records_received",
+            "records_synced", "records_refused", "records_merged", "sync_rounds",
+            "peer_wires_direct", "peer_wires_mesh", "bittorrent_listen", "bytes_downloaded",
+            "bytes_uploaded", "live_torrents", "known_holdings", "warm_refused",
+            "metainfo_refused", "max_live", "live_refused", "member_conns_refused",
+            "member_bring_ups_refused", "bridges_idle_closed", "socks_refused", "fetches",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        assert_eq!(v["open_files"], 2);
+        assert_eq!(v["files"], 5);
+        assert_eq!(v["mdns"]["enabled"], false);
+        let back: NodeStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(back.records.records_synced, 6);
+        assert_eq!(back.fs.tree.files, 5);
+        assert_eq!(back.info.options["mdns"], false);
+    }
+}

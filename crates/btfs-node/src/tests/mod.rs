@@ -17,9 +17,9 @@ use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    Counters, Membership, RecordCounts, event_loop,
+    Counters, Membership, RecordCounts,
+    loops::{event_loop, validator},
     replicate::{Replicator, publish_loop},
-    validator,
 };
 use memnet::{MemNet, MemTransport};
 
