@@ -14,7 +14,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use btfs_core::{RelPath, Wanted};
 use btfs_fs::{BtfsFs, MountOptions};
 use btfs_node::{Node, NodeConfig, NodeInfo};
 use nix::unistd::ForkResult;
@@ -282,43 +281,6 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     Ok(())
 }
 
-/// What `btfs torrent` exports for a path in the mount.
-/// The content of the file at `path` for `torrent PATH`, if `caller` may
-/// read it (search permission on every directory above it, read permission
-/// on the file), as the kernel would decide.
-fn export_want(
-    fs: &btfs_fs::FsHandle<btfs_store::SledBackend>,
-    path: &str,
-    caller: &control::Caller,
-) -> std::result::Result<Wanted, String> {
-    let rel = RelPath::parse(path).map_err(|e| format!("{path}: {e}"))?;
-    let live = |p: &RelPath| {
-        fs.store()
-            .get_live(p)
-            .map_err(|e| format!("{path}: {e}"))?
-            .ok_or_else(|| format!("{path}: no such file"))
-    };
-    let mut dir = rel.parent();
-    while let Some(d) = dir {
-        let r = live(&d)?.record;
-        if !caller.may(r.mode, r.uid, r.gid, 1) {
-            return Err(format!("{path}: permission denied"));
-        }
-        dir = d.parent();
-    }
-    let entry = live(&rel)?;
-    let r = &entry.record;
-    if !caller.may(r.mode, r.uid, r.gid, 4) {
-        return Err(format!("{path}: permission denied"));
-    }
-    match Wanted::of(path.to_owned(), r) {
-        Some(w) => Ok(w),
-        None if r.kind != btfs_core::FileKind::File => Err(format!("{path}: not a regular file")),
-        None if r.size == 0 => Err(format!("{path}: an empty file has no torrent")),
-        None => Err(format!("{path}: this version has no torrent")),
-    }
-}
-
 type Started = (
     fuser::Session<BtfsFs<btfs_store::SledBackend>>,
     PathBuf,
@@ -414,6 +376,26 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .enable_all()
         .build()?;
     let (node, fs) = rt.block_on(Node::start(node_config(plan, keypair, open_files)))?;
+    match mount_and_listen(plan, &rt, &node, fs) {
+        Ok((session, sock, control)) => Ok((session, sock, rt, node, control)),
+        Err(e) => {
+            rt.block_on(node.shutdown());
+            Err(e)
+        }
+    }
+}
+
+/// Mounts the node's filesystem and opens its control socket.
+fn mount_and_listen(
+    plan: &MountPlan,
+    rt: &tokio::runtime::Runtime,
+    node: &Node,
+    fs: BtfsFs<btfs_store::SledBackend>,
+) -> Result<(
+    fuser::Session<BtfsFs<btfs_store::SledBackend>>,
+    PathBuf,
+    tokio::task::JoinHandle<()>,
+)> {
     let sock = control::socket_path(&plan.mountpoint);
     if let Some(dir) = sock.parent() {
         control::create_run_dir(dir)?;
@@ -440,26 +422,23 @@ fn start(plan: &MountPlan) -> Result<Started> {
     node.fs()
         .set_notifier(session.notifier())
         .context("starting the kernel-invalidation thread")?;
-    let reporter = node.reporter();
-    let status = move || match reporter.status() {
+    let handle = node.handle();
+    let status_of = handle.clone();
+    let status = move || match status_of.status() {
         Ok(s) => serde_json::to_value(s)
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
         Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
-    let (torrent_fs, torrent_engine) = (node.fs().clone(), node.engine().clone());
     let torrent: control::TorrentFn = Arc::new(move |path: String, caller: control::Caller| {
-        let (fs, engine) = (torrent_fs.clone(), torrent_engine.clone());
+        let handle = handle.clone();
         Box::pin(async move {
-            let want = match export_want(&fs, &path, &caller) {
-                Ok(w) => w,
-                Err(e) => return serde_json::json!({ "error": e }),
-            };
-            match engine.metainfo(&want).await {
-                Ok(m) => serde_json::json!({ "torrent": hex::encode(&m.bytes) }),
-                Err(e) => serde_json::json!({ "error": format!("{path}: {e}") }),
+            let may = |mode, uid, gid, want| caller.may(mode, uid, gid, want);
+            match handle.torrent(&path, may).await {
+                Ok(bytes) => serde_json::json!({ "torrent": hex::encode(&bytes) }),
+                Err(e) => serde_json::json!({ "error": e }),
             }
         })
     });
     let control = rt.spawn(control::serve(listener, Arc::new(status), torrent));
-    Ok((session, sock, rt, node, control))
+    Ok((session, sock, control))
 }

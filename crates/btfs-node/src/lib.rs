@@ -111,13 +111,8 @@ pub struct NodeConfig {
 /// A running node: owns every task it started.
 #[derive(Debug)]
 pub struct Node {
-    id: NodeId,
-    peer_id: PeerId,
-    info: NodeInfo,
-    fs: FsHandle<SledBackend>,
-    engine: Arc<Engine>,
-    counters: Arc<Counters>,
-    view: watch::Receiver<MeshView>,
+    /// The parts `btfs status` reads, which are also the node's handles.
+    parts: NodeHandle,
     /// The long-lived loops.
     loops: JoinSet<()>,
     /// Short tasks the loops start (sync rounds, answers, member streams).
@@ -326,12 +321,8 @@ impl Node {
             cancel.clone(),
         ));
 
-        let recovered = handle.recover_synced().map_err(NodeError::Recover)?;
-        if recovered > 0 {
-            info!(recovered, "versions synced before a crash were committed");
-        }
-        Ok((
-            Node {
+        let node = Node {
+            parts: NodeHandle {
                 id,
                 peer_id,
                 info: cfg.info,
@@ -339,39 +330,40 @@ impl Node {
                 engine,
                 counters,
                 view,
-                loops,
-                tasks,
-                cancel,
-                mesh_task,
             },
-            fs,
-        ))
+            loops,
+            tasks,
+            cancel,
+            mesh_task,
+        };
+        match node.parts.fs.recover_synced() {
+            Ok(0) => {}
+            Ok(recovered) => info!(recovered, "versions synced before a crash were committed"),
+            Err(e) => {
+                node.shutdown().await;
+                return Err(NodeError::Recover(e));
+            }
+        }
+        Ok((node, fs))
     }
 
     pub fn id(&self) -> NodeId {
-        self.id
+        self.parts.id
     }
 
     pub fn fs(&self) -> &FsHandle<SledBackend> {
-        &self.fs
+        &self.parts.fs
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+        &self.parts.engine
     }
 
-    /// What `btfs status` shows, for as long as the caller wants it (the
-    /// control socket outlives nothing: it is stopped before the node).
-    pub fn reporter(&self) -> Reporter {
-        Reporter {
-            id: self.id,
-            peer_id: self.peer_id,
-            info: self.info.clone(),
-            fs: self.fs.clone(),
-            engine: self.engine.clone(),
-            counters: self.counters.clone(),
-            view: self.view.clone(),
-        }
+    /// A cheap handle for the control socket (`btfs status`, `btfs
+    /// torrent`); it answers for as long as it is held, so the binary stops
+    /// its control socket before the node.
+    pub fn handle(&self) -> NodeHandle {
+        self.parts.clone()
     }
 
     /// Stops the node's tasks in order: the loops first (nothing new is
@@ -387,7 +379,7 @@ impl Node {
                 warn!("a node task failed: {e}");
             }
         }
-        self.engine.stop().await;
+        self.parts.engine.stop().await;
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
             .await
@@ -404,9 +396,9 @@ impl Node {
     }
 }
 
-/// Builds `btfs status` from a running node's parts.
+/// A running node's parts, as the control socket uses them.
 #[derive(Debug, Clone)]
-pub struct Reporter {
+pub struct NodeHandle {
     id: NodeId,
     peer_id: PeerId,
     info: NodeInfo,
@@ -416,7 +408,7 @@ pub struct Reporter {
     view: watch::Receiver<MeshView>,
 }
 
-impl Reporter {
+impl NodeHandle {
     /// What `btfs status` shows.
     pub fn status(&self) -> Result<NodeStatus, btfs_fs::FsError> {
         Ok(NodeStatus {
@@ -428,5 +420,57 @@ impl Reporter {
             records: RecordCounts::from(&*self.counters),
             bittorrent: self.engine.status(),
         })
+    }
+
+    /// The `.torrent` of the file at `path` (`btfs torrent`), if `may`
+    /// grants the caller search permission on every directory above it and
+    /// read permission on the file, as the kernel would decide. `may(mode,
+    /// uid, gid, want)` checks a mask of 4 read, 2 write, 1 search.
+    pub async fn torrent(
+        &self,
+        path: &str,
+        may: impl Fn(u32, u32, u32, u32) -> bool,
+    ) -> Result<Vec<u8>, String> {
+        let want = self.exportable(path, may)?;
+        match self.engine.metainfo(&want).await {
+            Ok(m) => Ok(m.bytes.to_vec()),
+            Err(e) => Err(format!("{path}: {e}")),
+        }
+    }
+
+    fn exportable(
+        &self,
+        path: &str,
+        may: impl Fn(u32, u32, u32, u32) -> bool,
+    ) -> Result<btfs_core::Wanted, String> {
+        let rel = RelPath::parse(path).map_err(|e| format!("{path}: {e}"))?;
+        let live = |p: &RelPath| {
+            self.fs
+                .store()
+                .get_live(p)
+                .map_err(|e| format!("{path}: {e}"))?
+                .ok_or_else(|| format!("{path}: no such file"))
+        };
+        let mut dir = rel.parent();
+        while let Some(d) = dir {
+            let r = live(&d)?.record;
+            if !may(r.mode, r.uid, r.gid, 1) {
+                return Err(format!("{path}: permission denied"));
+            }
+            dir = d.parent();
+        }
+        let entry = live(&rel)?;
+        let r = &entry.record;
+        if !may(r.mode, r.uid, r.gid, 4) {
+            return Err(format!("{path}: permission denied"));
+        }
+        match btfs_core::Wanted::of(path.to_owned(), r) {
+            Some(w) => Ok(w),
+            None if r.kind != btfs_core::FileKind::File => {
+                Err(format!("{path}: not a regular file"))
+            }
+            None if r.size == 0 => Err(format!("{path}: an empty file has no torrent")),
+            None => Err(format!("{path}: this version has no torrent")),
+        }
     }
 }
