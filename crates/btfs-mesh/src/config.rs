@@ -1,9 +1,22 @@
 //! What a node's mesh is started with ([`MeshConfig`]), the gossip topics
 //! of a cluster, and the mesh's channel capacities and size limits.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use backon::ExponentialBuilder;
 use libp2p::{Multiaddr, PeerId, gossipsub, identity::Keypair, pnet::PreSharedKey};
+
+/// First delay of the mesh's retries: a redial of a peer or an address, a
+/// restart of mDNS while it has found no member.
+pub(crate) const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest delay between retries, and their period once it is reached.
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The mesh's retry delays: 1 s doubling to 30 s, then every 30 s, for ever.
+pub(crate) const RETRY: ExponentialBuilder = ExponentialBuilder::new()
+    .with_factor(2.0)
+    .with_min_delay(RETRY_MIN)
+    .with_max_delay(RETRY_MAX)
+    .without_max_times();
 
 /// Commands waiting for the event loop.
 pub(crate) const COMMAND_CAP: usize = 256;

@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff};
 use libp2p::{
     Multiaddr, PeerId,
     core::transport::ListenerId,
@@ -44,16 +44,8 @@ use libp2p::{
     },
 };
 
-/// First restart delay while mDNS has found no member.
-pub(crate) const RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest restart delay, and the period once it is reached.
-pub(crate) const RETRY_MAX: Duration = Duration::from_secs(30);
-/// The restart delays: 1 s doubling to 30 s, then every 30 s, for ever.
-const RETRY: ExponentialBuilder = ExponentialBuilder::new()
-    .with_factor(2.0)
-    .with_min_delay(RETRY_MIN)
-    .with_max_delay(RETRY_MAX)
-    .without_max_times();
+use crate::config::{RETRY, RETRY_MAX};
+
 /// Restarts logged at info level (the backoff phase); later ones at debug.
 pub(crate) const LOUD_RESTARTS: u64 = 6;
 /// Restarts that must find no instance alive before "mDNS cannot run" is
@@ -88,7 +80,7 @@ pub(crate) struct Observation {
 #[derive(Debug)]
 pub(crate) struct Supervisor {
     started_on: BTreeSet<Ipv4Addr>,
-    /// The delays of the restarts to come: its first one (`RETRY_MIN`) is
+    /// The delays of the restarts to come: its first one (`config::RETRY_MIN`) is
     /// taken when the schedule starts, for the first restart.
     backoff: ExponentialBackoff,
     next_restart: Instant,
@@ -118,7 +110,7 @@ impl Supervisor {
         backoff.next().unwrap_or(RETRY_MAX)
     }
 
-    /// Starts the schedule again; returns its first delay (`RETRY_MIN`).
+    /// Starts the schedule again; returns its first delay (`config::RETRY_MIN`).
     fn reset_backoff(&mut self) -> Duration {
         self.backoff = RETRY.build();
         Self::next_delay(&mut self.backoff)

@@ -8,26 +8,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff};
 use libp2p::{Multiaddr, PeerId, multiaddr::Protocol, swarm::dial_opts::DialOpts};
 use tracing::debug;
 
-use crate::handle::PeerInfo;
+use crate::{
+    config::{RETRY as DIAL_BACKOFF, RETRY_MAX as BACKOFF_MAX},
+    handle::PeerInfo,
+};
 
 /// How often unconnected peers and bootstrap addresses are considered for a
 /// redial.
 pub(crate) const REDIAL_TICK: Duration = Duration::from_secs(1);
-/// First delay before a redial.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-/// Longest delay between dials, and the period once it is reached.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// The delays between dials of one peer or address: 1 s doubling to 30 s,
-/// then every 30 s, for ever.
-const DIAL_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
-    .with_factor(2.0)
-    .with_min_delay(BACKOFF_MIN)
-    .with_max_delay(BACKOFF_MAX)
-    .without_max_times();
 /// Addresses kept for one peer (mDNS and presence add to them).
 pub(crate) const MAX_ADDRS_PER_PEER: usize = 8;
 /// Peers kept that are not connected (every admitted key holder can make
@@ -66,7 +58,7 @@ impl DialBackoff {
         self.0.next().unwrap_or(BACKOFF_MAX)
     }
 
-    /// Starts the schedule again at `BACKOFF_MIN`.
+    /// Starts the schedule again at `config::RETRY_MIN`.
     fn reset(&mut self) {
         *self = Self::new();
     }
@@ -246,6 +238,7 @@ impl Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RETRY_MIN as BACKOFF_MIN;
 
     fn addr(port: u16) -> Multiaddr {
         format!("/ip4/10.0.0.1/tcp/{port}").parse().unwrap()

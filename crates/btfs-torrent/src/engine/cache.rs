@@ -63,15 +63,7 @@ impl Engine {
     ) -> io::Result<u64> {
         // (last use, bytes, content, object or partial file, marker, holder known)
         let mut items = Vec::new();
-        for e in fs::read_dir(self.cfg.dir.join("fetched"))? {
-            let e = e?;
-            let Some(c) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| ContentId::from_hex(n).ok())
-            else {
-                continue;
-            };
+        for (c, e) in content_files(&self.cfg.dir.join("fetched"))? {
             let object = (self.cfg.object_path)(&c);
             let Ok(meta) = fs::metadata(&object) else {
                 // Collected by the filesystem (no record uses it any more).
@@ -93,15 +85,7 @@ impl Engine {
                     .any(|m| members.contains(m));
             items.push((used, meta.len(), c, object, Some(e.path()), held));
         }
-        for e in fs::read_dir(self.cfg.dir.join("partial"))? {
-            let e = e?;
-            let Some(c) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| ContentId::from_hex(n).ok())
-            else {
-                continue;
-            };
+        for (c, e) in content_files(&self.cfg.dir.join("partial"))? {
             let meta = e.metadata()?;
             // Partial content was fetched from members: they hold it.
             items.push((
@@ -142,4 +126,20 @@ impl Engine {
         }
         Ok(total.saturating_sub(limit))
     }
+}
+
+/// The files of `dir` named by a content id (other names are skipped).
+fn content_files(dir: &std::path::Path) -> io::Result<Vec<(ContentId, fs::DirEntry)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let id = e
+            .file_name()
+            .to_str()
+            .and_then(|n| ContentId::from_hex(n).ok());
+        if let Some(c) = id {
+            out.push((c, e));
+        }
+    }
+    Ok(out)
 }
