@@ -155,6 +155,38 @@ fn prefetch_all_brings_a_new_file_to_every_node_without_a_read() {
     set_link(&nodes[0].ns, true);
 }
 
+#[test]
+fn opening_a_remote_file_fetches_the_next_small_files_of_its_directory() {
+    let (_keys, _net, nodes) = cluster_with(&[""; 2]);
+    let dir = nodes[0].mnt.join("tree");
+    std::fs::create_dir(&dir).unwrap();
+    let files: Vec<Vec<u8>> = (0..12).map(|i| common::pattern(300 + i, 200_000)).collect();
+    for (i, data) in files.iter().enumerate() {
+        write_file(&dir.join(format!("f{i:02}.bin")), data);
+    }
+    // A larger file after them is not read ahead (only small ones are).
+    let big = common::pattern(399, 9 << 20);
+    write_file(&dir.join("f99.bin"), &big);
+    let there = nodes[1].mnt.join("tree");
+    wait_listed(&there.join("f99.bin"), big.len() as u64);
+    for (i, data) in files.iter().enumerate() {
+        wait_listed(&there.join(format!("f{i:02}.bin")), data.len() as u64);
+    }
+    // Open one and read a byte: the next 8 in name order come by themselves.
+    let mut f = std::fs::File::open(there.join("f02.bin")).unwrap();
+    let mut one = [0u8; 1];
+    f.read_exact(&mut one).unwrap();
+    for data in &files[3..11] {
+        eventually(Duration::from_secs(20), "the next files fetched", || {
+            object_of(&nodes[1], data).exists()
+        });
+    }
+    // Not the ones before it, nor past the eighth.
+    assert!(!object_of(&nodes[1], &files[0]).exists());
+    assert!(!object_of(&nodes[1], &files[11]).exists());
+    assert!(!object_of(&nodes[1], &big).exists());
+}
+
 /// `writer` writes `name`; `reader` reads it whole, correct, and ends up
 /// holding it in full.
 fn read_until_held(writer: &NsNode, reader: &NsNode, name: &str, data: &[u8]) {

@@ -813,6 +813,7 @@ fn the_readme_first_command_mounts_a_working_node_on_the_defaults() {
             "down_rate": null,
             "cache_size": null,
             "max_torrents": null,
+            "zone": null,
         }),
         "{status}"
     );

@@ -353,6 +353,7 @@ fn node_config(plan: &MountPlan, keypair: libp2p_identity::Keypair, open_files: 
         cache_size: o.cache_size,
         max_live: max_live(o.max_torrents, open_files),
         prefetch: o.prefetch.clone(),
+        zone: o.zone.clone(),
         info: NodeInfo {
             name: plan.name.clone(),
             mountpoint: plan.mountpoint.clone(),
@@ -362,6 +363,7 @@ fn node_config(plan: &MountPlan, keypair: libp2p_identity::Keypair, open_files: 
             options: o.effective(),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            zone: o.zone.as_ref().map(ToString::to_string),
         },
     }
 }

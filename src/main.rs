@@ -31,6 +31,7 @@ Mount options (-o, comma-separated):
   peers_file=FILE   more bootstrap peers, one IP:PORT a line
   mdns=on|off       discover members on the LAN (default off: it advertises to the whole LAN)
   members=FILE      admit only these peer ids, one a line (default: any holder of the key)
+  zone=NAME         this node's datacenter or rack: a file crosses between zones about once
   threads=N         FUSE dispatch threads (default 4)
   passthrough=on|off  kernel passthrough for file data (default on; needs root, Linux 6.9+)
   ttl=SECONDS       kernel attribute/entry cache lifetime (default 1)
@@ -124,6 +125,7 @@ fn print_status(v: &NodeStatus) {
     let (i, f, r, bt) = (&v.info, &v.fs, &v.records, &v.bittorrent);
     println!("btfs {} on {}", i.name, i.mountpoint.display());
     println!("  node         {}", v.node_id);
+    println!("  zone         {}", i.zone.as_deref().unwrap_or("-"));
     println!("  peer id      {} (for members=)", v.peer_id);
     println!("  state        {}", i.state_dir.display());
     println!(
@@ -190,8 +192,12 @@ fn print_status(v: &NodeStatus) {
         peers.len()
     );
     for p in peers {
+        let zone = p
+            .zone
+            .as_deref()
+            .map_or_else(String::new, |z| format!(" zone {z}"));
         println!(
-            "    {} {} {} (last seen {} s ago)",
+            "    {} {} {}{zone} (last seen {} s ago)",
             if p.connected { "*" } else { " " },
             p.id,
             p.addresses.first().map_or("-", String::as_str),

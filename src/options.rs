@@ -6,6 +6,7 @@ use anyhow::{Result, bail};
 use btfs_torrent::{Cidr, congestion::Congestion};
 use nix::mount::MsFlags;
 
+use btfs_mesh::Zone;
 use btfs_node::Prefetch;
 
 /// Options that take a value.
@@ -31,6 +32,7 @@ const VALUED: &[&str] = &[
     "down_rate",
     "cache_size",
     "max_torrents",
+    "zone",
 ];
 
 /// Options that only mount(8), systemd or the kernel care about.
@@ -128,6 +130,11 @@ pub(crate) struct MountOpts {
     /// it the least recently used idle one is retired. `None`: 512, and
     /// never more than a quarter of the open-file limit.
     pub max_torrents: Option<usize>,
+    /// `zone=NAME`: this node's datacenter or rack (1 to 32 letters,
+    /// digits, `.`, `_`, `-`). Members of a zone fetch a file from other
+    /// zones about once between them. `None`: no zone, every member is
+    /// fetched from alike.
+    pub zone: Option<Zone>,
 }
 
 /// Sizes and rates: `k`, `M`, `G`, `T` are powers of 1024 (`500M`,
@@ -242,6 +249,7 @@ impl Default for MountOpts {
             down_rate: None,
             cache_size: None,
             max_torrents: None,
+            zone: None,
         }
     }
 }
@@ -277,6 +285,7 @@ impl MountOpts {
             "down_rate": self.down_rate.map(|r| r.get()),
             "cache_size": self.cache_size,
             "max_torrents": self.max_torrents,
+            "zone": self.zone.as_ref().map(Zone::as_str),
         })
     }
 
@@ -354,6 +363,12 @@ impl MountOpts {
                                     "mount option max_torrents={v}: expected 1 to 1000000"
                                 )
                             })?,
+                    )
+                }
+                ("zone", Some(v)) => {
+                    o.zone = Some(
+                        v.parse()
+                            .map_err(|e| anyhow::anyhow!("mount option zone={v}: {e}"))?,
                     )
                 }
                 ("key", Some(v)) => o.key = Some(PathBuf::from(v)),
@@ -548,6 +563,13 @@ mod tests {
             ("prefetch=[", "not a glob"),
             ("cache_size=lots", "expected a size"),
             ("max_torrents=0", "expected 1 to 1000000"),
+            ("zone", "needs a value"),
+            ("zone=", "is not valid: use 1 to 32 letters"),
+            ("zone=dc 1", "is not valid"),
+            ("zone=dc/1", "is not valid"),
+            ("zone=dc1=a", "is not valid"),
+            ("zone=zoné", "is not valid"),
+            ("zone=abcdefghijklmnopqrstuvwxyz0123456", "is not valid"),
         ] {
             let err = MountOpts::parse(opt).unwrap_err().to_string();
             assert!(err.contains(why), "{opt}: {err}");
@@ -555,6 +577,24 @@ mod tests {
         assert!(validate_cluster_name("shared").is_ok());
         assert!(validate_cluster_name("a/b").is_err());
         assert!(validate_cluster_name("").is_err());
+    }
+
+    #[test]
+    fn a_zone_is_a_short_portable_name_and_none_by_default() {
+        assert_eq!(MountOpts::default().zone, None);
+        assert_eq!(
+            MountOpts::parse("ro").unwrap().effective()["zone"],
+            serde_json::Value::Null
+        );
+        for name in [
+            "dc1",
+            "eu-west_2.rack-7",
+            "abcdefghijklmnopqrstuvwxyz012345",
+        ] {
+            let o = MountOpts::parse(&format!("zone={name},ro")).unwrap();
+            assert_eq!(o.zone.as_ref().map(Zone::as_str), Some(name));
+            assert_eq!(o.effective()["zone"], name);
+        }
     }
 
     /// The README's first command mounts without `listen=`: the default must

@@ -33,8 +33,9 @@ pub fn btfs_bin() -> &'static str {
     })
 }
 
-/// Runs a command, failing the test with its output if it fails.
-pub fn run_ok(cmd: &str, args: &[&str]) {
+/// Runs a command, failing the test with its output if it fails; its
+/// standard output.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -45,6 +46,7 @@ pub fn run_ok(cmd: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub fn btfs(args: &[&str]) -> Output {

@@ -31,6 +31,11 @@ pub trait ContentSource: Send + Sync + 'static {
 
     /// Content held here was opened for reading (a cache's last use).
     fn opened(&self, _content: &ContentId) {}
+
+    /// The content is likely to be read soon (the next file of a directory
+    /// being walked): fetch it whole in the background if there is room.
+    /// Must not block; may ignore it.
+    fn read_ahead(&self, _wanted: Wanted) {}
 }
 
 impl fmt::Debug for dyn ContentSource {

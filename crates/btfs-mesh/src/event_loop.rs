@@ -27,6 +27,7 @@ use crate::{
     peers::{Peers, REDIAL_TICK},
     presence::{Presence, parse_presence},
     swarm::{Behaviour, BehaviourEvent, Payload},
+    zone::{Zone, zone_of_agent},
 };
 
 /// The state of a running mesh; see the module documentation.
@@ -446,8 +447,14 @@ impl EventLoop {
                 warn!(%peer, "ping failed ({e}): closing the connection");
                 self.swarm.close_connection(connection);
             }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 self.peers.heard_from(&peer_id, Instant::now());
+                // Bounded and checked: a zone that is not valid is none.
+                let zone = zone_of_agent(&info.agent_version);
+                if self.peers.set_zone(&peer_id, zone.clone()) {
+                    debug!(peer = %peer_id, zone = ?zone.as_ref().map(Zone::as_str), "member's zone");
+                    self.emit(MeshEvent::PeerZone(peer_id, zone)).await;
+                }
             }
             _ => {}
         }

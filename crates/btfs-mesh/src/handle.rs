@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     config::{MAX_GOSSIP, Topic},
     error::MeshError,
+    zone::Zone,
 };
 
 /// What the mesh tells its owner.
@@ -33,6 +34,10 @@ pub enum MeshEvent {
     PeerUp(PeerId, Option<IpAddr>),
     /// The last connection to a peer is gone.
     PeerDown(PeerId),
+    /// A connected peer told its zone (or that it has none, or one that
+    /// is not valid: `None`), after its `PeerUp` and whenever it changes.
+    /// A zone is forgotten with the peer's last connection (`PeerDown`).
+    PeerZone(PeerId, Option<Zone>),
 }
 
 /// Answers one inbound request.
@@ -64,6 +69,9 @@ pub struct PeerInfo {
     pub connected: bool,
     /// Seconds since the peer was last connected or heard from.
     pub last_seen_secs: u64,
+    /// The zone it told (`zone=`), while it is connected.
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 /// Whether mDNS runs and where, as `btfs status` shows it.

@@ -22,7 +22,8 @@
 //! commands and events), `swarm` (transport and behaviour), `event_loop`,
 //! `peers` (known peers, bootstrap addresses, dial backoff), `presence`
 //! (members announcing their addresses), `discovery` (mDNS that heals
-//! itself), `error`, and [`wire`] (direct peer wires).
+//! itself), `error`, `zone` (zone names, and how members tell theirs in
+//! the identify agent version), and [`wire`] (direct peer wires).
 
 mod config;
 mod discovery;
@@ -33,6 +34,7 @@ mod peers;
 mod presence;
 mod swarm;
 pub mod wire;
+mod zone;
 
 /// Mesh addresses, as `MeshConfig` takes them.
 pub use libp2p::Multiaddr;
@@ -40,6 +42,7 @@ pub use libp2p::Multiaddr;
 pub use config::{MAX_GOSSIP, MeshConfig, Topic, Validator};
 pub use error::MeshError;
 pub use handle::{MdnsStatus, Mesh, MeshEvent, PeerInfo, Responder};
+pub use zone::{MAX_ZONE_LEN, Zone, ZoneError};
 
 use tokio::sync::mpsc;
 use tracing::info;
@@ -56,7 +59,18 @@ use crate::{
 pub fn start(
     cfg: MeshConfig,
 ) -> Result<(Mesh, mpsc::Receiver<MeshEvent>, tokio::task::JoinHandle<()>), MeshError> {
-    let mut swarm = swarm::build_swarm(&cfg)?;
+    start_in_zone(cfg, None)
+}
+
+/// [`start`], telling the members that this node is in `zone` (they see it
+/// as [`MeshEvent::PeerZone`] and in [`PeerInfo::zone`]). The zone is an
+/// argument of its own, not a [`MeshConfig`] field, so that code building
+/// a `MeshConfig` without one (the hostile-member tests) keeps compiling.
+pub fn start_in_zone(
+    cfg: MeshConfig,
+    zone: Option<Zone>,
+) -> Result<(Mesh, mpsc::Receiver<MeshEvent>, tokio::task::JoinHandle<()>), MeshError> {
+    let mut swarm = swarm::build_swarm(&cfg, zone.as_ref())?;
     let topics: Vec<_> = Topic::ALL
         .iter()
         .map(|t| (*t, t.ident(&cfg.cluster)))
@@ -77,7 +91,7 @@ pub fn start(
     let local = *swarm.local_peer_id();
     let streams = swarm.behaviour().streams.new_control();
     let stream_protocol = protocol(&cfg.cluster, "bt/1")?;
-    info!(peer = %local, psk = %cfg.psk.fingerprint(), cluster = %cfg.cluster, "mesh starting");
+    info!(peer = %local, psk = %cfg.psk.fingerprint(), cluster = %cfg.cluster, zone = ?zone.as_ref().map(Zone::as_str), "mesh starting");
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAP);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAP);
     let event_loop = EventLoop::new(swarm, &cfg, topics, presence, cmd_rx, ev_tx);

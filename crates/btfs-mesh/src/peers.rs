@@ -15,6 +15,7 @@ use tracing::debug;
 use crate::{
     config::{RETRY as DIAL_BACKOFF, RETRY_MAX as BACKOFF_MAX},
     handle::PeerInfo,
+    zone::Zone,
 };
 
 /// How often unconnected peers and bootstrap addresses are considered for a
@@ -71,6 +72,9 @@ struct Known {
     last_seen: Instant,
     backoff: DialBackoff,
     next_dial: Instant,
+    /// The zone it told, while connected (identify runs again on every
+    /// new connection, and a restarted member may have moved).
+    zone: Option<Zone>,
 }
 
 impl Known {
@@ -81,6 +85,7 @@ impl Known {
             last_seen: now,
             backoff: DialBackoff::new(),
             next_dial: now,
+            zone: None,
         }
     }
 }
@@ -154,11 +159,28 @@ impl Peers {
         }
     }
 
-    /// A connection to `peer` is gone; `connections` are left.
+    /// A connection to `peer` is gone; `connections` are left. With the
+    /// last one its zone is forgotten.
     pub(crate) fn disconnected(&mut self, peer: &PeerId, connections: usize, now: Instant) {
         if let Some(k) = self.known.get_mut(peer) {
             k.connections = connections;
             k.last_seen = now;
+            if connections == 0 {
+                k.zone = None;
+            }
+        }
+    }
+
+    /// A connected `peer` told `zone`. Returns whether that changes what
+    /// is known of it (a peer not connected is not recorded: its zone
+    /// would outlive the connection that told it).
+    pub(crate) fn set_zone(&mut self, peer: &PeerId, zone: Option<Zone>) -> bool {
+        match self.known.get_mut(peer) {
+            Some(k) if k.connections > 0 && k.zone != zone => {
+                k.zone = zone;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -184,6 +206,7 @@ impl Peers {
                 addresses: k.addrs.iter().map(ToString::to_string).collect(),
                 connected: k.connections > 0,
                 last_seen_secs: now.duration_since(k.last_seen).as_secs(),
+                zone: k.zone.as_ref().map(ToString::to_string),
             })
             .collect();
         peers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -297,6 +320,29 @@ mod tests {
         peers.disconnected(&peer, 0, t1);
         // The dial already planned (at 15 s), then 1 s, 2 s, 4 s later.
         assert_eq!(dials_at(&mut peers, t0, 22), vec![15, 16, 18, 22]);
+    }
+
+    #[test]
+    fn a_zone_is_kept_while_connected_and_forgotten_with_the_last_connection() {
+        let t0 = Instant::now();
+        let mut peers = Peers::new(&[], t0);
+        let peer = PeerId::random();
+        let dc1 = Zone::new("dc1").ok();
+        assert!(!peers.set_zone(&peer, dc1.clone()), "not known");
+        peers.learn(peer, Some(addr(4410)), t0);
+        assert!(!peers.set_zone(&peer, dc1.clone()), "not connected");
+        peers.connected(peer, &addr(4410), true, 1, t0);
+        assert!(peers.set_zone(&peer, dc1.clone()));
+        assert!(!peers.set_zone(&peer, dc1.clone()), "unchanged");
+        assert_eq!(peers.info(t0)[0].zone.as_deref(), Some("dc1"));
+        peers.connected(peer, &addr(4410), true, 2, t0);
+        peers.disconnected(&peer, 1, t0);
+        assert_eq!(peers.info(t0)[0].zone.as_deref(), Some("dc1"), "one left");
+        peers.disconnected(&peer, 0, t0);
+        assert_eq!(peers.info(t0)[0].zone, None);
+        peers.connected(peer, &addr(4410), true, 1, t0);
+        assert!(peers.set_zone(&peer, dc1), "told again");
+        assert!(peers.set_zone(&peer, None), "moved out of every zone");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::{
     config::MeshConfig,
     discovery,
     error::{MeshError, protocol},
+    zone::{self, Zone},
 };
 
 /// Opaque bytes on the request-response protocol.
@@ -39,10 +40,15 @@ pub(crate) struct Behaviour {
 }
 
 /// The swarm of a node with `cfg`, not yet subscribed or listening.
-pub(crate) fn build_swarm(cfg: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
+/// Its identify agent version tells `zone` to the members.
+pub(crate) fn build_swarm(
+    cfg: &MeshConfig,
+    zone: Option<&Zone>,
+) -> Result<Swarm<Behaviour>, MeshError> {
     let psk = cfg.psk;
     let rpc_protocol = protocol(&cfg.cluster, "sync/1")?;
     let identify_protocol = format!("/btfs/{}/1", cfg.cluster);
+    let agent = zone::agent_version(zone);
     let members = cfg.members.clone();
     let use_mdns = cfg.mdns;
     let swarm = SwarmBuilder::with_existing_identity(cfg.keypair.clone())
@@ -106,10 +112,10 @@ pub(crate) fn build_swarm(cfg: &MeshConfig) -> Result<Swarm<Behaviour>, MeshErro
                         request_response::Config::default()
                             .with_request_timeout(Duration::from_secs(30)),
                     ),
-                    identify: identify::Behaviour::new(identify::Config::new(
-                        identify_protocol,
-                        key.public(),
-                    )),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(identify_protocol, key.public())
+                            .with_agent_version(agent),
+                    ),
                     ping: ping::Behaviour::new(
                         ping::Config::new()
                             .with_interval(Duration::from_secs(5))

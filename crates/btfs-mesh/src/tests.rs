@@ -220,3 +220,20 @@ async fn members_that_name_only_one_other_are_introduced_by_presence() {
     .await
     .expect("B and C connected through A's relay of their announcements");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_tell_their_zones_and_a_node_without_one_tells_none() {
+    let dc1 = Zone::new("dc1").unwrap();
+    let (a, _a_rx, _ta) = start_in_zone(config(psk(6), vec![]), Some(dc1.clone())).unwrap();
+    let a_addr = addr_of(&a).await;
+    let (b, mut b_rx, _tb) = start(config(psk(6), vec![a_addr])).unwrap();
+    let told = next_event(&mut b_rx, |e| matches!(e, MeshEvent::PeerZone(..))).await;
+    assert!(
+        matches!(told, MeshEvent::PeerZone(p, Some(ref z)) if p == a.local_peer_id() && *z == dc1)
+    );
+    let peers = b.peers().await.unwrap();
+    assert_eq!(peers[0].zone.as_deref(), Some("dc1"));
+    // A has no zone of B's to tell: B told none.
+    let b_seen_by_a = a.peers().await.unwrap();
+    assert!(b_seen_by_a.iter().all(|p| p.zone.is_none()));
+}

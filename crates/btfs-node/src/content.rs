@@ -96,6 +96,10 @@ impl ContentSource for Content {
         );
     }
 
+    fn read_ahead(&self, wanted: Wanted) {
+        self.engine.prefetch(wanted);
+    }
+
     fn opened(&self, content: &ContentId) {
         self.engine.touch(content);
     }

@@ -64,8 +64,9 @@ use crate::{
 /// New record versions waiting to be signed and gossiped; beyond this they
 /// are left to anti-entropy.
 pub const ANNOUNCE_CAP: usize = 4096;
-/// Whole-file fetches (prefetch policy) running at once.
-const PREFETCH_PARALLEL: usize = 2;
+/// Whole-file fetches (prefetch policy, read-ahead of a directory being
+/// walked) running at once.
+const PREFETCH_PARALLEL: usize = 4;
 /// How long a stopping node waits for its short tasks once the engine has
 /// stopped (they end within milliseconds; this bounds a stuck one).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -104,6 +105,10 @@ pub struct NodeConfig {
     pub cache_size: Option<u64>,
     pub max_live: usize,
     pub prefetch: Prefetch,
+    /// `zone=`: this node's datacenter or rack, told to the members; a
+    /// file is fetched from other zones about once per zone. `None`: no
+    /// zone, every member is dialled as before.
+    pub zone: Option<btfs_mesh::Zone>,
     /// What `btfs status` says about this daemon.
     pub info: NodeInfo,
 }
@@ -207,7 +212,8 @@ impl Node {
             direct: cfg.wire_direct,
             congestion: cfg.congestion.clone(),
         };
-        let (mesh, mesh_events, mesh_task) = btfs_mesh::start(mesh_cfg).map_err(NodeError::Mesh)?;
+        let (mesh, mesh_events, mesh_task) =
+            btfs_mesh::start_in_zone(mesh_cfg, cfg.zone.clone()).map_err(NodeError::Mesh)?;
 
         // The engine, over the mesh.
         let (tasks, cancel) = (TaskTracker::new(), CancellationToken::new());
@@ -234,6 +240,8 @@ impl Node {
             cache_size: cfg.cache_size,
             wire_congestion: cfg.congestion.clone(),
             max_live: cfg.max_live,
+            member: peer_id,
+            zone: cfg.zone.as_ref().map(ToString::to_string),
         };
         let engine = match Engine::start(engine_cfg, net.clone()).await {
             Ok(e) => e,

@@ -155,6 +155,12 @@ pub(crate) async fn event_loop<T: Transport, B: Backend, E: Into<NetEvent>>(
                     c.net.peer_down(&p);
                 }
             }
+            NetEvent::PeerZone(p, zone) => {
+                debug!(peer = %p, zone = ?zone.as_ref().map(|z| z.as_str()), "peer's zone");
+                if let Some(c) = &content {
+                    c.net.peer_zone(&p, zone);
+                }
+            }
             NetEvent::Gossip {
                 topic: Topic::Holdings,
                 source,

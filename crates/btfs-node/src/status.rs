@@ -23,6 +23,10 @@ pub struct NodeInfo {
     pub options: serde_json::Value,
     pub pid: u32,
     pub version: String,
+    /// `zone=`: this node's zone (`null`: none). Each member's is in
+    /// `peers` (`PeerInfo::zone`).
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 /// Record counts (see [`Counters`]).
@@ -94,6 +98,7 @@ mod tests {
                 name: "demo".into(),
                 options: serde_json::json!({ "mdns": false }),
                 pid: 7,
+                zone: Some("dc1".into()),
                 ..NodeInfo::default()
             },
             node_id: "ab".into(),
@@ -110,7 +115,16 @@ mod tests {
                     ..Default::default()
                 },
             },
-            mesh: MeshView::default(),
+            mesh: MeshView {
+                peers: vec![PeerInfo {
+                    id: "12D3peer".into(),
+                    addresses: vec!["/ip4/10.0.0.2/tcp/4410".into()],
+                    connected: true,
+                    last_seen_secs: 1,
+                    zone: Some("dc2".into()),
+                }],
+                ..MeshView::default()
+            },
             records: RecordCounts {
                 records_synced: 6,
                 ..Default::default()
@@ -129,6 +143,7 @@ mod tests {
             "options",
             "pid",
             "version",
+            "zone",
             "node_id",
             "peer_id",
             "open_handles",
@@ -173,6 +188,35 @@ mod tests {
         assert_eq!(v["open_files"], 2);
         assert_eq!(v["files"], 5);
         assert_eq!(v["mdns"]["enabled"], false);
+        assert_eq!(v["zone"], "dc1");
+        let mut peer_keys: Vec<&str> = v["peers"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        peer_keys.sort_unstable();
+        assert_eq!(
+            peer_keys,
+            ["addresses", "connected", "id", "last_seen_secs", "zone"]
+        );
+        assert_eq!(v["peers"][0]["zone"], "dc2");
+        // No zone is `null`, not a missing key; a status without the key
+        // (an older daemon) still reads back.
+        let mut none = status.clone();
+        none.info.zone = None;
+        assert_eq!(
+            serde_json::to_value(&none).unwrap()["zone"],
+            serde_json::Value::Null
+        );
+        let mut old = v.clone();
+        old.as_object_mut().unwrap().remove("zone");
+        old["peers"][0].as_object_mut().unwrap().remove("zone");
+        let read: NodeStatus = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            (read.info.zone, read.mesh.peers[0].zone.clone()),
+            (None, None)
+        );
         let back: NodeStatus = serde_json::from_value(v).unwrap();
         assert_eq!(back.records.records_synced, 6);
         assert_eq!(back.fs.tree.files, 5);

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use btfs_mesh::{Mesh, MeshError, MeshEvent, Responder, Topic};
+use btfs_mesh::{Mesh, MeshError, MeshEvent, Responder, Topic, Zone};
 use libp2p_identity::PeerId;
 use tokio::sync::oneshot;
 
@@ -29,6 +29,8 @@ pub enum NetEvent {
     PeerUp(PeerId, Option<IpAddr>),
     /// The last connection to a peer is gone.
     PeerDown(PeerId),
+    /// A connected peer told its zone (`None`: none, or one not valid).
+    PeerZone(PeerId, Option<Zone>),
 }
 
 /// Where the answer to a request goes.
@@ -70,6 +72,7 @@ impl From<MeshEvent> for NetEvent {
             },
             MeshEvent::PeerUp(p, ip) => NetEvent::PeerUp(p, ip),
             MeshEvent::PeerDown(p) => NetEvent::PeerDown(p),
+            MeshEvent::PeerZone(p, zone) => NetEvent::PeerZone(p, zone),
         }
     }
 }

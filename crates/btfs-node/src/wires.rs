@@ -67,6 +67,8 @@ struct WirePeer {
     failed_until: Option<Instant>,
     /// Direct wires to it that failed in a row.
     failures: u32,
+    /// The zone it told (`zone=`), forgotten with it.
+    zone: Option<String>,
 }
 
 /// The mesh as the engine sees it.
@@ -167,6 +169,14 @@ impl MeshNet {
 
     pub(crate) fn peer_down(&self, peer: &PeerId) {
         self.wires.lock().remove(peer);
+    }
+
+    /// A connected member told its zone (after its `peer_up`: the mesh
+    /// sends them in that order). One not connected is not recorded.
+    pub(crate) fn peer_zone(&self, peer: &PeerId, zone: Option<btfs_mesh::Zone>) {
+        if let Some(w) = self.wires.lock().get_mut(peer) {
+            w.zone = zone.map(|z| z.to_string());
+        }
     }
 
     /// The member's direct wire address, unless it failed lately.
@@ -336,6 +346,10 @@ impl Network for MeshNet {
             }
             Ok((Box::new(DirectWire(w)) as BoxIo, peer))
         })
+    }
+
+    fn zone_of(&self, member: &MemberId) -> Option<String> {
+        self.wires.lock().get(member).and_then(|w| w.zone.clone())
     }
 
     fn announce(&self, held: Vec<ContentId>, dropped: Vec<ContentId>) {

@@ -147,6 +147,31 @@ pub(crate) async fn read_handshake(
     Ok((hs, ih))
 }
 
+/// A BitTorrent `bitfield` message saying "no piece yet", for a torrent of
+/// `pieces` pieces (at most `MAX_PIECES`: the caller's metainfo is checked).
+///
+/// Written to librqbit right after a member's handshake, as if the member
+/// had sent it. A peer with nothing sends no bitfield, and librqbit takes a
+/// peer whose bitfield it never got for one that has every piece: it never
+/// sends it a `have`. Two members that connect before either has a piece
+/// (readers of a new file, starting together) would then never trade.
+/// A member that does hold pieces sends its own bitfield next, which
+/// replaces this one. The cost: librqbit's requests to a member it knows
+/// has nothing it needs sleep until librqbit gets a new piece of its own,
+/// or 5 s; a `have` from the member does not wake them.
+pub(crate) fn empty_bitfield(pieces: usize) -> Vec<u8> {
+    let bytes = pieces.div_ceil(8);
+    let len = u32::try_from(1 + bytes).unwrap_or(u32::MAX);
+    let mut m = Vec::with_capacity(5 + bytes);
+    m.extend_from_slice(&len.to_be_bytes());
+    m.push(BITFIELD);
+    m.resize(5 + bytes, 0);
+    m
+}
+
+/// The id of the `bitfield` message (BEP 3).
+const BITFIELD: u8 = 5;
+
 /// The user name librqbit gives the SOCKS5 server (the secret is the
 /// password).
 const SOCKS_USER: &str = "btfs";
@@ -418,6 +443,20 @@ mod tests {
 
     /// The most bytes `socks5_request` reads from a client.
     const SOCKS5_MAX_READ: usize = 2 + 255 + 2 + 255 + 1 + 255 + 4 + 16 + 2;
+
+    #[test]
+    fn an_empty_bitfield_is_one_bit_a_piece_rounded_up_all_clear() {
+        for (pieces, bytes) in [(1usize, 1usize), (8, 1), (9, 2), (192, 24), (2001, 251)] {
+            let m = empty_bitfield(pieces);
+            assert_eq!(m.len(), 5 + bytes);
+            assert_eq!(
+                u32::from_be_bytes([m[0], m[1], m[2], m[3]]) as usize,
+                1 + bytes
+            );
+            assert_eq!(m[4], 5, "the bitfield message id");
+            assert!(m[5..].iter().all(|b| *b == 0));
+        }
+    }
 
     #[test]
     fn cidrs_parse_and_match() {

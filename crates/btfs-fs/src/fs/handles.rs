@@ -12,7 +12,7 @@ use std::{
     },
 };
 
-use btfs_core::{ContentId, FileKind};
+use btfs_core::{ContentId, FileKind, RelPath};
 use btfs_store::{Backend, ROOT_INO};
 use fuser::{BackingId, FileType, FopenFlags};
 use parking_lot::Mutex;
@@ -66,6 +66,42 @@ pub(super) struct Handles {
     files: Mutex<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_fh: AtomicU64,
+    /// Content already handed to the source's read-ahead lately.
+    read_ahead: Mutex<Recent>,
+}
+
+/// Files after an opened remote one, in name order, fetched ahead: a tree
+/// being walked (`diff -r`, `cp -r`, `tar c`) reads them next, and fetching
+/// a few at once hides each file's set-up (metainfo, connections) behind
+/// the others'.
+const READ_AHEAD_FILES: usize = 8;
+/// Only files up to this size are read ahead (a walk over large files gains
+/// nothing from fetching the next one whole meanwhile).
+const READ_AHEAD_MAX_SIZE: u64 = 8 << 20;
+/// Content ids remembered as read ahead, the oldest forgotten first.
+const READ_AHEAD_REMEMBERED: usize = 4096;
+
+/// A bounded set of recently seen content ids, oldest forgotten first.
+#[derive(Debug, Default)]
+struct Recent {
+    set: std::collections::HashSet<ContentId>,
+    order: std::collections::VecDeque<ContentId>,
+}
+
+impl Recent {
+    /// Whether `c` is new (and remembers it).
+    fn insert(&mut self, c: ContentId) -> bool {
+        if !self.set.insert(c) {
+            return false;
+        }
+        self.order.push_back(c);
+        while self.order.len() > READ_AHEAD_REMEMBERED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 impl Handles {
@@ -74,6 +110,7 @@ impl Handles {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            read_ahead: Mutex::new(Recent::default()),
         }
     }
 
@@ -157,6 +194,9 @@ impl<B: Backend> Shared<B> {
                 && content != ContentId::empty()
                 && !self.objects.object_path(&content).exists()
             {
+                if let (Some(p), Some(source)) = (&path, &self.cfg.content) {
+                    self.read_ahead(p, source);
+                }
                 let path = path
                     .as_ref()
                     .map_or_else(|| format!("inode {ino}"), |p| p.to_string());
@@ -405,6 +445,39 @@ impl<B: Backend> Shared<B> {
             st.sync_on_commit = true;
         }
         Ok(())
+    }
+
+    /// Hands the source the next `READ_AHEAD_FILES` files after `path` in
+    /// its directory, in name order, that are small, not here, and not
+    /// handed over lately (`READ_AHEAD_FILES`). Never blocks on the
+    /// network: the source queues them.
+    fn read_ahead(&self, path: &RelPath, source: &Arc<dyn ContentSource>) {
+        let (Some(name), dir) = (
+            path.file_name(),
+            path.parent().unwrap_or_else(RelPath::root),
+        ) else {
+            return;
+        };
+        let Ok(next) = self.store.children(&dir, Some(name), READ_AHEAD_FILES) else {
+            return;
+        };
+        for (n, e) in next {
+            let r = &e.record;
+            let Some(content) = r.content else { continue };
+            if !e.is_live()
+                || r.kind != FileKind::File
+                || r.size > READ_AHEAD_MAX_SIZE
+                || self.objects.object_path(&content).exists()
+                || !self.handles.read_ahead.lock().insert(content)
+            {
+                continue;
+            }
+            let Ok(p) = dir.join(&n) else { continue };
+            if let Some(w) = Wanted::of(p.to_string(), r) {
+                debug!(path = %w.path, "reading ahead");
+                source.read_ahead(w);
+            }
+        }
     }
 
     /// Lists directory `ino` for a new directory handle: `.`, `..` and its

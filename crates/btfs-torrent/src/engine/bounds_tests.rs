@@ -3,7 +3,10 @@
 
 use std::collections::HashSet;
 
-use super::{live::Need, *};
+use super::{
+    live::{Dial, Need},
+    *,
+};
 use crate::{
     limits::{Key, MAX_WIRES_PER_MEMBER, Remote},
     meta::Metainfo,
@@ -31,6 +34,9 @@ impl Network for NoMembers {
     fn accept_wire(&self, _: TcpStream) -> BoxFuture<io::Result<(BoxIo, MemberId)>> {
         Box::pin(async { Err(io::Error::other("no members")) })
     }
+    fn zone_of(&self, _: &MemberId) -> Option<String> {
+        None
+    }
 }
 
 /// A member, for `held`.
@@ -39,22 +45,7 @@ fn member(m: MemberId) -> Remote {
 }
 
 async fn engine(dir: &Path, max_live: usize) -> Arc<Engine> {
-    let objects = dir.join("objects");
-    fs::create_dir_all(&objects).unwrap();
-    let cfg = EngineConfig {
-        dir: dir.join("bt"),
-        object_path: Arc::new(move |c: &ContentId| objects.join(c.to_hex())),
-        listen: (Ipv4Addr::LOCALHOST, 0).into(),
-        allow: Vec::new(),
-        read_timeout: Duration::from_secs(5),
-        up_rate: None,
-        down_rate: None,
-        hash_threads: 1,
-        prefetch_parallel: 1,
-        cache_size: None,
-        wire_congestion: Congestion::default(),
-        max_live,
-    };
+    let cfg = super::test_config(dir, max_live, MemberId::random(), None);
     Engine::start(cfg, Arc::new(NoMembers)).await.unwrap()
 }
 
@@ -100,7 +91,7 @@ async fn the_live_cap_retires_the_least_recently_used_idle_torrent_and_refuses_m
     // only members use (`c`: `b` was used since).
     let meta_a = Arc::new(Metainfo::parse(engine.local_metainfo(&a).unwrap(), &a).unwrap());
     let read_a = engine
-        .bring_up(meta_a, "a", None, false, Need::Local)
+        .bring_up(meta_a, "a", None, false, Need::Local, Dial::Zone)
         .await
         .expect("local reads take priority");
     assert_eq!(live_set(&engine), HashSet::from([a, b]));
@@ -108,12 +99,12 @@ async fn the_live_cap_retires_the_least_recently_used_idle_torrent_and_refuses_m
     // With every live torrent in local use, a local read goes over the cap.
     let meta_b = Arc::new(Metainfo::parse(engine.local_metainfo(&b).unwrap(), &b).unwrap());
     let read_b = engine
-        .bring_up(meta_b, "b", None, false, Need::Local)
+        .bring_up(meta_b, "b", None, false, Need::Local, Dial::Zone)
         .await
         .unwrap();
     let meta_c = Arc::new(Metainfo::parse(engine.local_metainfo(&c).unwrap(), &c).unwrap());
     let read_c = engine
-        .bring_up(meta_c, "c", None, false, Need::Local)
+        .bring_up(meta_c, "c", None, false, Need::Local, Dial::Zone)
         .await
         .unwrap();
     assert_eq!(live_set(&engine), HashSet::from([a, b, c]));

@@ -12,15 +12,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use btfs_core::{ContentId, Wanted};
+use btfs_core::{ContentId, InfoHash, Wanted};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use tokio::io::AsyncSeekExt as _;
+
 use super::{
-    Engine,
-    live::{Live, Need},
+    Engine, holders,
+    holders::fetches_across,
+    live::{Dial, Live, Need},
+    write_atomic,
 };
-use crate::TorrentError;
+use crate::{MemberId, TorrentError, limits::Remote, meta::Metainfo};
 
 /// Prefetches waiting for a worker; more are dropped with a log line (the
 /// file is still fetched when it is first read).
@@ -39,6 +43,13 @@ const FOLLOW_IDLE: Duration = Duration::from_secs(3);
 const WARM_AHEAD: u64 = 64 << 20;
 const WARM_STEP: u64 = 4 << 20;
 const WARM_EVERY: Duration = Duration::from_millis(5);
+/// Whole-file fetches for this node's zone at once (each started by a
+/// member of the zone connecting for content this node fetches across,
+/// see `fetch_for_zone`); more members' requests meanwhile start none.
+const MAX_ZONE_FETCHES: usize = 4;
+/// How long the metainfo of a fetch for the zone is waited for (asked of
+/// the member that connected for it, in the same zone).
+const ZONE_METAINFO_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Engine {
     /// Fetches the whole content into the object store.
@@ -48,26 +59,161 @@ impl Engine {
             return Ok(());
         }
         let meta = self.metainfo(&want).await?;
-        let in_use = self
-            .bring_up(
-                meta,
-                &want.path,
-                self.net.member_of(&want.author),
-                true,
-                Need::Local,
-            )
-            .await?;
-        let live = in_use.live.clone();
-        if !live.on(|s| s.fetch_started()) {
-            return Ok(());
+        let mut dial = Dial::Zone;
+        loop {
+            let in_use = self
+                .bring_up(
+                    meta.clone(),
+                    &want.path,
+                    self.net.member_of(&want.author),
+                    true,
+                    Need::Local,
+                    dial,
+                )
+                .await?;
+            let live = in_use.live.clone();
+            if !live.on(|s| s.fetch_started()) {
+                return Ok(());
+            }
+            let result = self.fetch_live(&live).await;
+            live.on(|s| s.fetch_ended());
+            match result {
+                // Its zone could not serve it (see `holders::dial_order`):
+                // once more, from every member, as with no zone.
+                Err(TorrentError::Stalled(_)) if live.zone_only && dial == Dial::Zone => {
+                    debug!(path = %want.path, "whole-file fetch stalled within the zone: fetching from every member");
+                    dial = Dial::Everyone;
+                    drop(in_use);
+                    self.restart(&live).await;
+                }
+                r => return r,
+            }
         }
-        let result = self.fetch_live(&live).await;
-        live.on(|s| s.fetch_ended());
-        result
+    }
+
+    /// Fetches the whole file of `ih` for this node's zone, in the
+    /// background, when `from`, a member of the zone, connects for it, the
+    /// content is not complete here, and this node is the zone's fetcher
+    /// for it (`holders::fetches_across`). The zone's other members dial
+    /// their zone only, and get the file from this one as it arrives, even
+    /// if nobody here reads it. At most one such fetch per
+    /// torrent, `MAX_ZONE_FETCHES` at once, each ending with the engine.
+    /// The metainfo, if not kept here, is asked of `from` (it has it: it
+    /// connected for the torrent), checked against `ih`, and kept only if
+    /// the fetch is this node's to make.
+    pub(super) async fn fetch_for_zone(self: &Arc<Self>, ih: InfoHash, from: &MemberId) {
+        let Some(zone) = self.cfg.zone.as_deref() else {
+            return;
+        };
+        if self.net.zone_of(from).as_deref() != Some(zone) {
+            return;
+        }
+        let live = self.live_of(&ih);
+        if live
+            .as_ref()
+            .is_some_and(|l| l.is_complete() || l.state().fetching())
+            || self.zone_fetches.lock().contains(&ih)
+        {
+            return;
+        }
+        let (meta, asked) = match live {
+            Some(l) => (l.meta.clone(), false),
+            None => match self.zone_metainfo(ih, from).await {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        if (self.cfg.object_path)(&meta.content).exists() {
+            return;
+        }
+        let members = self.net.members();
+        let in_zone = self.in_zone(&members).unwrap_or_default();
+        let known = self.holders.lock().of(&meta.content).to_vec();
+        if !fetches_across(&meta.content, &self.cfg.member, &in_zone, &known) {
+            return;
+        }
+        // Kept only now: a member that is not the zone's fetcher keeps no
+        // metainfo for content it does not hold.
+        if asked && let Err(e) = write_atomic(&self.torrent_path(&ih), &meta.bytes) {
+            return warn!(torrent = %ih, "could not keep the metainfo: {e}");
+        }
+        let Some(slot) = ZoneFetch::take(self, ih) else {
+            return debug!(torrent = %ih, "{MAX_ZONE_FETCHES} fetches for the zone under way: not this one");
+        };
+        let label = format!("torrent {ih} (for zone {zone})");
+        // Brought up before the member's connection is served, so that
+        // it joins the torrent being fetched (a torrent brought up for the
+        // connection alone would be added again for the fetch, closing it).
+        let in_use = match self
+            .bring_up(meta, &label, None, true, Need::Peer, Dial::Zone)
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => return debug!(torrent = %ih, "no fetch for the zone: {e}"),
+        };
+        let live = in_use.live.clone();
+        if !live.on(|s| !s.fetching() && s.fetch_started()) {
+            return;
+        }
+        debug!(torrent = %ih, member = %from, "fetching across zones for this node's zone");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let fetched = tokio::select! {
+                _ = this.cancel.cancelled() => None,
+                r = this.fetch_live(&live) => Some(r),
+            };
+            live.on(|s| s.fetch_ended());
+            drop(in_use);
+            match fetched {
+                Some(Ok(())) => debug!(torrent = %ih, "fetched for the zone"),
+                Some(Err(e)) => debug!(torrent = %ih, "fetch for the zone: {e}"),
+                None => {}
+            }
+        });
+    }
+
+    /// The metainfo of `ih` kept here, else asked of `from` (then of the
+    /// other members) within `ZONE_METAINFO_TIMEOUT` and checked against
+    /// `ih`; with whether it was asked. Asking counts as a bring-up on
+    /// `from`'s behalf (`MEMBER_BRING_UP_BURST`): a member cannot make
+    /// this node ask for metainfo faster than it may bring torrents up.
+    async fn zone_metainfo(&self, ih: InfoHash, from: &MemberId) -> Option<(Arc<Metainfo>, bool)> {
+        let (bytes, asked) = match self.local_metainfo(&ih) {
+            Some(b) => (b, false),
+            None => {
+                let key = Remote::Member(*from).key();
+                if !self.limits.bring_ups.try_take(&key, Instant::now()) {
+                    self.limits
+                        .member_bring_ups_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                let ask = self.net.metainfo(ih, Some(*from));
+                match tokio::time::timeout(ZONE_METAINFO_TIMEOUT, ask).await {
+                    Ok(Some(b)) => (b, true),
+                    _ => {
+                        debug!(torrent = %ih, member = %from, "no metainfo to fetch for the zone");
+                        return None;
+                    }
+                }
+            }
+        };
+        match Metainfo::parse(bytes, &ih) {
+            Ok(m) => Some((Arc::new(m), asked)),
+            Err(e) => {
+                if asked {
+                    self.metainfo_refused.fetch_add(1, Ordering::Relaxed);
+                }
+                warn!(torrent = %ih, "refused metainfo for a fetch for the zone: {e}");
+                None
+            }
+        }
     }
 
     async fn fetch_live(&self, live: &Arc<Live>) -> Result<(), TorrentError> {
         self.select(live, HashSet::from([0usize])).await?;
+        let _steer = self.steer(live).await;
         // No deadline on the whole file, only on progress.
         let stall = self.cfg.read_timeout;
         let mut last = (Instant::now(), 0u64);
@@ -88,6 +234,48 @@ impl Engine {
             }
         }
         self.install(live).await
+    }
+
+    /// Where this node's whole-file fetch of `live` begins, while the
+    /// result is held: a librqbit stream left open at a place of its own
+    /// in the file, so that members fetching the same file at once (the
+    /// whole cluster reading a new image) start from different parts of
+    /// it and trade them, instead of all asking its holder for the same
+    /// first pieces. librqbit fetches a stream's next 32 MiB first, then
+    /// the rest in order. The place is this node's rank for the content
+    /// (rendezvous hashing, as for zones) among itself and the members
+    /// connected now that do not hold it (its author, announced holders);
+    /// `None` (start at the beginning) when no such member is connected,
+    /// or at rank 0.
+    pub(super) async fn steer(&self, live: &Live) -> Option<impl Sized + use<>> {
+        let content = &live.meta.content;
+        // Members that hold it whole fetch nothing: no place for them.
+        let holders: Vec<MemberId> = self.holders.lock().of(content).to_vec();
+        let members: Vec<MemberId> = self
+            .net
+            .members()
+            .into_iter()
+            .filter(|m| Some(*m) != live.holder && !holders.contains(m))
+            .collect();
+        if members.is_empty() {
+            return None;
+        }
+        let mine = holders::rank(content, &self.cfg.member);
+        let below = members
+            .iter()
+            .filter(|m| **m != self.cfg.member && holders::rank(content, m) < mine)
+            .count();
+        let slots = members.len() + 1;
+        let pieces = live.meta.piece_count().ok()?;
+        let piece = pieces * below / slots;
+        if piece == 0 {
+            return None;
+        }
+        let offset = piece as u64 * u64::from(live.meta.piece_length);
+        let mut stream = live.handle.clone().stream(0).await.ok()?;
+        stream.seek(std::io::SeekFrom::Start(offset)).await.ok()?;
+        debug!(path = %live.label.lock(), offset, "whole-file fetch starts at its own place");
+        Some(stream)
     }
 
     /// Selects the files of `live` that librqbit fetches.
@@ -215,7 +403,14 @@ impl Engine {
     async fn follow(self: Arc<Self>, live: Arc<Live>) {
         let label = live.label.lock().clone();
         let in_use = match self
-            .bring_up(live.meta.clone(), &label, live.holder, true, Need::Local)
+            .bring_up(
+                live.meta.clone(),
+                &label,
+                live.holder,
+                true,
+                Need::Local,
+                live.dial,
+            )
             .await
         {
             Ok(u) => u,
@@ -233,6 +428,7 @@ impl Engine {
             live.on(|s| s.follower_stopped());
             return debug!("background fetch: {e:#}");
         }
+        let _steer = self.steer(&live).await;
         // Stops the warmer however this task ends, dropped at shutdown
         // included: a blocking task that never ends would hold up the
         // runtime's shutdown.
@@ -263,6 +459,33 @@ impl Engine {
             debug!("stopping a background fetch: {e:#}");
         }
         live.on(|s| s.follower_stopped());
+    }
+}
+
+/// A slot of `Engine::zone_fetches`: the torrent is fetched for the zone
+/// until it is dropped.
+struct ZoneFetch {
+    engine: Arc<Engine>,
+    ih: InfoHash,
+}
+
+impl ZoneFetch {
+    /// A slot for `ih`, unless it has one or `MAX_ZONE_FETCHES` are taken.
+    fn take(engine: &Arc<Engine>, ih: InfoHash) -> Option<Self> {
+        let mut taken = engine.zone_fetches.lock();
+        if taken.len() >= MAX_ZONE_FETCHES || !taken.insert(ih) {
+            return None;
+        }
+        Some(Self {
+            engine: engine.clone(),
+            ih,
+        })
+    }
+}
+
+impl Drop for ZoneFetch {
+    fn drop(&mut self) {
+        self.engine.zone_fetches.lock().remove(&self.ih);
     }
 }
 

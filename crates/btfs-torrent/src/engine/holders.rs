@@ -3,7 +3,7 @@
 //! member holds may go), and this node's own announcements.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     fs,
 };
 
@@ -62,24 +62,124 @@ impl Holders {
     }
 }
 
-/// The members a torrent dials, in order: the author, then the members that
-/// announced holding the content, then the others; connected ones only, at
-/// most `MAX_DIALLED`.
+/// This node's place in its zone, as a torrent's dial order sees it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ZoneView<'a> {
+    /// This node.
+    pub(super) me: &'a MemberId,
+    /// The connected members that told this node's zone (this node itself,
+    /// or members not connected, are ignored).
+    pub(super) in_zone: &'a [MemberId],
+}
+
+/// The members a torrent dials, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct DialOrder {
+    pub(super) members: Vec<MemberId>,
+    /// Members of other zones were left out: another member of this
+    /// node's zone fetches the content across, or a member of it holds it.
+    pub(super) zone_only: bool,
+}
+
+/// A member's rank for `content` in rendezvous hashing.
+pub(super) fn rank(content: &ContentId, member: &MemberId) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&content.0);
+    h.update(&member.to_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Of `me` and the `in_zone` members, the one that fetches `content` from
+/// other zones for the zone: the highest blake3(content id || member id).
+/// Rendezvous hashing: every member of the zone that sees the same members
+/// connected picks the same one without a word exchanged, contents spread
+/// evenly over the zone, and a member that comes or goes moves only the
+/// contents it wins.
+pub(super) fn zone_fetcher(content: &ContentId, me: &MemberId, in_zone: &[MemberId]) -> MemberId {
+    std::iter::once(me)
+        .chain(in_zone)
+        .max_by_key(|m| rank(content, m))
+        .copied()
+        .unwrap_or(*me)
+}
+
+/// Whether this node fetches `content` across zones for its zone: it is the
+/// zone's fetcher among the connected `in_zone` members (not empty), and
+/// none of them is known to hold it (`known`: the author, members that
+/// announced it), in which case the file has crossed already.
+pub(super) fn fetches_across(
+    content: &ContentId,
+    me: &MemberId,
+    in_zone: &[MemberId],
+    known: &[MemberId],
+) -> bool {
+    let others: Vec<MemberId> = in_zone.iter().filter(|m| *m != me).copied().collect();
+    !others.is_empty()
+        && !known.iter().any(|k| others.contains(k))
+        && zone_fetcher(content, me, &others) == *me
+}
+
+/// The members a torrent of `content` dials, in order: the author
+/// (`first`), then the members that announced holding it, then the others;
+/// connected ones only, at most `MAX_DIALLED`.
+///
+/// With a zone (`zone`, and a member of it connected), members of other
+/// zones are left out (`zone_only`) unless this node is the zone's fetcher
+/// for the content ([`zone_fetcher`]), so that a slow link between zones
+/// carries a file about once: the fetcher dials its zone first, then the
+/// others; the rest dial their zone only, the fetcher first (it fetches the
+/// whole file once a member of the zone connects for it, see `listen`).
+/// When the author or a holder is in the zone, the file has crossed
+/// already: every member, the fetcher too, dials its zone only, holders
+/// first. A read that stalls within its zone brings the torrent up again
+/// without `zone` (`read`).
 pub(super) fn dial_order(
+    content: &ContentId,
     first: Option<&MemberId>,
     holders: &[MemberId],
     members: &[MemberId],
-) -> Vec<MemberId> {
-    let mut out: Vec<MemberId> = Vec::new();
-    for m in first.into_iter().chain(holders).chain(members) {
-        if out.len() == MAX_DIALLED {
-            break;
-        }
-        if members.contains(m) && !out.contains(m) {
-            out.push(*m);
+    zone: Option<ZoneView<'_>>,
+) -> DialOrder {
+    let connected: HashSet<&MemberId> = members.iter().collect();
+    let mut seen = HashSet::new();
+    let ranked: Vec<MemberId> = first
+        .into_iter()
+        .chain(holders)
+        .chain(members)
+        .filter(|m| connected.contains(m) && seen.insert(**m))
+        .copied()
+        .collect();
+    let bounded = |mut members: Vec<MemberId>, zone_only| {
+        members.truncate(MAX_DIALLED);
+        DialOrder { members, zone_only }
+    };
+    let Some(z) = zone else {
+        return bounded(ranked, false);
+    };
+    let in_zone: HashSet<&MemberId> = z
+        .in_zone
+        .iter()
+        .filter(|m| *m != z.me && connected.contains(m))
+        .collect();
+    if in_zone.is_empty() {
+        return bounded(ranked, false);
+    }
+    let (mut near, far): (Vec<MemberId>, Vec<MemberId>) =
+        ranked.into_iter().partition(|m| in_zone.contains(m));
+    let known: Vec<MemberId> = first.into_iter().chain(holders).copied().collect();
+    if fetches_across(content, z.me, &near, &known) {
+        near.extend(far);
+        return bounded(near, false);
+    }
+    let held_in_zone = known.iter().any(|k| in_zone.contains(k));
+    if !held_in_zone {
+        let fetcher = zone_fetcher(content, z.me, &near);
+        if let Some(i) = near.iter().position(|m| *m == fetcher) {
+            let f = near.remove(i);
+            near.insert(0, f);
         }
     }
-    out
+    bounded(near, true)
 }
 
 impl Engine {
@@ -156,19 +256,145 @@ mod tests {
         assert!(h.of(&ContentId([0; 32])).is_empty(), "the oldest went");
     }
 
+    /// The order as members of no zone see it.
+    fn plain(
+        first: Option<&MemberId>,
+        holders: &[MemberId],
+        members: &[MemberId],
+    ) -> Vec<MemberId> {
+        let order = dial_order(&c(1), first, holders, members, None);
+        assert!(!order.zone_only);
+        order.members
+    }
+
     #[test]
     fn dial_order_is_author_then_holders_then_the_rest_connected_only() {
         let mut n = Names::default();
         let members = n.ids(&["m1", "m2", "author", "h1", "m3"]);
-        let order = dial_order(Some(&n.id("author")), &n.ids(&["gone", "h1"]), &members);
+        let order = plain(Some(&n.id("author")), &n.ids(&["gone", "h1"]), &members);
         assert_eq!(order, n.ids(&["author", "h1", "m1", "m2", "m3"]));
         // An author not connected is not dialled.
-        let order = dial_order(Some(&n.id("away")), &[], &n.ids(&["m1"]));
+        let order = plain(Some(&n.id("away")), &[], &n.ids(&["m1"]));
         assert_eq!(order, n.ids(&["m1"]));
         // Bounded, holders kept.
         let many: Vec<MemberId> = (0..200).map(|_| MemberId::random()).collect();
-        let order = dial_order(None, &[many[150]], &many);
+        let order = plain(None, &[many[150]], &many);
         assert_eq!(order.len(), MAX_DIALLED);
         assert_eq!(order[0], many[150]);
+    }
+
+    /// A zone of `size` members (this node among them) and the content
+    /// they fetch: the zone's members, its fetcher for `c(1)`, and one that
+    /// is not it.
+    fn zone(size: usize) -> (Vec<MemberId>, MemberId, MemberId) {
+        let zone: Vec<MemberId> = (0..size).map(|_| MemberId::random()).collect();
+        let fetcher = zone_fetcher(&c(1), &zone[0], &zone[1..]);
+        let other = zone.iter().copied().find(|m| *m != fetcher).unwrap();
+        (zone, fetcher, other)
+    }
+
+    fn others(zone: &[MemberId], me: &MemberId) -> Vec<MemberId> {
+        zone.iter().filter(|m| *m != me).copied().collect()
+    }
+
+    #[test]
+    fn every_member_of_a_zone_chooses_the_same_fetcher_and_contents_spread() {
+        let (zone, fetcher, _) = zone(5);
+        for me in &zone {
+            assert_eq!(zone_fetcher(&c(1), me, &others(&zone, me)), fetcher);
+            // Only the fetcher fetches across.
+            assert_eq!(
+                fetches_across(&c(1), me, &others(&zone, me), &[]),
+                *me == fetcher
+            );
+        }
+        let mut won = HashSet::new();
+        for i in 0..=255u8 {
+            won.insert(zone_fetcher(&c(i), &zone[0], &zone[1..]));
+        }
+        assert_eq!(won.len(), zone.len(), "each member fetches some contents");
+        // Alone in its zone, a node fetches everything it reads itself, but
+        // not "for the zone": there is nobody to fetch for.
+        assert_eq!(zone_fetcher(&c(1), &zone[0], &[]), zone[0]);
+        assert!(!fetches_across(&c(1), &zone[0], &[], &[]));
+    }
+
+    #[test]
+    fn without_a_zone_or_alone_in_it_every_member_is_dialled() {
+        let (zone, _, _) = zone(2);
+        let other = zone[1];
+        let far: Vec<MemberId> = (0..3).map(|_| MemberId::random()).collect();
+        let view = ZoneView {
+            me: &zone[0],
+            in_zone: &[],
+        };
+        let order = dial_order(&c(1), Some(&far[2]), &[far[1]], &far, Some(view));
+        assert_eq!(order.members, vec![far[2], far[1], far[0]]);
+        assert!(!order.zone_only);
+        // A member of the zone that is not connected does not count.
+        let view = ZoneView {
+            me: &zone[0],
+            in_zone: &[MemberId::random(), other],
+        };
+        let order = dial_order(&c(1), None, &[], &far, Some(view));
+        assert_eq!(order.members, far);
+        assert!(!order.zone_only);
+    }
+
+    #[test]
+    fn the_zones_fetcher_dials_its_zone_first_then_the_others() {
+        let (zone, fetcher, _) = zone(4);
+        let far: Vec<MemberId> = (0..3).map(|_| MemberId::random()).collect();
+        let in_zone = others(&zone, &fetcher);
+        let members: Vec<MemberId> = far.iter().chain(&in_zone).copied().collect();
+        let view = ZoneView {
+            me: &fetcher,
+            in_zone: &in_zone,
+        };
+        // The author and a holder elsewhere come first among the others.
+        let order = dial_order(&c(1), Some(&far[2]), &[far[1]], &members, Some(view));
+        assert!(!order.zone_only);
+        assert_eq!(order.members[..3], in_zone[..]);
+        assert_eq!(order.members[3..], [far[2], far[1], far[0]]);
+    }
+
+    #[test]
+    fn other_members_of_the_zone_dial_it_only_the_fetcher_first() {
+        let (zone, fetcher, me) = zone(4);
+        let far: Vec<MemberId> = (0..3).map(|_| MemberId::random()).collect();
+        let in_zone = others(&zone, &me);
+        let members: Vec<MemberId> = far.iter().chain(&in_zone).copied().collect();
+        let view = ZoneView {
+            me: &me,
+            in_zone: &in_zone,
+        };
+        let order = dial_order(&c(1), Some(&far[0]), &[far[1]], &members, Some(view));
+        assert!(order.zone_only);
+        assert_eq!(order.members[0], fetcher);
+        assert_eq!(order.members.len(), 3);
+        assert!(order.members.iter().all(|m| in_zone.contains(m)));
+    }
+
+    #[test]
+    fn content_held_in_the_zone_is_fetched_within_it_by_everyone() {
+        let (zone, fetcher, me) = zone(4);
+        let far = MemberId::random();
+        let holder = *others(&zone, &fetcher).iter().find(|m| **m != me).unwrap();
+        for who in [fetcher, me] {
+            let in_zone = others(&zone, &who);
+            let members: Vec<MemberId> = std::iter::once(far).chain(in_zone.clone()).collect();
+            let view = ZoneView {
+                me: &who,
+                in_zone: &in_zone,
+            };
+            // An announced holder in the zone, or the author in it.
+            for (first, holders) in [(Some(&far), vec![holder]), (Some(&holder), vec![])] {
+                let order = dial_order(&c(1), first, &holders, &members, Some(view));
+                assert!(order.zone_only);
+                assert_eq!(order.members[0], holder, "the holder first");
+                assert!(!order.members.contains(&far));
+            }
+            assert!(!fetches_across(&c(1), &who, &in_zone, &[holder]));
+        }
     }
 }

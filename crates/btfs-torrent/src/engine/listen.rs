@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::{
     Engine,
-    live::{InUse, Need},
+    live::{Dial, InUse, Need},
 };
 use crate::{
     MemberId, TorrentError,
@@ -81,7 +81,7 @@ impl Engine {
             }
         };
         let ih = InfoHash(ih);
-        let Some(_use) = self.held(ih, &from).await else {
+        let Some(in_use) = self.held(ih, &from).await else {
             return;
         };
         let mut local = match TcpStream::connect(self.local).await {
@@ -93,6 +93,17 @@ impl Engine {
         };
         use tokio::io::AsyncWriteExt as _;
         if local.write_all(&hs).await.is_err() {
+            return;
+        }
+        // A member may have no piece yet, and then sends no bitfield: say so
+        // for it (see `bridge::empty_bitfield`).
+        if !matches!(from, Remote::Client(_))
+            && let Ok(pieces) = in_use.live.meta.piece_count()
+            && local
+                .write_all(&bridge::empty_bitfield(pieces))
+                .await
+                .is_err()
+        {
             return;
         }
         match limits::relay_until_idle(&mut *io, &mut local, BRIDGE_IDLE).await {
@@ -113,7 +124,14 @@ impl Engine {
     /// held, brought up if this node holds its content (in full or in
     /// part), room under `max_live` allows, and `from` has not brought up
     /// more than `MEMBER_BRING_UP_BURST` lately.
-    pub(super) async fn held(&self, ih: InfoHash, from: &Remote) -> Option<InUse> {
+    ///
+    /// A member of this node's zone may first start a fetch of the whole
+    /// file for the zone (`fetch_for_zone`): then the torrent is live, and
+    /// the member joins it.
+    pub(super) async fn held(self: &Arc<Self>, ih: InfoHash, from: &Remote) -> Option<InUse> {
+        if let Remote::Member(m) = from {
+            self.fetch_for_zone(ih, m).await;
+        }
         if let Some(u) = self.live_for_peer(&ih) {
             return Some(u);
         }
@@ -142,7 +160,14 @@ impl Engine {
             return None;
         }
         match self
-            .bring_up(meta, &format!("torrent {ih}"), None, false, Need::Peer)
+            .bring_up(
+                meta,
+                &format!("torrent {ih}"),
+                None,
+                false,
+                Need::Peer,
+                Dial::Zone,
+            )
             .await
         {
             Ok(u) => Some(u),
@@ -251,6 +276,38 @@ impl Engine {
                 };
                 if bridge::socks5_reply(&mut conn, 0).await.is_err() {
                     return;
+                }
+                // The two handshakes, then a bitfield for the member as it
+                // may send none (see `bridge::empty_bitfield`).
+                let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                    use tokio::io::AsyncWriteExt as _;
+                    let (ours, ih) = bridge::read_handshake(&mut conn).await?;
+                    // The wire seals frames: flush, or it waits for more.
+                    remote.write_all(&ours).await?;
+                    remote.flush().await?;
+                    let (theirs, _) = bridge::read_handshake(&mut remote).await?;
+                    conn.write_all(&theirs).await?;
+                    // Not for a member known to hold it all: it sends its
+                    // bitfield next, and librqbit, told first that it has
+                    // nothing, could find nothing to ask it for and sleep
+                    // (up to 5 s: only new pieces of its own wake it).
+                    let pieces = this.live_of(&InfoHash(ih)).and_then(|l| {
+                        let holds = l.holder == Some(member)
+                            || this.holders.lock().of(&l.meta.content).contains(&member);
+                        l.meta.piece_count().ok().filter(|_| !holds)
+                    });
+                    if let Some(pieces) = pieces {
+                        conn.write_all(&bridge::empty_bitfield(pieces)).await?;
+                    }
+                    conn.flush().await?;
+                    Ok::<_, io::Error>(())
+                });
+                match opened.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return debug!(%member, "outgoing peer connection: {e}"),
+                    Err(_) => {
+                        return debug!(%member, "outgoing peer connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                    }
                 }
                 if let Relayed::Idle =
                     limits::relay_until_idle(&mut *remote, &mut conn, BRIDGE_IDLE).await

@@ -21,7 +21,12 @@ use librqbit::{
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
-use super::{Engine, lifecycle::Lifecycle, with_kept, write_atomic};
+use super::{
+    Engine,
+    holders::{ZoneView, dial_order},
+    lifecycle::Lifecycle,
+    with_kept, write_atomic,
+};
 use crate::{
     MemberId, TorrentError,
     limits::{self, Usage},
@@ -54,6 +59,18 @@ pub(super) const PEER_REQUEST_WINDOW: usize = 512;
 /// reads past what its first read brought.
 const READ_REQUEST_WINDOW: usize = 128;
 
+/// The window, in a torrent that dials two members or more, for every use.
+/// librqbit picks pieces in order and asks one peer for each: a deep window
+/// towards a holder whose link is shared by many readers (the writer of a
+/// file the whole cluster reads) reserves pieces there that a less busy
+/// member could send sooner, and librqbit then asks for them again
+/// elsewhere ("steals" them) while the first copy is still coming, so the
+/// busy link carries them twice. 1 MiB a connection keeps a link of a few
+/// hundred Mbit/s busy at the few milliseconds a wire adds, and leaves the
+/// rest of the file to whichever member has it first (see the cluster lab
+/// in docs/BENCHMARKS.md).
+pub(super) const SHARED_REQUEST_WINDOW: usize = 64;
+
 /// A live torrent.
 type ManagedTorrentHandle = Arc<ManagedTorrent>;
 
@@ -75,6 +92,10 @@ pub(super) struct Live {
     pub(super) sequential: Mutex<(u64, u64, Instant)>,
     /// The member known to hold the content (its author), if any.
     pub(super) holder: Option<MemberId>,
+    /// Whom it was added to dial, and whether that left other zones out
+    /// (`holders::dial_order`).
+    pub(super) dial: Dial,
+    pub(super) zone_only: bool,
     /// Serializes installs into the object store from every path.
     pub(super) install_lock: tokio::sync::Mutex<()>,
 }
@@ -208,6 +229,18 @@ pub(super) enum Need {
     Peer,
 }
 
+/// Which members a partial torrent dials when it is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dial {
+    /// As this node's zone decides (`holders::dial_order`; every member
+    /// without `zone=`).
+    Zone,
+    /// Every connected member, as with no zone: after a read or a fetch
+    /// made no progress within the zone, so that zones never make one
+    /// fail.
+    Everyone,
+}
+
 /// Counts a user of a live torrent for as long as it is held.
 pub(super) struct InUse {
     pub(super) live: Arc<Live>,
@@ -258,8 +291,10 @@ impl Engine {
     /// the result is held: seeding the object when it is here, else lazily
     /// fetching into `bt/partial/`. A torrent wanted `whole` that was
     /// brought up for reads is added again for a whole-file fetch (see
-    /// `PEER_REQUEST_WINDOW`), keeping its pieces. Adding one past
-    /// `max_live` first makes room (`make_room`).
+    /// `PEER_REQUEST_WINDOW`), keeping its pieces (and dialling everyone
+    /// if it did). A torrent added here dials as `dial` says; one live
+    /// already is used as it is. Adding one past `max_live` first makes
+    /// room (`make_room`).
     pub(super) async fn bring_up(
         &self,
         meta: Arc<Metainfo>,
@@ -267,6 +302,7 @@ impl Engine {
         first: Option<MemberId>,
         whole: bool,
         need: Need,
+        dial: Dial,
     ) -> Result<InUse, TorrentError> {
         let suits = |l: &Live| l.state().suits(whole);
         if let Some(l) = self.live_of(&meta.info_hash)
@@ -277,7 +313,7 @@ impl Engine {
         let _adding = self.adding.lock().await;
         let Some(old) = self.live_of(&meta.info_hash) else {
             self.make_room(need).await?;
-            let l = self.add(meta, label, first, whole, None).await?;
+            let l = self.add(meta, label, first, whole, dial, None).await?;
             return Ok(InUse::new(l, need));
         };
         if suits(&old) {
@@ -287,7 +323,15 @@ impl Engine {
         self.live.lock().remove(&meta.info_hash);
         self.retire(&old).await;
         let first = first.or(old.holder);
-        let l = self.add(meta, label, first, whole, Some(&old)).await?;
+        // A torrent that fell back to every member stays so.
+        let dial = if old.dial == Dial::Everyone {
+            Dial::Everyone
+        } else {
+            dial
+        };
+        let l = self
+            .add(meta, label, first, whole, dial, Some(&old))
+            .await?;
         Ok(InUse::new(l, need))
     }
 
@@ -330,6 +374,7 @@ impl Engine {
         label: &str,
         first: Option<MemberId>,
         whole: bool,
+        dial: Dial,
         old: Option<&Live>,
     ) -> Result<Arc<Live>, TorrentError> {
         let ih = meta.info_hash;
@@ -381,19 +426,47 @@ impl Engine {
         // A complete torrent waits for members to come (dialling them too
         // would double every connection); a partial one dials them.
         let mut peers = Vec::new();
+        let mut zone_only = false;
+        let mut dialled = 0;
         if !complete {
             let members = self.net.members();
+            let in_zone = match dial {
+                Dial::Zone => self.in_zone(&members),
+                Dial::Everyone => None,
+            };
+            let zone = in_zone.as_deref().map(|in_zone| ZoneView {
+                me: &self.cfg.member,
+                in_zone,
+            });
             let order = {
                 let holders = self.holders.lock();
-                super::holders::dial_order(first.as_ref(), holders.of(&meta.content), &members)
+                dial_order(
+                    &meta.content,
+                    first.as_ref(),
+                    holders.of(&meta.content),
+                    &members,
+                    zone,
+                )
             };
+            zone_only = order.zone_only;
+            dialled = order.members.len();
             let mut table = self.peers.lock();
-            for m in &order {
+            for m in &order.members {
                 peers.extend(table.addrs_of(m));
             }
         }
-        debug!(torrent = %ih, %label, complete, peers = peers.len(), "bringing up");
-        let whole = whole || complete;
+        debug!(torrent = %ih, %label, complete, peers = peers.len(), zone_only, ?dial, "bringing up");
+        // With several members to fetch from, one window for every use (so
+        // the torrent is never added again for a whole-file fetch).
+        let shared = dialled >= 2;
+        let window = if shared {
+            SHARED_REQUEST_WINDOW
+        } else if whole {
+            PEER_REQUEST_WINDOW
+        } else {
+            READ_REQUEST_WINDOW
+        };
+        let whole = whole || complete || shared;
         let opts = AddTorrentOptions {
             paused: false,
             // Lazy: nothing selected, reads fetch what they touch.
@@ -402,11 +475,7 @@ impl Engine {
             output_folder: Some(folder.to_string_lossy().into_owned()),
             initial_peers: Some(peers),
             peer_opts: Some(PeerConnectionOptions {
-                max_request_window: Some(if whole {
-                    PEER_REQUEST_WINDOW
-                } else {
-                    READ_REQUEST_WINDOW
-                }),
+                max_request_window: Some(window),
                 ..Default::default()
             }),
             ..Default::default()
@@ -443,10 +512,25 @@ impl Engine {
                 old.map_or((u64::MAX, 0, Instant::now()), |o| *o.sequential.lock()),
             ),
             holder: first,
+            dial,
+            zone_only,
             install_lock: tokio::sync::Mutex::new(()),
         });
         self.live.lock().insert(ih, live.clone());
         Ok(live)
+    }
+
+    /// Of `members`, those that told this node's zone (`None` without
+    /// `zone=`).
+    pub(super) fn in_zone(&self, members: &[MemberId]) -> Option<Vec<MemberId>> {
+        let zone = self.cfg.zone.as_deref()?;
+        Some(
+            members
+                .iter()
+                .filter(|m| self.net.zone_of(m).as_deref() == Some(zone))
+                .copied()
+                .collect(),
+        )
     }
 
     /// Takes a torrent out of the session, keeping what it fetched.

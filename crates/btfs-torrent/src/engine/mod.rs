@@ -9,7 +9,8 @@
 //! * `read`: range reads; `fetch`: whole-file fetches, followers of
 //!   sequential readers, installs, prefetches;
 //! * `cache`: fetched content kept under `cache_size`; `holders`: what
-//!   members announced they hold;
+//!   members announced they hold, and the order members are dialled in
+//!   (zones: `zone=`);
 //! * `listen`: peer connections (the SOCKS5 bridge, the BitTorrent
 //!   listener, bridged streams); `status`: what `btfs status` shows;
 //! * `runtime`: librqbit's own runtime.
@@ -33,6 +34,11 @@
 //!   the torrent).
 //! * No read waits longer than `read_timeout`: it fails with a log line
 //!   naming the file.
+//! * With `EngineConfig::zone`, a partial torrent dials as
+//!   `holders::dial_order` decides: a member that is not its zone's
+//!   fetcher of the content dials its zone only. A read or fetch that
+//!   stalls within its zone brings the torrent up again with
+//!   `Dial::Everyone`: zones never make a read fail.
 //! * librqbit runs on a runtime of its own (`BtRuntime`, one thread): the
 //!   session is made there, and every call that spawns its tasks (adding,
 //!   deleting, selecting files) is made there.
@@ -50,9 +56,40 @@ mod status;
 
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod zone_tests;
+
+/// The configuration the engine's tests start it with: state in `dir`
+/// (objects in `dir/objects`), loopback, short deadlines.
+#[cfg(test)]
+fn test_config(
+    dir: &Path,
+    max_live: usize,
+    member: MemberId,
+    zone: Option<String>,
+) -> EngineConfig {
+    let objects = dir.join("objects");
+    fs::create_dir_all(&objects).expect("objects dir");
+    EngineConfig {
+        dir: dir.join("bt"),
+        object_path: Arc::new(move |c: &ContentId| objects.join(c.to_hex())),
+        listen: (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        allow: Vec::new(),
+        read_timeout: Duration::from_secs(5),
+        up_rate: None,
+        down_rate: None,
+        hash_threads: 1,
+        prefetch_parallel: 1,
+        cache_size: None,
+        wire_congestion: Congestion::default(),
+        max_live,
+        member,
+        zone,
+    }
+}
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs, io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     num::NonZeroU32,
@@ -115,6 +152,8 @@ pub trait Network: Send + Sync + 'static {
     /// Authenticates a member's direct peer-wire connection to the
     /// BitTorrent listener and secures it; `Ok` names the member.
     fn accept_wire(&self, conn: TcpStream) -> BoxFuture<io::Result<(BoxIo, MemberId)>>;
+    /// The zone a connected member told (`zone=`), if any.
+    fn zone_of(&self, member: &MemberId) -> Option<String>;
 }
 
 #[derive(Clone)]
@@ -144,6 +183,13 @@ pub struct EngineConfig {
     /// refused: they also retire torrents that only members' connections
     /// use, and past that go over the cap by the torrents they use at once.
     pub max_live: usize,
+    /// This node as the mesh names it (for choosing who of a zone fetches
+    /// across zones).
+    pub member: MemberId,
+    /// `zone=`: this node's zone. Members of a zone fetch a file from
+    /// other zones about once between them (see `holders::dial_order`).
+    /// `None`: every connected member is dialled, zones or not.
+    pub zone: Option<String>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -155,6 +201,8 @@ impl std::fmt::Debug for EngineConfig {
             .field("read_timeout", &self.read_timeout)
             .field("wire_congestion", &self.wire_congestion)
             .field("max_live", &self.max_live)
+            .field("member", &self.member)
+            .field("zone", &self.zone)
             .finish_non_exhaustive()
     }
 }
@@ -184,6 +232,9 @@ pub struct Engine {
     limits: Limits,
     /// SOCKS5 clients refused for want of the secret.
     socks_refused: AtomicU64,
+    /// Torrents fetched whole for this node's zone (`listen`), at most
+    /// `MAX_ZONE_FETCHES`.
+    zone_fetches: Mutex<HashSet<InfoHash>>,
     cancel: CancellationToken,
 }
 
@@ -312,6 +363,7 @@ impl Engine {
             metainfo_refused: AtomicU64::new(0),
             limits: Limits::default(),
             socks_refused: AtomicU64::new(0),
+            zone_fetches: Mutex::new(HashSet::new()),
             cancel: CancellationToken::new(),
             cfg,
         });

@@ -39,7 +39,7 @@ impl Engine {
         Ok(meta.info_hash)
     }
 
-    fn torrent_path(&self, ih: &InfoHash) -> PathBuf {
+    pub(super) fn torrent_path(&self, ih: &InfoHash) -> PathBuf {
         self.cfg.dir.join("torrents").join(format!("{ih}.torrent"))
     }
 

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::{
     Engine,
-    live::{Live, Need},
+    live::{Dial, Live, Need},
 };
 use crate::TorrentError;
 
@@ -45,6 +45,16 @@ const STALL_BLOCKS: u64 = 4;
 /// bytes. Other sequential readers get the window when they are followed,
 /// by bringing the torrent up again (some 100 ms; its pieces are kept).
 const WHOLE_FILE_READ: u64 = 128 << 10;
+/// How long a read waits on its zone. A torrent that dials its zone only
+/// (another member of the zone fetches the file across, or a member of it
+/// holds it: `holders::dial_order`) and still stalls this long after the
+/// read began is brought up again dialling every member, so that zones
+/// never make a read fail: the zone's fetcher fetches the whole file in
+/// its own order, and a read far into a large file, or one whose fetcher
+/// cannot help, would otherwise wait for it. Past this, the pieces the read
+/// needs cross zones twice. At most half of `read_timeout`, so that the
+/// fallback has time to work.
+const ZONE_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Engine {
     /// Reads `len` bytes at `offset` of content held elsewhere, fetching only
@@ -84,6 +94,7 @@ impl Engine {
             Some(l) if l.meta.content == want.content => l.meta.clone(),
             _ => self.metainfo(want).await?,
         };
+        let mut dial = Dial::Zone;
         loop {
             let whole = offset == 0 && end - offset >= WHOLE_FILE_READ.min(want.size);
             let in_use = self
@@ -93,6 +104,7 @@ impl Engine {
                     self.net.member_of(&want.author),
                     whole,
                     Need::Local,
+                    dial,
                 )
                 .await?;
             let up = started.elapsed();
@@ -136,7 +148,12 @@ impl Engine {
                 Some(Err(_)) if !self.is_current(&live) => continue,
                 Some(Err(e)) => return Err(e),
                 None => {
-                    debug!(path = %want.path, offset, ?quiet, "read stalled: bringing the torrent up again");
+                    if live.zone_only && started.elapsed() >= self.zone_patience() {
+                        debug!(path = %want.path, offset, "read stalled within the zone: bringing the torrent up again with every member");
+                        dial = Dial::Everyone;
+                    } else {
+                        debug!(path = %want.path, offset, ?quiet, "read stalled: bringing the torrent up again");
+                    }
                     quiet = (quiet * 2).min(STALL_RETRY.max(quiet));
                     self.restart(&live).await;
                 }
@@ -151,6 +168,11 @@ impl Engine {
             Duration::from_millis(STALL_BLOCKS * (16 << 10) * 1000 / u64::from(r.get()))
         });
         STALL_QUIET.max(limited)
+    }
+
+    /// How long a read waits on its zone (`ZONE_PATIENCE`).
+    fn zone_patience(&self) -> Duration {
+        ZONE_PATIENCE.min(self.cfg.read_timeout / 2)
     }
 }
 
