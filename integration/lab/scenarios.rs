@@ -420,13 +420,19 @@ pub(crate) fn churn(o: &Opts) -> Report {
         run.worst_read.as_secs_f64(),
         read_timeout,
     );
+    // Pieces kept over the crash: a restarted reader does not fetch the
+    // file again from the start. It may fetch again what reached it in the
+    // last second before the kill (the pieces fetched are written down
+    // every second) and what was in flight (1 MiB a connection), besides
+    // the duplicates every reader of a fan-out receives (up to 1.25 × S in
+    // the full runs, see docs/BENCHMARKS.md).
+    let lost = f64::from(mbit) * 1e6 / 8.0 + ((n - 1) as u64 * MIB) as f64;
+    let kept_bound = 1.25 + lost / size as f64;
     for v in [1usize, 2] {
-        // Pieces kept over the crash: the restarted reader does not fetch
-        // the file again from the start.
         rep.at_most(
             format!("node {v} (killed, restarted) received × S"),
             run.bytes[v].rx as f64 / size as f64,
-            if o.quick { 1.5 } else { 1.25 },
+            kept_bound,
         );
     }
     if o.quick {
