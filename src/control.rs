@@ -26,9 +26,10 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A request that may ask other members (`torrent`) gets this long.
 const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Answers `torrent PATH` from `Caller`: the `.torrent` of a file, as hex,
-/// or an error.
-pub(crate) type TorrentFn = Arc<
+/// Answers a request that takes arguments from `Caller` (`torrent PATH`:
+/// the `.torrent` of a file, as hex; `generate ...`: how many records were
+/// made), or an error.
+pub(crate) type RequestFn = Arc<
     dyn Fn(String, Caller) -> std::pin::Pin<Box<dyn Future<Output = serde_json::Value> + Send>>
         + Send
         + Sync,
@@ -134,7 +135,8 @@ pub(crate) fn socket_path(mountpoint: &Path) -> PathBuf {
 pub(crate) async fn serve(
     listener: UnixListener,
     status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
-    torrent: TorrentFn,
+    torrent: RequestFn,
+    generate: RequestFn,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
@@ -151,6 +153,7 @@ pub(crate) async fn serve(
         };
         let status = status.clone();
         let torrent = torrent.clone();
+        let generate = generate.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let caller = match Caller::of(&stream) {
@@ -169,6 +172,7 @@ pub(crate) async fn serve(
                 let reply = match line.split_once(' ') {
                     _ if line == "status" => status(),
                     Some(("torrent", path)) => torrent(path.to_owned(), caller).await,
+                    Some(("generate", args)) => generate(args.to_owned(), caller).await,
                     _ => serde_json::json!({ "error": format!("unknown request {line:?}") }),
                 };
                 let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
@@ -182,6 +186,17 @@ pub(crate) async fn serve(
             }
         });
     }
+}
+
+/// Asks the daemon serving `mountpoint` to make one slice of a generated
+/// namespace (see `btfs_node::Generate`); returns how many records it made.
+pub(crate) fn query_generate(mountpoint: &Path, args: &str) -> Result<u64> {
+    let canonical = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("{} is not accessible", mountpoint.display()))?;
+    let v = query(&canonical, &format!("generate {args}"), SLOW_CLIENT_TIMEOUT)?;
+    v["records"]
+        .as_u64()
+        .context("the daemon sent a generate reply without a count")
 }
 
 /// Asks the daemon serving `mountpoint` for its status.

@@ -275,7 +275,10 @@ fn serve(plan: &MountPlan, mut ready: Ready) -> Result<()> {
     let _ = fs::remove_file(&listener_path);
     fs.collect_garbage()
         .context("flushing the metadata store")?;
-    fs.flush().context("flushing the metadata store")?;
+    // Closed cleanly: the next start opens the store without a rebuild of
+    // its indexes (a write after this, by a task still finishing, undoes
+    // the mark and the next start rebuilds).
+    fs.close().context("closing the metadata store")?;
     fuse_result.context("FUSE session")?;
     info!("stopped");
     Ok(())
@@ -431,7 +434,23 @@ fn mount_and_listen(
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
         Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
-    let torrent: control::TorrentFn = Arc::new(move |path: String, caller: control::Caller| {
+    let generate_on = handle.clone();
+    let generate: control::RequestFn = Arc::new(move |args: String, caller: control::Caller| {
+        let handle = generate_on.clone();
+        Box::pin(async move {
+            if caller.uid != 0 {
+                return serde_json::json!({ "error": "btfs generate: only root may fill the namespace" });
+            }
+            let Some(req) = btfs_node::Generate::parse(&args) else {
+                return serde_json::json!({ "error": format!("btfs generate: bad request {args:?}") });
+            };
+            match handle.generate(req).await {
+                Ok(n) => serde_json::json!({ "records": n }),
+                Err(e) => serde_json::json!({ "error": format!("btfs generate: {e}") }),
+            }
+        })
+    });
+    let torrent: control::RequestFn = Arc::new(move |path: String, caller: control::Caller| {
         let handle = handle.clone();
         Box::pin(async move {
             let may = |mode, uid, gid, want| caller.may(mode, uid, gid, want);
@@ -441,6 +460,11 @@ fn mount_and_listen(
             }
         })
     });
-    let control = rt.spawn(control::serve(listener, Arc::new(status), torrent));
+    let control = rt.spawn(control::serve(
+        listener,
+        Arc::new(status),
+        torrent,
+        generate,
+    ));
     Ok((session, sock, control))
 }

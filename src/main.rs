@@ -81,6 +81,25 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Fill MOUNTPOINT with empty files, made by its daemon as signed
+    /// records (as writes through the mount would be, without their system
+    /// calls): UNDER/dNNNNNN/fNNNNNN, for trying a cluster at scale (the
+    /// metadata lab builds its million-file namespaces with it). Root only.
+    Generate {
+        mountpoint: PathBuf,
+        /// Directories to make.
+        #[arg(long, default_value_t = 100)]
+        dirs: u64,
+        /// Empty files in each directory.
+        #[arg(long, default_value_t = 100)]
+        files: u64,
+        /// Number of the first directory (to add to a generated tree).
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+        /// The directory, relative to the mount, the tree goes under.
+        #[arg(long, default_value = "generated")]
+        under: String,
+    },
     /// Show what the daemon serving MOUNTPOINT is doing.
     Status {
         mountpoint: PathBuf,
@@ -251,6 +270,31 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(&output, &bytes)
                 .with_context(|| format!("writing {}", output.display()))?;
             eprintln!("wrote {} ({} bytes)", output.display(), bytes.len());
+            Ok(())
+        }
+        Command::Generate {
+            mountpoint,
+            dirs,
+            files,
+            first,
+            under,
+        } => {
+            // Slices small enough to answer well within the control
+            // socket's timeout.
+            let step = (btfs_node::MAX_GENERATE_FILES * 10 / files.max(1))
+                .clamp(1, btfs_node::MAX_GENERATE_DIRS);
+            let started = std::time::Instant::now();
+            let mut made = 0;
+            let mut d = first;
+            while d < first + dirs {
+                let n = step.min(first + dirs - d);
+                made += control::query_generate(&mountpoint, &format!("{under} {d} {n} {files}"))?;
+                d += n;
+            }
+            eprintln!(
+                "generated {made} records in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Status { mountpoint, json } => {

@@ -23,17 +23,34 @@
 mod common;
 
 mod baseline;
+mod gc;
+mod meta;
 mod net;
 mod plot;
+mod rate;
 mod report;
 mod scenarios;
+mod syncthing;
 
 use std::path::PathBuf;
 
 use scenarios::Opts;
 
 const ALL: &[&str] = &[
-    "fanout", "zones", "reflow", "churn", "small", "waste", "throttle",
+    "fanout",
+    "zones",
+    "reflow",
+    "churn",
+    "small",
+    "waste",
+    "throttle",
+    // Metadata at scale.
+    "rate",
+    "join",
+    "change",
+    "partition",
+    "syncthing",
+    "gc",
 ];
 
 fn main() {
@@ -97,7 +114,9 @@ fn main() {
         picked = ALL.iter().map(|s| s.to_string()).collect();
     }
     if quick && picked.is_empty() {
-        picked = vec!["fanout".into(), "churn".into(), "zones".into()];
+        picked = ["fanout", "churn", "zones", "join", "change", "partition"]
+            .map(String::from)
+            .to_vec();
     }
     let opts = Opts {
         quick,
@@ -131,6 +150,12 @@ fn main() {
             "small" => scenarios::small(&opts),
             "waste" => scenarios::waste(&opts),
             "throttle" => scenarios::throttle(&opts),
+            "rate" => rate::rate(&opts),
+            "join" => meta::join(&opts),
+            "change" => meta::change(&opts),
+            "partition" => meta::partition(&opts),
+            "syncthing" => syncthing::syncthing(&opts),
+            "gc" => gc::gc(&opts),
             _ => unreachable!("checked above"),
         };
         rep.finish(&out);

@@ -388,6 +388,29 @@ pub(crate) fn hash_file(path: &Path, len: u64) -> io::Result<ContentId> {
     Ok(hasher.finalize().into())
 }
 
+/// blake3 of the first `len` bytes of a staging file (its length when the
+/// caller looked). A small one is read through the descriptor already open,
+/// not opened again by name: a commit of a tree of small files is mostly
+/// such calls.
+pub(crate) fn hash_staging(staging: &Staging, len: u64) -> io::Result<ContentId> {
+    if len > SMALL_FILE {
+        return hash_file(&staging.path, len);
+    }
+    let mut buf = vec![0u8; len as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match std::os::unix::fs::FileExt::read_at(&*staging.file, &mut buf[filled..], filled as u64)
+        {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(ContentId::of(&buf))
+}
+
 /// Puts the data of the file at `path`, and its entry in its directory, on
 /// disk.
 fn make_durable(path: &Path) -> io::Result<()> {

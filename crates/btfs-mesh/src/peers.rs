@@ -21,6 +21,14 @@ use crate::{
 /// How often unconnected peers and bootstrap addresses are considered for a
 /// redial.
 pub(crate) const REDIAL_TICK: Duration = Duration::from_secs(1);
+/// Longest delay between redials of a member lost in the last
+/// [`LOST_MEMBER_WINDOW`]: a partition that heals is seen within it (a
+/// dead link's connection is closed by the ping timeout; without this
+/// cap the next redial could be up to `RETRY_MAX` after the heal).
+pub(crate) const LOST_MEMBER_RETRY: Duration = Duration::from_secs(2);
+/// How long after losing its last connection a member is redialled at
+/// least every [`LOST_MEMBER_RETRY`]; later, on the plain backoff.
+pub(crate) const LOST_MEMBER_WINDOW: Duration = Duration::from_secs(600);
 /// Addresses kept for one peer (mDNS and presence add to them).
 pub(crate) const MAX_ADDRS_PER_PEER: usize = 8;
 /// Peers kept that are not connected (every admitted key holder can make
@@ -75,6 +83,8 @@ struct Known {
     /// The zone it told, while connected (identify runs again on every
     /// new connection, and a restarted member may have moved).
     zone: Option<Zone>,
+    /// When its last connection closed (`None`: connected, or never was).
+    lost_at: Option<Instant>,
 }
 
 impl Known {
@@ -86,6 +96,7 @@ impl Known {
             backoff: DialBackoff::new(),
             next_dial: now,
             zone: None,
+            lost_at: None,
         }
     }
 }
@@ -151,6 +162,7 @@ impl Peers {
         let k = self.known.entry(peer).or_insert_with(|| Known::new(now));
         k.connections = connections;
         k.last_seen = now;
+        k.lost_at = None;
         k.backoff.reset();
         for b in &mut self.bootstrap {
             if b.addr == *remote {
@@ -167,6 +179,7 @@ impl Peers {
             k.last_seen = now;
             if connections == 0 {
                 k.zone = None;
+                k.lost_at = Some(now);
             }
         }
     }
@@ -240,7 +253,13 @@ impl Peers {
                     .allocate_new_port()
                     .build(),
             );
-            k.next_dial = now + k.backoff.next_delay();
+            let mut delay = k.backoff.next_delay();
+            if k.lost_at
+                .is_some_and(|t| now.duration_since(t) < LOST_MEMBER_WINDOW)
+            {
+                delay = delay.min(LOST_MEMBER_RETRY);
+            }
+            k.next_dial = now + delay;
         }
         for b in &mut self.bootstrap {
             if b.next_dial > now || connected_addrs.contains(&b.addr) {
@@ -299,6 +318,21 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_member_is_redialled_every_two_seconds_for_ten_minutes_then_on_the_backoff() {
+        let t0 = Instant::now();
+        let mut peers = Peers::new(&[], t0);
+        let peer = PeerId::random();
+        peers.connected(peer, &addr(4410), true, 1, t0);
+        peers.disconnected(&peer, 0, t0);
+        let at = dials_at(&mut peers, t0, 30);
+        assert_eq!(gaps(&at), vec![1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
+        // Past the window, the schedule is the plain one (30 s by now).
+        let late = t0 + LOST_MEMBER_WINDOW + Duration::from_secs(1);
+        let at = dials_at(&mut peers, late, 100);
+        assert_eq!(gaps(&at), vec![30, 30, 30]);
+    }
+
+    #[test]
     fn a_bootstrap_address_is_redialled_on_the_same_schedule() {
         let t0 = Instant::now();
         let mut peers = Peers::new(&[addr(4410)], t0);
@@ -318,8 +352,9 @@ mod tests {
         assert!(peers.is_connected(&peer));
         assert!(dials_at(&mut peers, t1, 20).is_empty(), "a connected peer");
         peers.disconnected(&peer, 0, t1);
-        // The dial already planned (at 15 s), then 1 s, 2 s, 4 s later.
-        assert_eq!(dials_at(&mut peers, t0, 22), vec![15, 16, 18, 22]);
+        // The dial already planned (at 15 s), then 1 s, 2 s later and every
+        // 2 s (a member just lost: `LOST_MEMBER_RETRY`).
+        assert_eq!(dials_at(&mut peers, t0, 22), vec![15, 16, 18, 20, 22]);
     }
 
     #[test]

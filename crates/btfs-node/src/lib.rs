@@ -16,6 +16,7 @@
 
 mod content;
 mod error;
+mod generate;
 mod holdings;
 mod loops;
 mod membership;
@@ -49,6 +50,7 @@ use tracing::{debug, info, warn};
 
 pub use content::{Content, Prefetch};
 pub use error::NodeError;
+pub use generate::{Generate, GenerateError, MAX_GENERATE_DIRS, MAX_GENERATE_FILES};
 pub use membership::Membership;
 pub use replicate::Counters;
 pub use status::{MeshView, NodeInfo, NodeStatus, RecordCounts};
@@ -61,8 +63,8 @@ use crate::{
     wires::{MeshNet, WireConfig},
 };
 
-/// New record versions waiting to be signed and gossiped; beyond this they
-/// are left to anti-entropy.
+/// New record versions waiting to be gossiped; beyond this the announcer
+/// reads them back from the store's log (paced, not dropped).
 pub const ANNOUNCE_CAP: usize = 4096;
 /// Whole-file fetches (prefetch policy, read-ahead of a directory being
 /// walked) running at once.
@@ -148,7 +150,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// This node's signer of records.
-fn signer(cluster: String, keypair: Keypair) -> btfs_fs::Signer {
+pub(crate) fn signer(cluster: String, keypair: Keypair) -> btfs_fs::Signer {
     btfs_fs::Signer(Arc::new(move |path: &RelPath, record: &FileRecord| {
         SignedRecord::sign(&cluster, path.clone(), record.clone(), &keypair)
             .map(|s| s.signature)
@@ -259,6 +261,7 @@ impl Node {
             cfg.prefetch.clone(),
         ));
         let (announce_tx, announce_rx) = mpsc::channel::<Announced>(ANNOUNCE_CAP);
+        let announce_gauge = announce_tx.downgrade();
         let fs_cfg = FsConfig {
             announce: Some(announce_tx),
             signer: Some(signer(cfg.cluster.clone(), cfg.keypair.clone())),
@@ -298,6 +301,7 @@ impl Node {
         });
         loops.spawn(publish_loop(
             mesh.clone(),
+            handle.clone(),
             announce_rx,
             counters.clone(),
             cancel.clone(),
@@ -338,6 +342,7 @@ impl Node {
                 engine,
                 counters,
                 view,
+                announce: announce_gauge,
             },
             loops,
             tasks,
@@ -414,9 +419,21 @@ pub struct NodeHandle {
     engine: Arc<Engine>,
     counters: Arc<Counters>,
     view: watch::Receiver<MeshView>,
+    /// The announce queue, for its depth (weak: it does not keep the
+    /// queue open).
+    announce: mpsc::WeakSender<Announced>,
 }
 
 impl NodeHandle {
+    /// Makes a slice of a generated namespace (`btfs generate`), off the
+    /// runtime's threads; returns how many records were written.
+    pub async fn generate(&self, req: Generate) -> Result<u64, GenerateError> {
+        let fs = self.fs.clone();
+        tokio::task::spawn_blocking(move || req.run(&fs))
+            .await
+            .unwrap_or_else(|e| Err(GenerateError::Task(e.to_string())))
+    }
+
     /// What `btfs status` shows.
     pub fn status(&self) -> Result<NodeStatus, btfs_fs::FsError> {
         Ok(NodeStatus {
@@ -425,7 +442,13 @@ impl NodeHandle {
             peer_id: self.peer_id.to_string(),
             fs: self.fs.status()?,
             mesh: self.view.borrow().clone(),
-            records: RecordCounts::from(&*self.counters),
+            records: RecordCounts {
+                announce_queued: self
+                    .announce
+                    .upgrade()
+                    .map_or(0, |tx| (tx.max_capacity() - tx.capacity()) as u64),
+                ..RecordCounts::from(&*self.counters)
+            },
             bittorrent: self.engine.status(),
         })
     }

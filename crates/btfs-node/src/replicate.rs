@@ -73,6 +73,17 @@ pub(crate) enum PullError {
     Store(#[from] btfs_store::StoreError),
     #[error("encoding")]
     Encode(#[from] postcard::Error),
+    #[error("sync task failed: {0}")]
+    Task(String),
+}
+
+/// What one anti-entropy round did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Round {
+    /// Records received.
+    records: usize,
+    /// It stopped at its page limit: the peer has more.
+    more: bool,
 }
 
 /// This node's store as an anti-entropy log.
@@ -248,11 +259,18 @@ impl<T: Transport, B: Backend> Replicator<T, B> {
         let me = self.clone();
         self.tasks.spawn(async move {
             match me.cancel.run_until_cancelled(me.pull(peer)).await {
-                Some(Ok(n)) => {
+                Some(Ok(round)) => {
                     me.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                    if n > 0 {
-                        info!(%peer, records = n, "anti-entropy: caught up");
+                    me.syncing.lock().remove(&peer);
+                    if round.more {
+                        // A big log (a join): the next round goes on at once,
+                        // not at the next interval.
+                        debug!(%peer, records = round.records, "anti-entropy: more to come");
+                        me.sync_soon(peer);
+                    } else if round.records > 0 {
+                        info!(%peer, records = round.records, "anti-entropy: caught up");
                     }
+                    return;
                 }
                 Some(Err(e)) => debug!(%peer, "anti-entropy round failed: {}", error_chain(&e)),
                 None => {}
@@ -263,7 +281,7 @@ impl<T: Transport, B: Backend> Replicator<T, B> {
 
     /// Pulls what `peer` stored since the last round, page by page; returns
     /// how many records came.
-    async fn pull(&self, peer: PeerId) -> Result<usize, PullError> {
+    async fn pull(&self, peer: PeerId) -> Result<Round, PullError> {
         let store = self.fs.store().clone();
         let key = progress_key(&peer);
         let mut progress: Progress = store
@@ -272,45 +290,122 @@ impl<T: Transport, B: Backend> Replicator<T, B> {
             .unwrap_or_default();
         let mut total = 0;
         // A peer decides how many pages there are: a round takes a bounded
-        // number, and the next round goes on from the progress kept.
+        // number, and the next round goes on from the progress kept. Two
+        // stages: while one page is applied, the next is fetched and
+        // checked.
+        let mut resp = self.fetch(peer, progress.request()).await?;
+        let mut next = progress.on_response(&resp);
+        let mut good = self
+            .check_page(peer, std::mem::take(&mut resp.records))
+            .await?;
         for _ in 0..MAX_PAGES_PER_ROUND {
-            let req = postcard::to_allocvec(&Rpc::Sync(progress.request()))?;
-            let bytes = self
-                .net
-                .request(peer, req)
-                .await
-                .map_err(PullError::Request)?;
-            let resp = match SyncResponse::decode(&bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    warn!(%peer, "refused a sync response: {e}");
-                    return Err(PullError::Malformed(e));
-                }
+            let apply = async {
+                let n = good.len();
+                let t = std::time::Instant::now();
+                self.apply(good).await;
+                debug!(%peer, records = n, took = ?t.elapsed(), "sync page applied");
+                n
             };
-            let mut good = Vec::with_capacity(resp.records.len());
-            for r in &resp.records {
-                match self.membership.verify(&self.cluster, r) {
-                    Ok(()) => good.push(r.clone()),
+            let Next::Continue(req) = next else {
+                total += apply.await;
+                store.set_meta(&key, &postcard::to_allocvec(&progress)?)?;
+                return Ok(Round {
+                    records: total,
+                    more: false,
+                });
+            };
+            let ahead = async {
+                let t = std::time::Instant::now();
+                let mut resp = self.fetch(peer, req).await?;
+                let fetched = t.elapsed();
+                let mut p = progress;
+                let next = p.on_response(&resp);
+                let good = self
+                    .check_page(peer, std::mem::take(&mut resp.records))
+                    .await?;
+                debug!(%peer, records = good.len(), ?fetched, checked = ?t.elapsed() - fetched, "sync page fetched");
+                Ok::<_, PullError>((p, next, good))
+            };
+            let (n, ahead) = tokio::join!(apply, ahead);
+            total += n;
+            // Kept only once applied: a restart asks again for what was not.
+            store.set_meta(&key, &postcard::to_allocvec(&progress)?)?;
+            (progress, next, good) = ahead?;
+        }
+        debug!(%peer, pages = MAX_PAGES_PER_ROUND, "sync round ended at its page limit; the next goes on");
+        Ok(Round {
+            records: total,
+            more: true,
+        })
+    }
+
+    /// Asks `peer` for one page of its log.
+    async fn fetch(&self, peer: PeerId, req: SyncRequest) -> Result<SyncResponse, PullError> {
+        let req = postcard::to_allocvec(&Rpc::Sync(req))?;
+        let bytes = self
+            .net
+            .request(peer, req)
+            .await
+            .map_err(PullError::Request)?;
+        SyncResponse::decode(&bytes).map_err(|e| {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, "refused a sync response: {e}");
+            PullError::Malformed(e)
+        })
+    }
+
+    /// The records of a sync page worth applying: those this node does not
+    /// already hold (a peer's log relays what this node sent it: no need to
+    /// check those again), verified on every core, off the runtime's
+    /// threads. Refused ones are counted and logged.
+    async fn check_page(
+        &self,
+        peer: PeerId,
+        records: Vec<SignedRecord>,
+    ) -> Result<Vec<SignedRecord>, PullError> {
+        self.counters
+            .synced
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        let store = self.fs.store().clone();
+        let fresh = tokio::task::spawn_blocking(move || {
+            records
+                .into_iter()
+                .filter(|r| !holds(&store, r))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| PullError::Task(e.to_string()))?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = fresh.len().div_ceil(threads).max(VERIFY_CHUNK_MIN);
+        let mut parts = Vec::new();
+        let mut rest = fresh;
+        while !rest.is_empty() {
+            let tail = rest.split_off(chunk.min(rest.len()));
+            let part = std::mem::replace(&mut rest, tail);
+            let (membership, cluster) = (self.membership.clone(), self.cluster.clone());
+            parts.push(tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|r| {
+                        let v = membership.verify(&cluster, &r);
+                        (r, v)
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let mut good = Vec::new();
+        for part in parts {
+            let part = part.await.map_err(|e| PullError::Task(e.to_string()))?;
+            for (r, v) in part {
+                match v {
+                    Ok(()) => good.push(r),
                     Err(e) => {
                         self.counters.refused.fetch_add(1, Ordering::Relaxed);
                         warn!(%peer, "refused a synced record: {e}");
                     }
                 }
             }
-            total += good.len();
-            self.counters
-                .synced
-                .fetch_add(good.len() as u64, Ordering::Relaxed);
-            self.apply(good).await;
-            let next = progress.on_response(&resp);
-            store.set_meta(&key, &postcard::to_allocvec(&progress)?)?;
-            if next == Next::Done {
-                return Ok(total);
-            }
         }
-        debug!(%peer, pages = MAX_PAGES_PER_ROUND, "sync round ended at its page limit; the next goes on");
-        Ok(total)
+        Ok(good)
     }
 
     /// Answers a peer's sync request from the store's log.
@@ -332,61 +427,167 @@ impl<T: Transport, B: Backend> Replicator<T, B> {
     }
 }
 
+/// Whether the store holds exactly this version (signature too) at its
+/// path: then it was verified when it first came.
+fn holds<B: Backend>(store: &Store<B>, r: &SignedRecord) -> bool {
+    store.get(&r.path).ok().flatten().is_some_and(|e| {
+        e.sync
+            .versions
+            .iter()
+            .any(|v| v.record == r.record && v.signature == r.signature)
+    })
+}
+
+/// Records one verifying thread takes at least (below it, a thread costs
+/// more than it saves).
+const VERIFY_CHUNK_MIN: usize = 64;
+
+/// Log entries read per step when the announcer catches up from the log.
+const BACKLOG_PAGE: usize = 512;
+
 /// Gossips new local versions in paced batches, until the announcements
-/// end or the node stops.
-pub(crate) async fn publish_loop<T: Transport>(
+/// end or the node stops. Versions whose announcement did not fit in the
+/// queue are read back from the store's log (see
+/// [`FsHandle::take_announce_backlog`]) and go out at the same pace: a
+/// burst larger than the queue is paced, never left to anti-entropy.
+pub(crate) async fn publish_loop<T: Transport, B: Backend>(
     net: T,
+    fs: FsHandle<B>,
     mut announce: mpsc::Receiver<Announced>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) {
-    let mut pace = tokio::time::interval(GOSSIP_PACE);
-    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let encode = |a: Announced| {
-        SignedRecord {
-            path: a.path,
-            record: a.version.record,
-            signature: a.version.signature,
-        }
-        .encode()
+    let mut out = Publisher {
+        net,
+        counters,
+        pace: tokio::time::interval(GOSSIP_PACE),
+        batch: Vec::new(),
+        bytes: 0,
     };
+    out.pace
+        .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if let Some(since) = fs.take_announce_backlog() {
+            if cancel
+                .run_until_cancelled(catch_up(&fs, since, &mut out))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            continue;
+        }
         let first = tokio::select! {
             a = announce.recv() => a,
             () = cancel.cancelled() => None,
         };
         let Some(first) = first else { return };
-        let mut batch = Vec::new();
-        let mut bytes = 0;
         let mut next = Some(first);
         while let Some(a) = next.take() {
-            match encode(a) {
-                Ok(b) => {
-                    bytes += b.len() + 4;
-                    batch.push(b);
-                }
-                Err(e) => warn!("could not encode a record for gossip: {e}"),
-            }
-            if bytes + MAX_RECORD + 4 > MAX_BATCH {
+            if out.push(a) {
                 break;
             }
             next = announce.try_recv().ok();
         }
-        if batch.is_empty() {
-            continue;
+        out.send().await;
+    }
+}
+
+/// The batch being filled, and where it goes.
+struct Publisher<T> {
+    net: T,
+    counters: Arc<Counters>,
+    pace: tokio::time::Interval,
+    batch: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl<T: Transport> Publisher<T> {
+    /// Adds `a`; true when the batch is full.
+    fn push(&mut self, a: Announced) -> bool {
+        let r = SignedRecord {
+            path: a.path,
+            record: a.version.record,
+            signature: a.version.signature,
+        };
+        match r.encode() {
+            Ok(b) => {
+                self.bytes += b.len() + 4;
+                self.batch.push(b);
+            }
+            Err(e) => warn!("could not encode a record for gossip: {e}"),
         }
+        self.bytes + MAX_RECORD + 4 > MAX_BATCH
+    }
+
+    /// Sends the batch, at most one message per `GOSSIP_PACE`.
+    async fn send(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.bytes = 0;
         let n = batch.len() as u64;
         let Ok(msg) = SignedRecord::encode_batch(&batch) else {
-            continue;
+            return;
         };
-        pace.tick().await;
-        match net.publish(Topic::Records, msg).await {
+        self.pace.tick().await;
+        match self.net.publish(Topic::Records, msg).await {
             Ok(()) => {
-                counters.published.fetch_add(n, Ordering::Relaxed);
+                self.counters.published.fetch_add(n, Ordering::Relaxed);
             }
             // Alone: the records stay in the store for anti-entropy.
             Err(MeshError::NoPeers) => {}
             Err(e) => debug!("gossip failed: {e}"),
         }
+    }
+}
+
+/// Announces this node's versions written after log number `since`, read
+/// back from the log page by page, up to the log's end as it is now.
+async fn catch_up<T: Transport, B: Backend>(
+    fs: &FsHandle<B>,
+    mut since: u64,
+    out: &mut Publisher<T>,
+) {
+    let me = fs.node();
+    let store = fs.store().clone();
+    let Ok(end) = store.max_seq() else { return };
+    debug!(since, end, "announcing a backlog from the log");
+    while since < end {
+        let s = store.clone();
+        let page = match tokio::task::spawn_blocking(move || s.log_since(since, BACKLOG_PAGE)).await
+        {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                warn!("could not read the record log for announcing: {e}");
+                return;
+            }
+            Err(e) => {
+                warn!("log read task failed: {e}");
+                return;
+            }
+        };
+        let Some(last) = page.last().map(|(seq, _)| *seq) else {
+            return;
+        };
+        for (seq, item) in page {
+            if seq > end {
+                break;
+            }
+            let Some((path, entry)) = item else { continue };
+            for version in entry.sync.versions {
+                if version.record.author == me
+                    && out.push(Announced {
+                        path: path.clone(),
+                        version,
+                    })
+                {
+                    out.send().await;
+                }
+            }
+        }
+        out.send().await;
+        since = last;
     }
 }

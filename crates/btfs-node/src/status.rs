@@ -40,6 +40,10 @@ pub struct RecordCounts {
     pub sync_rounds: u64,
     pub peer_wires_direct: u64,
     pub peer_wires_mesh: u64,
+    /// New local versions waiting in the announce queue now (a gauge; past
+    /// the queue's capacity they wait in the store's log instead).
+    #[serde(default)]
+    pub announce_queued: u64,
 }
 
 impl From<&Counters> for RecordCounts {
@@ -54,6 +58,7 @@ impl From<&Counters> for RecordCounts {
             sync_rounds: n(&c.syncs),
             peer_wires_direct: n(&c.wires_direct),
             peer_wires_mesh: n(&c.wires_mesh),
+            announce_queued: 0,
         }
     }
 }
@@ -165,6 +170,7 @@ mod tests {
             "records_synced",
             "records_refused",
             "records_merged",
+            "announce_queued",
             "sync_rounds",
             "peer_wires_direct",
             "peer_wires_mesh",

@@ -31,10 +31,27 @@ pub trait Backend: Send + Sync + 'static {
     fn flush(&self) -> Result<()>;
 }
 
+/// Disk space kept allocated ahead of the end of sled's log file. sled
+/// 0.34 stops for good at its first failed write (an I/O error in its
+/// flusher poisons the whole database), and file data written through
+/// FUSE passthrough never reaches the daemon, so nothing can stop a writer
+/// from filling the disk. With these blocks allocated in advance
+/// (`fallocate` keeping the file's size), the store's next writes land in
+/// space already held, even on a full disk: the delete that frees the
+/// space can be recorded.
+pub(crate) const STORE_RESERVE: u64 = 4 << 20;
+/// Writes between two checks of the reservation.
+const RESERVE_CHECK_EVERY: u64 = 256;
+
 /// sled 0.34: one tree of single-key writes (see the crate docs for why not batches).
 #[derive(Debug)]
 pub struct SledBackend {
     db: sled::Db,
+    /// sled's log file, for its reservation (`None`: not found).
+    log: Option<std::fs::File>,
+    /// Where the reservation ends, and writes since the last check.
+    reserved_to: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl SledBackend {
@@ -76,7 +93,46 @@ impl SledBackend {
                 }
                 other => sled_err(other),
             })?;
-        Ok(Self { db })
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("db"))
+            .ok();
+        let backend = Self {
+            db,
+            log,
+            reserved_to: 0.into(),
+            writes: 0.into(),
+        };
+        backend.reserve();
+        Ok(backend)
+    }
+
+    /// Keeps [`STORE_RESERVE`] allocated past the end of the log file (a
+    /// failure, on a disk already full, is logged: the next check tries
+    /// again).
+    fn reserve(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(file) = &self.log else { return };
+        let Ok(size) = file.metadata().map(|m| m.len()) else {
+            return;
+        };
+        if size + STORE_RESERVE / 2 <= self.reserved_to.load(Ordering::Relaxed) {
+            return;
+        }
+        match nix::fcntl::fallocate(
+            file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            i64::try_from(size).unwrap_or(i64::MAX),
+            STORE_RESERVE as i64,
+        ) {
+            Ok(()) => self
+                .reserved_to
+                .store(size + STORE_RESERVE, Ordering::Relaxed),
+            Err(e) => tracing::warn!(
+                "could not keep {} MiB of disk for the metadata store: {e}",
+                STORE_RESERVE >> 20
+            ),
+        }
     }
 }
 
@@ -173,6 +229,12 @@ impl Backend for SledBackend {
     }
 
     fn set(&self, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<()> {
+        let n = self
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % RESERVE_CHECK_EVERY == RESERVE_CHECK_EVERY - 1 {
+            self.reserve();
+        }
         match value {
             Some(v) => self.db.insert(key, v).map(drop).map_err(sled_err),
             None => self.db.remove(key).map(drop).map_err(sled_err),
@@ -180,6 +242,7 @@ impl Backend for SledBackend {
     }
 
     fn flush(&self) -> Result<()> {
+        self.reserve();
         self.db.flush().map(|_| ()).map_err(sled_err)
     }
 }

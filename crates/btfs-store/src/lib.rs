@@ -1,9 +1,11 @@
 //! Metadata store of a btfs node.
 //!
-//! The store keeps one [`Entry`] per path (live records and tombstones). Entries
-//! are the only thing persisted; the index from local inode numbers to paths
-//! and the reference count of each content object are derived from them, kept
-//! in memory and rebuilt by one scan when the store is opened.
+//! The store keeps one [`Entry`] per path (live records and tombstones), and
+//! three indexes derived from them, persisted beside them so that opening a
+//! store costs nothing in the size of the namespace: inode number to path,
+//! log number to path, and the reference count of each content object. The
+//! counts over the tree ([`Stats`]) are kept in memory and written when the
+//! store is closed.
 //!
 //! It is written against a small ordered key-value [`Backend`]: [`SledBackend`]
 //! in the daemon, [`MemBackend`] in tests. Each change is one single-key write:
@@ -15,12 +17,32 @@
 //! tombstone). What a prefix can leave behind, two live paths with one inode
 //! number, is repaired when the store is opened.
 //!
+//! ## Indexes and crashes
+//!
+//! One change to an entry is several single-key writes, ordered so that any
+//! prefix of them errs on the safe side:
+//!
+//! 1. before the entry: a reference to its new content is counted, and
+//!    the index keys of its new inode and log numbers are written;
+//! 2. the entry;
+//! 3. after the entry: the reference to its old content is dropped, and the
+//!    index keys of its old numbers are removed.
+//!
+//! So a reference count may be too high after a crash (an object kept too
+//! long), never too low (an object deleted under a live file); an index key
+//! may name an entry that no longer has that number, which every reader
+//! checks. Besides, [`Store::close`] writes a clean-shutdown marker (with the
+//! counters) that [`Store::open`] removes: opening a store without it, after
+//! a crash, rebuilds the indexes and the counters from one scan of the
+//! entries, and renumbers an inode left on two live paths.
+//!
 //! Key layout:
 //!
 //! | key                               | value                      |
 //! |-----------------------------------|----------------------------|
 //! | `e`                               | root entry                 |
 //! | `e` parent `\0` name              | entry of `parent/name`     |
+//! | `i` ino, `l` seq, `r` content     | indexes (see `index.rs`)   |
 //! | `m` name                          | node-local metadata        |
 //!
 //! Children of a directory are therefore one prefix scan, in name order.
@@ -31,10 +53,9 @@
 //! maximal *signed* versions ([`Replication::versions`]): what the node relays to
 //! others and merges with what it receives. Every change to them gives the
 //! entry the next number of this node's log ([`Replication::seq`]); peers ask for
-//! "everything after number N" (anti-entropy). The log is the entries
-//! themselves, ordered by that number: an in-memory index rebuilt on open, so
-//! that it can never disagree with them after a crash. Numbers are reserved
-//! in blocks, like inode numbers, so that they never go back.
+//! "everything after number N" (anti-entropy). The log is the `l` index,
+//! checked against the entries it names. Numbers are reserved in blocks,
+//! like inode numbers, so that they never go back.
 //!
 //! Some entries are *derived*, not replicated ([`Derived`]): conflict copies
 //! and directories kept because something inside them survived a delete.
@@ -42,17 +63,18 @@
 
 mod backend;
 mod error;
+mod index;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Mutex, MutexGuard},
+use std::sync::{
+    Mutex, MutexGuard,
+    atomic::{AtomicU64, Ordering},
 };
 
 pub use backend::{Backend, MemBackend, SledBackend};
 use btfs_core::{ContentId, FileKind, FileRecord, RelPath};
 pub use error::StoreError;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -65,6 +87,11 @@ const INO_BLOCK: u64 = 1024;
 const META_NEXT_INO: &[u8] = b"next_ino";
 const META_NEXT_SEQ: &[u8] = b"next_seq";
 const META_INDEX_ID: &[u8] = b"index_id";
+/// Present while the store is closed cleanly: its value is a [`Closed`].
+const META_CLEAN: &[u8] = b"clean";
+/// Layout of the persisted indexes that a [`Closed`] marker vouches for;
+/// a marker of another layout is not trusted (the indexes are rebuilt).
+const INDEX_LAYOUT: u32 = 1;
 /// Log numbers are reserved in blocks too.
 const SEQ_BLOCK: u64 = 4096;
 
@@ -143,7 +170,7 @@ impl Entry {
     }
 
     /// The content object this entry keeps alive, if any.
-    fn content_ref(&self) -> Option<ContentId> {
+    pub(crate) fn content_ref(&self) -> Option<ContentId> {
         match (&self.record.kind, self.record.deleted) {
             (FileKind::File, false) => self.record.content,
             _ => None,
@@ -173,58 +200,36 @@ pub struct Stats {
     pub bytes: u64,
 }
 
-/// Indexes derived from the entries.
+/// What a clean close leaves for the next open.
+#[derive(Debug, Serialize, Deserialize)]
+struct Closed {
+    layout: u32,
+    stats: Stats,
+}
+
+/// The store's in-memory state: counters, and the number blocks reserved.
 #[derive(Debug, Default)]
-struct Indexes {
-    paths: HashMap<u64, RelPath>,
-    refs: HashMap<ContentId, u64>,
+struct State {
     /// Next inode number to hand out, and the end of the reserved block.
     next_ino: u64,
     reserved_end: u64,
-    /// The log: entries with versions, by sequence number.
-    log: BTreeMap<u64, RelPath>,
     /// Last sequence number handed out, and the end of the reserved block.
     seq: u64,
     seq_end: u64,
-}
-
-impl Indexes {
-    fn add(&mut self, path: &RelPath, e: &Entry) {
-        if let Some(c) = e.content_ref() {
-            *self.refs.entry(c).or_default() += 1;
-        }
-        if e.ino != NO_INO && e.ino != ROOT_INO {
-            self.paths.insert(e.ino, path.clone());
-        }
-        if e.sync.seq != 0 {
-            self.log.insert(e.sync.seq, path.clone());
-        }
-    }
-
-    /// Returns the content released if this was its last reference.
-    fn remove(&mut self, path: &RelPath, e: &Entry) -> Option<ContentId> {
-        if e.ino != NO_INO && self.paths.get(&e.ino) == Some(path) {
-            self.paths.remove(&e.ino);
-        }
-        if e.sync.seq != 0 && self.log.get(&e.sync.seq) == Some(path) {
-            self.log.remove(&e.sync.seq);
-        }
-        let c = e.content_ref()?;
-        let n = self.refs.get_mut(&c)?;
-        *n -= 1;
-        if *n == 0 {
-            self.refs.remove(&c);
-            return Some(c);
-        }
-        None
-    }
+    stats: Stats,
+    /// The clean-shutdown marker is on disk: the next write removes it first.
+    marked_clean: bool,
 }
 
 /// The metadata store over a backend.
 #[derive(Debug)]
 pub struct Store<B> {
     backend: B,
-    idx: Mutex<Indexes>,
+    state: Mutex<State>,
+    /// The newest log number whose entry is written: log readers stop there,
+    /// so that a number whose index key is written but whose entry is not
+    /// yet (a write under way) is never read as "changed again".
+    published: AtomicU64,
     index_id: u64,
 }
 
@@ -308,19 +313,22 @@ impl Store<MemBackend> {
     pub fn in_memory() -> Self {
         Self {
             backend: MemBackend::default(),
-            idx: Mutex::new(Indexes {
+            state: Mutex::new(State {
                 next_ino: ROOT_INO + 1,
                 reserved_end: ROOT_INO + 1,
-                ..Indexes::default()
+                ..State::default()
             }),
+            published: AtomicU64::new(0),
             index_id: fresh_index_id(),
         }
     }
 }
 
 impl<B: Backend> Store<B> {
-    /// Opens the store: rebuilds the indexes from the entries and repairs
-    /// inode numbers that an interrupted rename left on two live paths.
+    /// Opens the store. After a clean close this reads a few keys; after a
+    /// crash (no clean-shutdown marker) it rebuilds the indexes and counters
+    /// from one scan of the entries and repairs inode numbers that an
+    /// interrupted rename left on two live paths.
     pub fn open(backend: B) -> Result<Self> {
         let stored_next = match backend.get(&meta_key(META_NEXT_INO))? {
             Some(v) => decode_u64(&v)?,
@@ -338,43 +346,69 @@ impl<B: Backend> Store<B> {
                 id
             }
         };
-        let mut idx = Indexes::default();
-        let mut duplicates = Vec::new();
-        let mut max_ino = ROOT_INO;
-        for (k, v) in backend.scan(b"e", None, usize::MAX)? {
-            let path = path_of_key(&k)?;
-            let e: Entry = decode("entry", &v)?;
-            max_ino = max_ino.max(e.ino);
-            if e.is_live() && e.ino != ROOT_INO && idx.paths.contains_key(&e.ino) {
-                duplicates.push((path, e));
-                continue;
+        let closed = backend
+            .get(&meta_key(META_CLEAN))?
+            .and_then(|v| decode::<Closed>("clean marker", &v).ok())
+            .filter(|c| c.layout == INDEX_LAYOUT);
+        let (state, duplicates) = match closed {
+            Some(closed) => {
+                // From here on a crash must be noticed: the marker goes first.
+                backend.set(meta_key(META_CLEAN), None)?;
+                let state = State {
+                    // Every number up to the reserved ends may have been
+                    // handed out, and none beyond them.
+                    next_ino: stored_next,
+                    reserved_end: stored_next,
+                    seq: stored_seq,
+                    seq_end: stored_seq,
+                    stats: closed.stats,
+                    marked_clean: false,
+                };
+                (state, Vec::new())
             }
-            idx.add(&path, &e);
-        }
-        let next = stored_next.max(max_ino + 1);
-        idx.next_ino = next;
-        idx.reserved_end = next;
-        // Everything up to the reserved end may have been handed out.
-        let seq = stored_seq.max(idx.log.keys().next_back().copied().unwrap_or(0));
-        idx.seq = seq;
-        idx.seq_end = seq;
+            None => {
+                // A marker of another layout would vouch for what it does not know.
+                backend.set(meta_key(META_CLEAN), None)?;
+                let started = std::time::Instant::now();
+                let r = index::rebuild(&backend)?;
+                info!(
+                    entries = r.stats.files + r.stats.dirs + r.stats.symlinks + r.stats.tombstones,
+                    repaired = r.repaired,
+                    ms = started.elapsed().as_millis() as u64,
+                    "metadata store was not closed cleanly: rebuilt its indexes"
+                );
+                let next = stored_next.max(r.max_ino + 1);
+                let seq = stored_seq.max(r.max_seq);
+                let state = State {
+                    next_ino: next,
+                    reserved_end: next,
+                    seq,
+                    seq_end: seq,
+                    stats: r.stats,
+                    marked_clean: false,
+                };
+                (state, r.duplicates)
+            }
+        };
         let store = Self {
             backend,
-            idx: Mutex::new(idx),
+            published: AtomicU64::new(state.seq),
+            state: Mutex::new(state),
             index_id,
         };
         for (path, mut e) in duplicates {
             let fresh = store.alloc_ino()?;
             warn!(%path, old = e.ino, new = fresh, "inode number on two paths (interrupted rename): renumbered");
             e.ino = fresh;
+            // The inode index never named this path for the old number.
+            index::set_path(&store.backend, index::ino_key(fresh), &path)?;
             store.backend.set(entry_key(&path), Some(encode(&e)?))?;
-            store.idx()?.add(&path, &e);
         }
         Ok(store)
     }
 
-    fn idx(&self) -> Result<MutexGuard<'_, Indexes>> {
-        self.idx.lock().map_err(|_| StoreError::Poisoned)
+    fn state(&self) -> Result<MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| StoreError::Poisoned)
     }
 
     pub fn backend(&self) -> &B {
@@ -394,23 +428,34 @@ impl<B: Backend> Store<B> {
         Ok(self.get(path)?.filter(Entry::is_live))
     }
 
+    /// Path and entry (live or not) that inode `ino` names in the index,
+    /// if the entry there still has that number.
+    fn indexed(&self, ino: u64) -> Result<Option<(RelPath, Entry)>> {
+        let Some(v) = self.backend.get(&index::ino_key(ino))? else {
+            return Ok(None);
+        };
+        let path = index::path_of_value(&v)?;
+        Ok(self.get(&path)?.filter(|e| e.ino == ino).map(|e| (path, e)))
+    }
+
     /// The path that inode `ino` currently has.
     pub fn path_of(&self, ino: u64) -> Result<Option<RelPath>> {
         if ino == ROOT_INO {
             return Ok(Some(RelPath::root()));
         }
-        Ok(self.idx()?.paths.get(&ino).cloned())
+        Ok(self.indexed(ino)?.map(|(p, _)| p))
     }
 
     /// Path and live entry of inode `ino`.
     pub fn get_ino(&self, ino: u64) -> Result<Option<(RelPath, Entry)>> {
-        let Some(path) = self.path_of(ino)? else {
-            return Ok(None);
-        };
-        Ok(self
-            .get_live(&path)?
-            .filter(|e| e.ino == ino)
-            .map(|e| (path, e)))
+        if ino == ROOT_INO {
+            let root = RelPath::root();
+            return Ok(self
+                .get_live(&root)?
+                .filter(|e| e.ino == ino)
+                .map(|e| (root, e)));
+        }
+        Ok(self.indexed(ino)?.filter(|(_, e)| e.is_live()))
     }
 
     /// Up to `limit` entries directly below `dir` (tombstones included), in name
@@ -496,27 +541,27 @@ impl<B: Backend> Store<B> {
 
     /// A fresh inode number, never handed out before by this store.
     pub fn alloc_ino(&self) -> Result<u64> {
-        let mut idx = self.idx()?;
-        if idx.next_ino >= idx.reserved_end {
-            let end = idx.next_ino + INO_BLOCK;
+        let mut st = self.state()?;
+        if st.next_ino >= st.reserved_end {
+            let end = st.next_ino + INO_BLOCK;
             self.backend
                 .set(meta_key(META_NEXT_INO), Some(end.to_be_bytes().to_vec()))?;
-            idx.reserved_end = end;
+            st.reserved_end = end;
         }
-        let ino = idx.next_ino;
-        idx.next_ino += 1;
+        let ino = st.next_ino;
+        st.next_ino += 1;
         Ok(ino)
     }
 
-    fn next_seq(&self, idx: &mut Indexes) -> Result<u64> {
-        if idx.seq >= idx.seq_end {
-            let end = idx.seq + SEQ_BLOCK;
+    fn next_seq(&self, st: &mut State) -> Result<u64> {
+        if st.seq >= st.seq_end {
+            let end = st.seq + SEQ_BLOCK;
             self.backend
                 .set(meta_key(META_NEXT_SEQ), Some(end.to_be_bytes().to_vec()))?;
-            idx.seq_end = end;
+            st.seq_end = end;
         }
-        idx.seq += 1;
-        Ok(idx.seq)
+        st.seq += 1;
+        Ok(st.seq)
     }
 
     /// The id of this store's log (peers name it when they ask for a delta).
@@ -524,34 +569,29 @@ impl<B: Backend> Store<B> {
         self.index_id
     }
 
-    /// The newest sequence number handed out (0: none).
+    /// The newest sequence number handed out and written (0: none).
     pub fn max_seq(&self) -> Result<u64> {
-        Ok(self.idx()?.seq)
+        Ok(self.published.load(Ordering::Acquire))
     }
 
     /// Entries whose versions changed after `since`, oldest change first, at
     /// most `limit` numbers. A number whose entry changed again meanwhile
     /// comes with `None` (its new number comes later).
     pub fn log_since(&self, since: u64, limit: usize) -> Result<Vec<LogItem>> {
-        let paths: Vec<(u64, RelPath)> = {
-            let idx = self.idx()?;
-            idx.log
-                .range(since.saturating_add(1)..)
-                .take(limit)
-                .map(|(s, p)| (*s, p.clone()))
-                .collect()
-        };
-        let mut out = Vec::with_capacity(paths.len());
-        for (seq, path) in paths {
+        let upto = self.published.load(Ordering::Acquire);
+        let numbered = index::log_range(&self.backend, since, upto, limit)?;
+        let mut out = Vec::with_capacity(numbered.len());
+        for (seq, path) in numbered {
             let e = self.get(&path)?.filter(|e| e.sync.seq == seq);
             out.push((seq, e.map(|e| (path, e))));
         }
         Ok(out)
     }
 
-    /// How many live files reference content `c`.
+    /// How many live files reference content `c` (never fewer than there
+    /// are: see the module docs).
     pub fn refcount(&self, c: &ContentId) -> Result<u64> {
-        Ok(self.idx()?.refs.get(c).copied().unwrap_or(0))
+        index::refcount(&self.backend, c)
     }
 
     /// Applies `changes` in order, one store write each (see the module docs
@@ -559,44 +599,106 @@ impl<B: Backend> Store<B> {
     /// no live entry references any more (the caller may delete them once the
     /// store is flushed).
     pub fn write(&self, changes: Vec<Change>) -> Result<Vec<ContentId>> {
-        let mut idx = self.idx()?;
+        let mut st = self.state()?;
         let mut released = Vec::new();
         for change in changes {
             let (path, new) = match change {
                 Change::Put(p, e) => (p, Some(e)),
                 Change::Remove(p) => (p, None),
             };
-            let key = entry_key(&path);
-            let old: Option<Entry> = self
-                .backend
-                .get(&key)?
-                .map(|v| decode("entry", &v))
-                .transpose()?;
-            let mut new = new;
-            if let Some(e) = new.as_mut() {
-                let same = old
-                    .as_ref()
-                    .is_some_and(|o| o.sync.versions == e.sync.versions);
-                e.sync.seq = match (&old, same) {
-                    _ if e.sync.versions.is_empty() => 0,
-                    (Some(o), true) if o.sync.seq != 0 => o.sync.seq,
-                    _ => self.next_seq(&mut idx)?,
-                };
-            }
-            self.backend
-                .set(key, new.as_ref().map(encode).transpose()?)?;
-            if let Some(c) = old.as_ref().and_then(|o| idx.remove(&path, o)) {
-                released.push(c);
-            }
-            if let Some(e) = &new {
-                idx.add(&path, e);
-            }
+            self.apply(&mut st, &path, new, &mut released)?;
         }
         // A content released and re-referenced within the batch is not free.
-        released.retain(|c| !idx.refs.contains_key(c));
         released.sort();
         released.dedup();
-        Ok(released)
+        let mut free = Vec::with_capacity(released.len());
+        for c in released {
+            if index::refcount(&self.backend, &c)? == 0 {
+                free.push(c);
+            }
+        }
+        Ok(free)
+    }
+
+    /// One change, in the order the module docs give. Pushes the content
+    /// whose last reference this dropped.
+    fn apply(
+        &self,
+        st: &mut State,
+        path: &RelPath,
+        mut new: Option<Entry>,
+        released: &mut Vec<ContentId>,
+    ) -> Result<()> {
+        if st.marked_clean {
+            self.backend.set(meta_key(META_CLEAN), None)?;
+            st.marked_clean = false;
+        }
+        let key = entry_key(path);
+        let old: Option<Entry> = self
+            .backend
+            .get(&key)?
+            .map(|v| decode("entry", &v))
+            .transpose()?;
+        let old_ref = old.as_ref().and_then(Entry::content_ref);
+        let old_seq = old.as_ref().map_or(0, |o| o.sync.seq);
+        let old_ino = old
+            .as_ref()
+            .filter(|o| index::has_indexed_ino(o))
+            .map(|o| o.ino);
+        if let Some(e) = new.as_mut() {
+            let same = old
+                .as_ref()
+                .is_some_and(|o| o.sync.versions == e.sync.versions);
+            e.sync.seq = match (old_seq, same) {
+                _ if e.sync.versions.is_empty() => 0,
+                (s, true) if s != 0 => s,
+                _ => self.next_seq(st)?,
+            };
+            // Before the entry: what it needs to be found and kept.
+            if let Some(c) = e.content_ref()
+                && old_ref != Some(c)
+            {
+                index::add_ref(&self.backend, &c)?;
+            }
+            if index::has_indexed_ino(e) && old_ino != Some(e.ino) {
+                index::set_path(&self.backend, index::ino_key(e.ino), path)?;
+            }
+            if e.sync.seq != 0 && e.sync.seq != old_seq {
+                index::set_path(&self.backend, index::log_key(e.sync.seq), path)?;
+            }
+        }
+        self.backend
+            .set(key, new.as_ref().map(encode).transpose()?)?;
+        let new_ref = new.as_ref().and_then(Entry::content_ref);
+        let new_seq = new.as_ref().map_or(0, |e| e.sync.seq);
+        let new_ino = new.as_ref().map(|e| e.ino);
+        if new_seq != 0 {
+            self.published.fetch_max(new_seq, Ordering::AcqRel);
+        }
+        // After the entry: what only the old entry needed.
+        if let Some(ino) = old_ino.filter(|i| new_ino != Some(*i)) {
+            // Only if it names this path: a rename pointed it elsewhere.
+            let k = index::ino_key(ino);
+            if self.backend.get(&k)?.as_deref() == Some(path.as_str().as_bytes()) {
+                self.backend.set(k, None)?;
+            }
+        }
+        if old_seq != 0 && old_seq != new_seq {
+            // Log numbers are never reused: this key named this path.
+            self.backend.set(index::log_key(old_seq), None)?;
+        }
+        if let Some(c) = old_ref.filter(|c| new_ref != Some(*c))
+            && index::drop_ref(&self.backend, &c)?
+        {
+            released.push(c);
+        }
+        if let Some(o) = &old {
+            index::tally(&mut st.stats, o, false);
+        }
+        if let Some(e) = &new {
+            index::tally(&mut st.stats, e, true);
+        }
+        Ok(())
     }
 
     /// Forgets tombstones whose delete happened before `cutoff` (their
@@ -608,24 +710,25 @@ impl<B: Backend> Store<B> {
                 && e.record.ctime < cutoff
                 && e.sync.versions.iter().all(|v| v.record.ctime < cutoff)
         };
-        let candidates: Vec<Vec<u8>> = self
-            .backend
-            .scan(b"e", None, usize::MAX)?
-            .into_iter()
-            .filter(|(_, v)| decode::<Entry>("entry", v).is_ok_and(|e| expired(&e)))
-            .map(|(k, _)| k)
-            .collect();
-        let mut idx = self.idx()?;
+        // Read page by page: only the expired keys are kept.
+        let mut candidates: Vec<Vec<u8>> = Vec::new();
+        index::for_each(&self.backend, b"e", |k, v| {
+            if decode::<Entry>("entry", &v).is_ok_and(|e| expired(&e)) {
+                candidates.push(k);
+            }
+            Ok(())
+        })?;
+        let mut st = self.state()?;
         let mut removed = 0;
+        let mut released = Vec::new();
         for key in candidates {
             let still = self
                 .backend
                 .get(&key)?
                 .map(|v| decode::<Entry>("entry", &v))
                 .transpose()?;
-            if let Some(e) = still.filter(expired) {
-                self.backend.set(key.clone(), None)?;
-                idx.remove(&path_of_key(&key)?, &e);
+            if still.as_ref().is_some_and(expired) {
+                self.apply(&mut st, &path_of_key(&key)?, None, &mut released)?;
                 removed += 1;
             }
         }
@@ -642,32 +745,36 @@ impl<B: Backend> Store<B> {
             .set(meta_key(name.as_bytes()), Some(value.to_vec()))
     }
 
-    /// Counts over every entry (a full scan: for status, not hot paths).
+    /// Counts over every entry, kept as entries are written (no scan).
     pub fn stats(&self) -> Result<Stats> {
-        let mut s = Stats::default();
-        for (_, v) in self.backend.scan(b"e", None, usize::MAX)? {
-            let e: Entry = decode("entry", &v)?;
-            if !e.is_live() {
-                s.tombstones += 1;
-                continue;
-            }
-            match e.record.kind {
-                FileKind::File => {
-                    s.files += 1;
-                    s.bytes += e.record.size;
-                }
-                FileKind::Dir => s.dirs += 1,
-                FileKind::Symlink => s.symlinks += 1,
-            }
-        }
-        Ok(s)
+        Ok(self.state()?.stats)
     }
 
     /// Makes everything written so far survive a crash of the process.
     pub fn flush(&self) -> Result<()> {
         self.backend.flush()
     }
+
+    /// Flushes, and marks the store closed cleanly so that the next
+    /// [`Store::open`] trusts its indexes instead of rebuilding them. Call
+    /// at shutdown, once nothing else will write; a write after it is still
+    /// safe (it removes the marker first), only the next open scans again.
+    pub fn close(&self) -> Result<()> {
+        let mut st = self.state()?;
+        let closed = Closed {
+            layout: INDEX_LAYOUT,
+            stats: st.stats,
+        };
+        // Written after every index write: a crash before the flush that
+        // loses one of those loses the marker too (a prefix survives).
+        self.backend
+            .set(meta_key(META_CLEAN), Some(encode(&closed)?))?;
+        st.marked_clean = true;
+        self.backend.flush()
+    }
 }
 
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tests;

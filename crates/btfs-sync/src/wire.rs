@@ -28,6 +28,34 @@ pub const MAX_RECORD: usize = 16 * 1024;
 /// frame limit with room for its own framing and signature.
 pub const MAX_BATCH: usize = 48 * 1024;
 const DOMAIN: &str = "btfs-record-v1";
+/// Authors whose decoded keys are kept (a cluster has far fewer); past it
+/// the cache starts over.
+const MAX_CACHED_AUTHORS: usize = 4096;
+
+/// Decoded public keys by node id. Decoding a key (a point decompression)
+/// costs about a quarter of a verification, and a sync page holds
+/// thousands of records by a handful of authors. The key is a function of
+/// the id's bytes alone, so one cache serves every cluster and caller.
+static AUTHOR_KEYS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<NodeId, PublicKey>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// The public key of `author`, decoded once.
+fn author_key(author: &NodeId) -> Result<PublicKey, WireError> {
+    let mut keys = AUTHOR_KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = keys.get(author) {
+        return Ok(k.clone());
+    }
+    let key = PublicKey::from(
+        ed25519::PublicKey::try_from_bytes(&author.0)
+            .map_err(|_| WireError::BadAuthorKey(*author))?,
+    );
+    if keys.len() >= MAX_CACHED_AUTHORS {
+        keys.clear();
+    }
+    keys.insert(*author, key.clone());
+    Ok(key)
+}
 
 /// Why a record was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -202,10 +230,9 @@ impl SignedRecord {
         {
             return Err(WireError::UnknownNode(*n));
         }
-        let key = ed25519::PublicKey::try_from_bytes(&author.0)
-            .map_err(|_| WireError::BadAuthorKey(author))?;
+        let key = author_key(&author)?;
         let msg = signed_bytes(cluster, &self.path, &self.record)?;
-        if PublicKey::from(key).verify(&msg, &self.signature) {
+        if key.verify(&msg, &self.signature) {
             Ok(())
         } else {
             Err(WireError::BadSignature {

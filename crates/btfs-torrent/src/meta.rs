@@ -308,6 +308,9 @@ fn hash_pieces(
     }
     let pl = u64::from(piece_length);
     let n = size.div_ceil(pl);
+    if n == 1 {
+        return hash_one_piece(&file, size);
+    }
     let threads = (threads.max(1) as u64).min(n);
     let per = n.div_ceil(threads);
     // SAFETY: the file is content being committed or an object: nothing
@@ -340,6 +343,25 @@ fn hash_pieces(
             .collect::<std::io::Result<Vec<_>>>()
     })?;
     Ok(hashes.concat())
+}
+
+/// The hash of content that fits in one piece (every file up to
+/// `MIN_PIECE`: most files of a source tree), read on the calling thread.
+/// A thread and a memory map per small file cost more than the hashing:
+/// the unmap alone interrupts every CPU to flush its TLB, and committing a
+/// tree of small files is a stream of such calls.
+fn hash_one_piece(file: &File, size: u64) -> Result<Vec<u8>, TorrentError> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(size as usize);
+    // One byte more than expected: a file that grew meanwhile is caught.
+    file.take(size + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 != size {
+        return Err(TorrentError::SizeChanged {
+            expected: size,
+            found: buf.len() as u64,
+        });
+    }
+    Ok(sha1(&buf).to_vec())
 }
 
 #[cfg(test)]

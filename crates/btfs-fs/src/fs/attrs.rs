@@ -3,11 +3,11 @@
 
 use std::{fs::Metadata, os::unix::fs::MetadataExt, time::SystemTime};
 
-use btfs_core::{FileKind, Timestamp};
+use btfs_core::{FileKind, FileRecord, Timestamp};
 use btfs_store::{Backend, Change, Entry};
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 
-use super::Shared;
+use super::{Shared, inodes::OpenInode};
 use crate::error::{FsError, Result};
 
 pub(super) fn file_type(kind: FileKind) -> FileType {
@@ -84,6 +84,83 @@ pub(super) struct AttrChanges {
     pub(super) ctime: Option<SystemTime>,
 }
 
+/// Attribute changes (`chmod`, `chown`, `atime`) of a file that writers
+/// hold open, kept with the inode (`OpenInode::attrs`) instead of being
+/// stored as versions of their own: the version committed when the last
+/// writer closes carries them.
+///
+/// An archive extractor or a copy sets the mode, owner and times of every
+/// file it writes before closing it (`tar`: `utimensat`, `fchown`, `fchmod`
+/// on the open file). Each as a version of its own was a signed store write
+/// and an announcement per call, three more per file than the two (create,
+/// content) that a new file needs, for versions nobody else can use: the
+/// content they describe is not published until the close.
+///
+/// Durability is that of the writes they accompany: like the bytes, they
+/// reach the store with the commit, or at once when a handle of the inode
+/// is `fsync`ed ([`Shared::write_pending_attrs`]), and a crash before
+/// either loses them with the unsynced bytes. Other nodes see them with the
+/// new content. Every local reader sees them at once: `getattr` lays them
+/// over the stored record. The modification time needs no such care: it is
+/// set on the staging file, whose time the commit records.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PendingAttrs {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    atime: Option<Timestamp>,
+    /// When they were last changed (the record's ctime).
+    changed: Timestamp,
+}
+
+impl PendingAttrs {
+    /// Lays the changes over `record`.
+    pub(super) fn apply(&self, record: &mut FileRecord) {
+        record.mode = self.mode;
+        record.uid = self.uid;
+        record.gid = self.gid;
+        if let Some(a) = self.atime {
+            record.atime = a;
+        }
+        record.ctime = record.ctime.max(self.changed);
+    }
+}
+
+/// Applies `changes` to `record` as Linux would: mode, owner (killing the
+/// set-id bits, see below), times.
+fn change_record(
+    record: &mut FileRecord,
+    changes: &AttrChanges,
+    mtime: Option<SystemTime>,
+    atime: Option<SystemTime>,
+) {
+    if let Some(mode) = changes.mode {
+        record.mode = mode & 0o7777;
+    }
+    if let Some(uid) = changes.uid {
+        record.uid = uid;
+    }
+    if let Some(gid) = changes.gid {
+        record.gid = gid;
+    }
+    // The kernel leaves killing set-id bits to us (FUSE_HANDLE_KILLPRIV),
+    // saving a GETATTR round trip on every chown: do what Linux does.
+    let chown = changes.uid.is_some() || changes.gid.is_some();
+    let truncate_unprivileged = changes.size.is_some() && changes.caller_uid != 0;
+    if record.kind == FileKind::File && changes.mode.is_none() && (chown || truncate_unprivileged) {
+        record.mode &= !libc::S_ISUID;
+        if record.mode & libc::S_IXGRP != 0 {
+            record.mode &= !libc::S_ISGID;
+        }
+    }
+    if let Some(m) = mtime {
+        record.mtime = m.into();
+    }
+    if let Some(a) = atime {
+        record.atime = a.into();
+    }
+}
+
 impl AttrChanges {
     fn is_metadata_only_noop(&self) -> bool {
         self.mode.is_none()
@@ -104,9 +181,88 @@ impl<B: Backend> Shared<B> {
             return build_attr(&entry, path.is_none(), None);
         };
         let st = cell.state.lock();
-        let (path, entry) = self.entry_of(ino)?;
+        let (path, mut entry) = self.entry_of(ino)?;
+        if let Some(p) = &st.attrs {
+            p.apply(&mut entry.record);
+        }
         let staging = st.staging.as_ref().map(|s| s.file.metadata()).transpose()?;
         build_attr(&entry, path.is_none(), staging.as_ref())
+    }
+
+    /// The mode of `ino` as its readers see it (attribute changes still
+    /// pending included).
+    fn effective_mode(&self, ino: u64) -> Result<u32> {
+        let (_, mut entry) = self.entry_of(ino)?;
+        if let Some(cell) = self.inodes.cell(ino)
+            && let Some(p) = &cell.state.lock().attrs
+        {
+            p.apply(&mut entry.record);
+        }
+        Ok(entry.record.mode)
+    }
+
+    /// Keeps `changes` with the inode when writers hold it open (see
+    /// [`PendingAttrs`]); returns the attributes they give, or `None` when
+    /// no writer holds it (the caller stores them).
+    fn defer_attrs(
+        &self,
+        ino: u64,
+        changes: &AttrChanges,
+        now: SystemTime,
+        atime: Option<SystemTime>,
+    ) -> Result<Option<FileAttr>> {
+        let Some(cell) = self.inodes.cell(ino) else {
+            return Ok(None);
+        };
+        let mut st = cell.state.lock();
+        // The commit runs under this lock once the last writer is gone: a
+        // change kept while one is here is in that commit.
+        let Some(staging) = st.staging.as_ref().filter(|_| st.writers > 0) else {
+            return Ok(None);
+        };
+        let meta = staging.file.metadata()?;
+        let (path, mut entry) = self.entry_of(ino)?;
+        let mut record = entry.record.clone();
+        if let Some(p) = &st.attrs {
+            p.apply(&mut record);
+        }
+        // The modification time is the staging file's (set by the caller).
+        change_record(&mut record, changes, None, atime);
+        let pending = PendingAttrs {
+            mode: record.mode,
+            uid: record.uid,
+            gid: record.gid,
+            atime: atime
+                .map(Timestamp::from)
+                .or(st.attrs.as_ref().and_then(|p| p.atime)),
+            changed: Timestamp::from(now),
+        };
+        pending.apply(&mut entry.record);
+        st.attrs = Some(pending);
+        build_attr(&entry, path.is_none(), Some(&meta)).map(Some)
+    }
+
+    /// Stores the attribute changes kept with an open inode as a version
+    /// now (its `fsync`: they must survive a crash from then on).
+    pub(super) fn write_pending_attrs(&self, ino: u64, st: &mut OpenInode) -> Result<()> {
+        let Some(p) = st.attrs.clone() else {
+            return Ok(());
+        };
+        {
+            let _ns = self.ns.lock();
+            let (path, entry) = self.entry_of(ino)?;
+            let mut record = entry.record.next_version(self.node(), p.changed);
+            p.apply(&mut record);
+            let entry = Entry::new(ino, record);
+            match path {
+                Some(path) => {
+                    self.write_announced(vec![Change::Put(path, entry)], 1)?;
+                }
+                None => self.inodes.mark_unlinked(&entry),
+            }
+        }
+        st.attrs = None;
+        Ok(())
     }
 
     pub(super) fn setattr(&self, ino: u64, changes: AttrChanges) -> Result<FileAttr> {
@@ -130,46 +286,22 @@ impl<B: Backend> Shared<B> {
             }
             s.file.set_times(times)?;
         }
-        let kills_setid = |e: &Entry| e.record.mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+        let kills_setid = |mode: u32| mode & (libc::S_ISUID | libc::S_ISGID) != 0;
         if changes.is_metadata_only_noop()
             && !(changes.size.is_some()
                 && changes.caller_uid != 0
-                && self.entry_of(ino).is_ok_and(|(_, e)| kills_setid(&e)))
+                && self.effective_mode(ino).is_ok_and(kills_setid))
         {
             return self.getattr(ino);
+        }
+        if let Some(attr) = self.defer_attrs(ino, &changes, now, atime)? {
+            return Ok(attr);
         }
         {
             let _ns = self.ns.lock();
             let (path, entry) = self.entry_of(ino)?;
             let mut record = entry.record.next_version(self.node(), Timestamp::from(now));
-            if let Some(mode) = changes.mode {
-                record.mode = mode & 0o7777;
-            }
-            if let Some(uid) = changes.uid {
-                record.uid = uid;
-            }
-            if let Some(gid) = changes.gid {
-                record.gid = gid;
-            }
-            // The kernel leaves killing set-id bits to us (FUSE_HANDLE_KILLPRIV),
-            // saving a GETATTR round trip on every chown: do what Linux does.
-            let chown = changes.uid.is_some() || changes.gid.is_some();
-            let truncate_unprivileged = changes.size.is_some() && changes.caller_uid != 0;
-            if record.kind == FileKind::File
-                && changes.mode.is_none()
-                && (chown || truncate_unprivileged)
-            {
-                record.mode &= !libc::S_ISUID;
-                if record.mode & libc::S_IXGRP != 0 {
-                    record.mode &= !libc::S_ISGID;
-                }
-            }
-            if let Some(m) = mtime {
-                record.mtime = m.into();
-            }
-            if let Some(a) = atime {
-                record.atime = a.into();
-            }
+            change_record(&mut record, &changes, mtime, atime);
             let entry = Entry::new(ino, record);
             match path {
                 Some(path) => {
@@ -187,7 +319,7 @@ impl<B: Backend> Shared<B> {
     /// without group execute (mandatory locking) stays, as on Linux.
     pub(super) fn kill_setid_for_writer(&self, ino: u64, caller_uid: u32) -> Result<()> {
         let (_, entry) = self.entry_of(ino)?;
-        let mode = entry.record.mode;
+        let mode = self.effective_mode(ino)?;
         let mut kept = mode & !libc::S_ISUID;
         if mode & libc::S_IXGRP != 0 {
             kept &= !libc::S_ISGID;

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 use super::{Shared, handles::Handle, inodes::OpenInode};
 use crate::{
     error::Result,
-    objects::{Staging, hash_file},
+    objects::{Staging, hash_staging},
 };
 
 /// Threads that hash and commit closed files.
@@ -239,7 +239,7 @@ impl<B: Backend> Shared<B> {
         };
         let keep_private = shared && st.backing.is_some();
         let meta = staging.file.metadata()?;
-        let content = match hash_file(&staging.path, meta.len()) {
+        let content = match hash_staging(&staging, meta.len()) {
             Ok(c) => c,
             Err(e) => {
                 st.staging = Some(staging);
@@ -268,7 +268,10 @@ impl<B: Backend> Shared<B> {
             // The file is an object now: a later open must not reuse it as its
             // backing file (a writer would write into the object).
             st.backing = None;
-            Some(staging.path)
+            // Only a durable install leaves the staging name (and its sync
+            // marker) behind; otherwise the rename took the name and no
+            // marker was ever made (markers come with `sync_on_commit`).
+            durable.then_some(staging.path)
         };
         installed?;
         let me = self.node();
@@ -276,6 +279,7 @@ impl<B: Backend> Shared<B> {
             let (base, base_content) = st.base.clone().unwrap_or_default();
             if base_content == Some(content) {
                 // Opened for writing but unchanged: the remote version stands.
+                st.attrs = None;
                 self.gc(vec![content]);
                 return Ok(installed_from);
             }
@@ -284,22 +288,33 @@ impl<B: Backend> Shared<B> {
             record.content = Some(content);
             record.size = meta.len();
             record.mtime = Timestamp::from(meta.modified()?);
+            let pending = st.attrs.take();
+            if let Some(p) = &pending {
+                p.apply(&mut record);
+            }
             drop(_ns);
             self.inodes.remote_replaced.lock().remove(&ino);
             warn!(%path, "another node removed or replaced this file while it was open for writing here: the write is kept as a concurrent version");
-            return self
-                .commit_concurrent(path, record, (&base, base_content), &orphan.record)
-                .map(|()| installed_from);
+            let done = self.commit_concurrent(path, record, (&base, base_content), &orphan.record);
+            if done.is_err() {
+                st.attrs = pending;
+            }
+            return done.map(|()| installed_from);
         }
         let Some((path, entry)) = self.store.get_ino(ino)? else {
             // Removed while we hashed: nothing may reference the object.
             debug!(ino, "commit: the inode is gone");
+            st.attrs = None;
             self.gc(vec![content]);
             return Ok(installed_from);
         };
         let mtime = Timestamp::from(meta.modified()?);
         let r = &entry.record;
-        if r.content == Some(content) && r.size == meta.len() && r.mtime == mtime {
+        if r.content == Some(content)
+            && r.size == meta.len()
+            && r.mtime == mtime
+            && st.attrs.is_none()
+        {
             return Ok(installed_from);
         }
         let mut record = r.next_version(self.node(), Timestamp::now());
@@ -310,6 +325,12 @@ impl<B: Backend> Shared<B> {
         record.content = Some(content);
         record.size = meta.len();
         record.mtime = mtime;
+        // Attribute changes made while it was open are part of this version
+        // (kept back until now, see `PendingAttrs`).
+        let pending = st.attrs.take();
+        if let Some(p) = &pending {
+            p.apply(&mut record);
+        }
         if let Some((base, base_content)) = &st.base
             && r.version.iter().any(|(n, c)| *n != me && *c > base.get(n))
         {
@@ -320,11 +341,21 @@ impl<B: Backend> Shared<B> {
             let current = r.clone();
             drop(_ns);
             info!(%path, "a remote version arrived while the file was open for writing: keeping both");
-            return self
-                .commit_concurrent(path, record, (&base, base_content), &current)
-                .map(|()| installed_from);
+            let done = self.commit_concurrent(path, record, (&base, base_content), &current);
+            if done.is_err() {
+                st.attrs = pending;
+            }
+            return done.map(|()| installed_from);
         }
-        let released = self.write_announced(vec![Change::Put(path, Entry::new(ino, record))], 1)?;
+        let released =
+            match self.write_announced(vec![Change::Put(path, Entry::new(ino, record))], 1) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Still pending: the next commit or fsync stores them.
+                    st.attrs = pending;
+                    return Err(e);
+                }
+            };
         drop(_ns);
         if st.sync_on_commit {
             // Durable before it is counted: `btfs status` may be read, and

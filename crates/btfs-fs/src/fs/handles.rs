@@ -326,6 +326,9 @@ impl<B: Backend> Shared<B> {
         content: ContentId,
         truncate: bool,
     ) -> Result<()> {
+        // A staging file made empty here needs no truncation (on a
+        // journalled filesystem that is a transaction per created file).
+        let mut empty = false;
         if st.staging.is_none() {
             let staging = match &mut st.backing {
                 Some((target @ Target::Object(_), _)) => {
@@ -337,12 +340,19 @@ impl<B: Backend> Shared<B> {
                     self.inodes.unback_object(&content);
                     detached
                 }
-                _ => self.objects.new_staging((!truncate).then_some(&content))?,
+                _ => {
+                    // Truncating: a new empty file, nothing copied.
+                    empty = truncate;
+                    self.objects.new_staging((!truncate).then_some(&content))?
+                }
             };
             *cell.current.write() = Some(staging.file.clone());
             st.staging = Some(staging);
         }
-        if truncate && let Some(s) = &st.staging {
+        if truncate
+            && !empty
+            && let Some(s) = &st.staging
+        {
             s.file.set_len(0)?;
         }
         st.uncommitted = true;
@@ -422,14 +432,18 @@ impl<B: Backend> Shared<B> {
 
     /// Flushes a writer's staging data and the metadata store. The version
     /// being written is committed when its last writer closes; that commit
-    /// is then made durable before it completes.
+    /// is then made durable before it completes. Attribute changes kept for
+    /// that commit (see `PendingAttrs`) are stored now, through any handle
+    /// of the inode: `fsync` covers the inode's metadata too.
     pub(super) fn fsync(&self, fh: Option<u64>, datasync: bool) -> Result<()> {
         if let Some(fh) = fh {
             let h = self.handles.get(fh)?;
-            if h.writable
-                && let Some(cell) = self.inodes.cell(h.ino)
-            {
-                self.sync_staging(h.ino, &mut cell.state.lock(), datasync)?;
+            if let Some(cell) = self.inodes.cell(h.ino) {
+                let mut st = cell.state.lock();
+                self.write_pending_attrs(h.ino, &mut st)?;
+                if h.writable {
+                    self.sync_staging(h.ino, &mut st, datasync)?;
+                }
             }
         }
         self.store.flush()?;

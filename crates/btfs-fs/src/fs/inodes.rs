@@ -17,7 +17,7 @@ use fuser::BackingId;
 use parking_lot::{Mutex, RwLock};
 use tracing::{error, warn};
 
-use super::Shared;
+use super::{Shared, attrs::PendingAttrs};
 use crate::{error::Result, objects::Staging};
 
 /// Which file an inode's passthrough backing id refers to.
@@ -48,6 +48,9 @@ pub(super) struct OpenInode {
     /// (object and metadata on disk) before it completes, not within the
     /// store's flush interval.
     pub(super) sync_on_commit: bool,
+    /// Attribute changes made while writers hold the file open, for the
+    /// next commit (see [`PendingAttrs`]).
+    pub(super) attrs: Option<PendingAttrs>,
 }
 
 #[derive(Debug, Default)]

@@ -85,8 +85,9 @@ pub struct FsConfig {
     /// The state directory (for `statfs`).
     pub state_dir: PathBuf,
     /// Where new versions of records are announced, for replication (`None`
-    /// on a node without a mesh). When it is full the announcement is
-    /// dropped: anti-entropy delivers the record later.
+    /// on a node without a mesh). When it is full the announcement is not
+    /// sent but noted as a backlog ([`FsHandle::take_announce_backlog`]):
+    /// the announcer reads it back from the store's log, at its own pace.
     pub announce: Option<tokio::sync::mpsc::Sender<Announced>>,
     /// Signs new local versions as this node (`None`: unsigned, no mesh).
     pub signer: Option<Signer>,
@@ -131,7 +132,9 @@ struct Shared<B> {
     passthrough: AtomicBool,
     /// Kernel cache invalidations, sent by their own thread once mounted.
     inval_tx: Mutex<Option<SyncSender<replica::Inval>>>,
-    announce_dropped: AtomicU64,
+    /// The lowest log number whose announcement did not fit in the queue
+    /// (`u64::MAX`: none): the announcer catches up from the log there.
+    announce_backlog: AtomicU64,
 }
 
 /// The filesystem handed to fuser.
@@ -189,7 +192,7 @@ impl<B: Backend> BtfsFs<B> {
             pending_gc: Mutex::new(Vec::new()),
             passthrough: AtomicBool::new(false),
             inval_tx: Mutex::new(None),
-            announce_dropped: AtomicU64::new(0),
+            announce_backlog: AtomicU64::new(u64::MAX),
         });
         shared.start_committers()?;
         Ok(Self { shared })
@@ -210,6 +213,25 @@ impl<B: Backend> FsHandle<B> {
     /// line. Returns how many versions were recovered.
     pub fn recover_synced(&self) -> Result<usize> {
         self.shared.recover_synced()
+    }
+
+    /// Where the store's log holds versions whose announcement did not
+    /// fit in the queue (the log numbers after the one returned), and
+    /// forgets it: the caller announces them from the log.
+    pub fn take_announce_backlog(&self) -> Option<u64> {
+        match self
+            .shared
+            .announce_backlog
+            .swap(u64::MAX, std::sync::atomic::Ordering::AcqRel)
+        {
+            u64::MAX => None,
+            since => Some(since),
+        }
+    }
+
+    /// This node's id (the author of its versions).
+    pub fn node(&self) -> NodeId {
+        self.shared.cfg.node
     }
 
     pub fn status(&self) -> Result<FsStatus> {
@@ -239,6 +261,21 @@ impl<B: Backend> FsHandle<B> {
     /// Applies a verified version from another node (see [`replica`]).
     pub fn apply_remote(&self, path: RelPath, version: btfs_store::Version) -> Result<Applied> {
         self.shared.apply_remote(path, version)
+    }
+
+    /// Closes the store cleanly (see `Store::close`): the next start opens
+    /// it without rebuilding its indexes. Call once at shutdown, after the
+    /// last change.
+    pub fn close(&self) -> Result<()> {
+        Ok(self.shared.store.close()?)
+    }
+
+    /// Stores `record` at `path` as a new version made on this node, as a
+    /// change through the mount would: signed, merged with what the path
+    /// holds, announced. For versions made outside the mount (the lab's
+    /// generator of big namespaces, tests); returns the signed version.
+    pub fn commit_local(&self, path: RelPath, record: FileRecord) -> Result<btfs_store::Version> {
+        self.shared.commit_local(path, record)
     }
 
     /// The store, for replication (its log) and status.

@@ -254,14 +254,23 @@ impl<B: Backend> Shared<B> {
     ) -> Result<Vec<ContentId>> {
         let mut announced = Vec::new();
         let changes = self.version_changes(changes, versioned, &mut announced)?;
+        let before = self.store.max_seq()?;
         let released = self.store.write(changes)?;
-        if let Some(tx) = &self.cfg.announce {
-            for a in announced {
-                if tx.try_send(a).is_err() {
-                    self.announce_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        for a in announced {
+            self.announce(a, before);
         }
         Ok(released)
+    }
+
+    /// Queues `a` for gossip. A full queue does not lose it: the versions
+    /// written after log number `before` are left for the announcer to read
+    /// back from the log (paced, not dropped, and never waiting for
+    /// anti-entropy).
+    pub(super) fn announce(&self, a: replica::Announced, before: u64) {
+        if let Some(tx) = &self.cfg.announce
+            && tx.try_send(a).is_err()
+        {
+            self.announce_backlog.fetch_min(before, Ordering::AcqRel);
+        }
     }
 }

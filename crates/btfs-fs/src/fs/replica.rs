@@ -209,17 +209,35 @@ impl<B: Backend> Shared<B> {
             signature: self.sign(&path, &record),
             record,
         };
+        let before = self.store.max_seq()?;
         self.apply_remote(path.clone(), version.clone())?;
-        if let Some(tx) = &self.cfg.announce
-            && tx.try_send(Announced { path, version }).is_err()
-        {
-            self.announce_dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.announce(Announced { path, version }, before);
         self.committer
             .commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Stores a version made on this node outside the mount (the lab's
+    /// generator, tests): signed as this node, applied as any version is,
+    /// and announced.
+    pub(super) fn commit_local(&self, path: RelPath, record: FileRecord) -> Result<Version> {
+        let version = Version {
+            signature: self.sign(&path, &record),
+            record,
+        };
+        let before = self.store.max_seq()?;
+        let applied = self.apply_remote(path.clone(), version.clone())?;
+        if matches!(applied, Applied::Stored | Applied::Merged) {
+            self.announce(
+                Announced {
+                    path,
+                    version: version.clone(),
+                },
+                before,
+            );
+        }
+        Ok(version)
     }
 
     /// Applies a verified version from another node.

@@ -9,9 +9,8 @@ mod replication;
 use std::{sync::Arc, time::Duration};
 
 use btfs_core::{FileRecord, NodeId, Owner, RelPath, Timestamp};
-use btfs_fs::{Announced, BtfsFs, FsConfig, FsHandle, ObjectStore};
+use btfs_fs::{BtfsFs, FsConfig, FsHandle, ObjectStore};
 use btfs_store::{MemBackend, Store, Version};
-use btfs_sync::SignedRecord;
 use libp2p_identity::{Keypair, PeerId};
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -33,7 +32,6 @@ pub(crate) struct TestNode {
     pub fs: FsHandle<MemBackend>,
     pub rep: Arc<Replicator<MemTransport, MemBackend>>,
     pub counters: Arc<Counters>,
-    announce: mpsc::Sender<Announced>,
     loops: JoinSet<()>,
     tasks: TaskTracker,
     cancel: CancellationToken,
@@ -62,6 +60,7 @@ impl TestNode {
         let id = btfs_sync::wire::node_id(&keypair).unwrap();
         let peer = keypair.public().to_peer_id();
         let objects = ObjectStore::open(dir.path()).unwrap();
+        let (announce, announce_rx) = mpsc::channel(crate::ANNOUNCE_CAP);
         let fs = BtfsFs::new(
             store,
             objects,
@@ -70,8 +69,8 @@ impl TestNode {
                 passthrough: false,
                 ttl: Duration::from_secs(1),
                 state_dir: dir.path().to_owned(),
-                announce: None,
-                signer: None,
+                announce: Some(announce),
+                signer: Some(crate::signer(CLUSTER.into(), keypair.clone())),
                 content: None,
             },
         )
@@ -92,10 +91,10 @@ impl TestNode {
             tasks.clone(),
             cancel.clone(),
         ));
-        let (announce, announce_rx) = mpsc::channel(crate::ANNOUNCE_CAP);
         let mut loops = JoinSet::new();
         loops.spawn(publish_loop(
             transport,
+            handle.clone(),
             announce_rx,
             counters.clone(),
             cancel.clone(),
@@ -114,7 +113,6 @@ impl TestNode {
             fs: handle,
             rep,
             counters,
-            announce,
             loops,
             tasks,
             cancel,
@@ -124,22 +122,9 @@ impl TestNode {
     }
 
     /// A version made here, as the filesystem makes one at commit: signed,
-    /// stored, announced (gossip drops it when the queue is full;
-    /// anti-entropy carries it then).
+    /// stored, announced (past a full queue, read back from the log).
     pub(crate) fn commit(&self, path: &str, record: FileRecord) -> Version {
-        let path = rel(path);
-        let signed =
-            SignedRecord::sign(CLUSTER, path.clone(), record.clone(), &self.keypair).unwrap();
-        let version = Version {
-            record,
-            signature: signed.signature,
-        };
-        self.fs.apply_remote(path.clone(), version.clone()).unwrap();
-        let _ = self.announce.try_send(Announced {
-            path,
-            version: version.clone(),
-        });
-        version
+        self.fs.commit_local(rel(path), record).unwrap()
     }
 
     /// A new file (or a new version over what this node holds at `path`).

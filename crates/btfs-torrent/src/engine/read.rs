@@ -116,7 +116,7 @@ impl Engine {
                 let read = match pread(path, offset, end).await {
                     // Installed meanwhile: the partial file is the object now.
                     Err(TorrentError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
-                        pread(object, offset, end).await
+                        pread(object.clone(), offset, end).await
                     }
                     r => r,
                 };
@@ -144,6 +144,10 @@ impl Engine {
                     self.install_if_whole(&live);
                     return Ok(buf);
                 }
+                // A whole-file fetch of the same content (read-ahead, the
+                // prefetch policy) finished and installed the object: the
+                // file the stream read from has moved there.
+                Some(Err(_)) if object.exists() => return pread(object, offset, end).await,
                 // The torrent was brought up again by another reader.
                 Some(Err(_)) if !self.is_current(&live) => continue,
                 Some(Err(e)) => return Err(e),
