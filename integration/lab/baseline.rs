@@ -38,10 +38,12 @@ impl Drop for Procs {
     }
 }
 
-fn in_ns(ns: &str, program: &str) -> Command {
+/// A command run in namespace `ns`, with no proxy from the environment:
+/// nothing here goes through a proxy, only to the lab's addresses (Syncthing
+/// dials through `all_proxy`).
+pub(crate) fn in_ns(ns: &str, program: &str) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, program]);
-    // Nothing here goes through a proxy: only the lab's addresses.
     for v in [
         "http_proxy",
         "https_proxy",
@@ -49,6 +51,8 @@ fn in_ns(ns: &str, program: &str) -> Command {
         "HTTPS_PROXY",
         "all_proxy",
         "ALL_PROXY",
+        "no_proxy",
+        "NO_PROXY",
     ] {
         c.env_remove(v);
     }

@@ -14,6 +14,7 @@ use std::{
 };
 
 use crate::{
+    baseline::in_ns,
     common::pattern,
     net::{Lab, Topology, ns_pids},
     report::{Report, median, mib, secs},
@@ -408,26 +409,6 @@ impl Drop for Daemons {
             }
         }
     }
-}
-
-/// A command run in namespace `ns`, with no proxy from the environment
-/// (Syncthing dials through `all_proxy`; only the lab's addresses here).
-fn in_ns(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, program]);
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-        "no_proxy",
-        "NO_PROXY",
-    ] {
-        c.env_remove(v);
-    }
-    c
 }
 
 impl Daemons {

@@ -22,6 +22,15 @@ use crate::{
     zone::{self, Zone},
 };
 
+/// How often each connection is pinged, and how long a ping may take. A
+/// link that stopped carrying anything (a partition keeps TCP connections
+/// open, retransmitting on a doubling backoff) is closed after its second
+/// failed ping (libp2p reports a connection's first failure silently):
+/// about 12 s. Its member is then redialled every `LOST_MEMBER_RETRY`, so a
+/// heal is seen within seconds instead of at TCP's next retransmission.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+const PING_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// Opaque bytes on the request-response protocol.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Payload(#[serde(with = "serde_bytes")] pub(crate) Vec<u8>);
@@ -118,8 +127,8 @@ pub(crate) fn build_swarm(
                     ),
                     ping: ping::Behaviour::new(
                         ping::Config::new()
-                            .with_interval(Duration::from_secs(5))
-                            .with_timeout(Duration::from_secs(10)),
+                            .with_interval(PING_INTERVAL)
+                            .with_timeout(PING_TIMEOUT),
                     ),
                     streams: libp2p_stream::Behaviour::new(),
                 })
