@@ -574,7 +574,14 @@ pub(crate) fn change(o: &Opts) -> Report {
             .join(" / "),
     );
     row(&mut rep, "announce queue peak", queue_peak.to_string());
-    rep.at_most("close-to-stat p99 (s)", p99, 2.0);
+    // The target is the full run's. The quick run in the test suite shares
+    // two cores between three daemons writing, applying and renaming at
+    // 1,000 files a second and the test's own threads: there the writer
+    // itself falls behind when the machine is busy (seen: p99 3.4 s with
+    // 80 % of the files written late), so its bound catches a fall-back to
+    // anti-entropy (15 s), not the machine's load.
+    let p99_bound = if o.quick { 5.0 } else { 2.0 };
+    rep.at_most("close-to-stat p99 (s)", p99, p99_bound);
     rep.at_most("conflicts where no writes raced", merged as f64, 0.0);
     rep.note(format!(
         "Writers: {writers} threads on node 0, paced to {rate} files/s; every listing compared in full, content sampled."
