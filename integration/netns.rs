@@ -873,3 +873,251 @@ fn the_readme_first_command_mounts_a_working_node_on_the_defaults() {
         b.status()
     );
 }
+
+/// Bytes namespace `node` received on its link, counted by the kernel at the
+/// host end of its veth (what the host sends into the namespace).
+fn link_received(node: &NsNode) -> u64 {
+    let (id, i) = node
+        .ns
+        .strip_prefix("btfs-")
+        .unwrap()
+        .split_once('-')
+        .unwrap();
+    std::fs::read_to_string(format!("/sys/class/net/btfs-v{id}-{i}/statistics/tx_bytes"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Where the file at `path` first differs from `want`, for a failure message.
+fn first_difference(path: &Path, want: &[u8]) -> String {
+    match std::fs::read(path) {
+        Err(e) => format!("read: {e}"),
+        Ok(got) => {
+            let at = got
+                .iter()
+                .zip(want)
+                .position(|(g, w)| g != w)
+                .unwrap_or(got.len().min(want.len()));
+            format!(
+                "{} bytes, {} wanted; first difference at {at}",
+                got.len(),
+                want.len()
+            )
+        }
+    }
+}
+
+/// Wire overhead allowed over the payload on B's link (IP, TCP, the noise
+/// frames and the peer wire's own messages): 10 %.
+const WIRE_OVERHEAD_PERCENT: u64 = 10;
+/// Bytes allowed for the metadata of one change and everything else on B's
+/// link while it is measured (the signed record, the new torrent's
+/// metainfo, 20 bytes a piece, gossip, pings and anti-entropy rounds).
+const METADATA_ALLOWANCE: u64 = 512 << 10;
+
+/// The most B may receive for a change whose content payload is `payload`
+/// bytes.
+fn wire_bound(payload: u64) -> u64 {
+    payload + payload * WIRE_OVERHEAD_PERCENT / 100 + METADATA_ALLOWANCE
+}
+
+/// What one change of a file cost: on A, the write (open to close) and the
+/// commit after it; on B, the bytes its link received and its engine
+/// counted until it read the new version whole.
+#[derive(Debug)]
+struct ChangeCost {
+    write: Duration,
+    commit: Duration,
+    link: u64,
+    downloaded: u64,
+}
+
+/// Runs `change` on A's mount, then checks that A and B both read `want`
+/// exactly (blake3 of the whole file, each through its mount) and that B
+/// ends up holding it in full (the seed of the next change).
+fn change_and_check(
+    a: &NsNode,
+    b: &NsNode,
+    name: &str,
+    want: &[u8],
+    change: impl FnOnce(&Path),
+) -> ChangeCost {
+    let want_hash = blake3::hash(want);
+    let want_len = want.len() as u64;
+    let (link0, dl0) = (link_received(b), b.counter("bytes_downloaded"));
+    let commits = a.counter("commits");
+    let started = Instant::now();
+    change(&a.mnt.join(name));
+    let write = started.elapsed();
+    // Polled tightly: the commit's time is reported.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.counter("commits") == commits {
+        assert!(Instant::now() < deadline, "no commit on A");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let commit = started.elapsed() - write;
+    let on_a = a.mnt.join(name);
+    assert_eq!(
+        common::hash_file(&on_a).unwrap(),
+        (want_len, want_hash),
+        "{name} on A: {}",
+        first_difference(&on_a, want)
+    );
+    // B reads the old version (held, local) until the new record arrives.
+    let on_b = b.mnt.join(name);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = common::hash_file(&on_b);
+        if matches!(&got, Ok(h) if *h == (want_len, want_hash)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} on B never read as on A (last: {got:?}): {}",
+            first_difference(&on_b, want)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let object = {
+        let hex = want_hash.to_hex().to_string();
+        b.dir
+            .path()
+            .join("state/objects")
+            .join(&hex[..2])
+            .join(&*hex)
+    };
+    eventually(
+        Duration::from_secs(30),
+        "B holds the version in full",
+        || object.exists(),
+    );
+    // Let anything still in flight land before counting.
+    std::thread::sleep(Duration::from_secs(2));
+    ChangeCost {
+        write,
+        commit,
+        link: link_received(b) - link0,
+        downloaded: b.counter("bytes_downloaded").saturating_sub(dl0),
+    }
+}
+
+/// A large file changed in place on A, in every way a program changes one
+/// (issue 20): B, holding the previous version, reads each new version
+/// exactly, and receives only about what changed. Every content check runs
+/// first; the bounds on B's received bytes (the targets: an overwrite of
+/// 1 MiB costs at most 1 MiB and two pieces, an append 1 MiB and a piece, a
+/// truncation metadata only) are checked at the end, all together.
+#[test]
+fn a_large_file_changed_in_place_reads_the_same_on_both_nodes_and_moves_only_the_changes() {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    const SIZE: u64 = 64 * MIB;
+    let (_keys, _net, nodes) = connected_cluster(2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let piece = u64::from(btfs_torrent::meta::piece_length(SIZE));
+    let name = "large.bin";
+    let mut want = common::pattern(20, SIZE as usize);
+    let mut costs: Vec<(&str, ChangeCost, Option<u64>)> = Vec::new();
+    let open_rw = |p: &Path| std::fs::OpenOptions::new().write(true).open(p).unwrap();
+
+    let cost = change_and_check(a, b, name, &want, |p| std::fs::write(p, &want).unwrap());
+    costs.push(("write 64 MiB", cost, None));
+
+    // (a) 1 MiB in the middle, in place (`dd conv=notrunc`).
+    let mid = SIZE / 2 + 12_345;
+    let patch = common::pattern(21, MIB as usize);
+    want[mid as usize..(mid + MIB) as usize].copy_from_slice(&patch);
+    let cost = change_and_check(a, b, name, &want, |p| {
+        open_rw(p).write_all_at(&patch, mid).unwrap()
+    });
+    costs.push((
+        "overwrite 1 MiB mid",
+        cost,
+        Some(wire_bound(MIB + 2 * piece)),
+    ));
+
+    // (b) Small unaligned writes: the start, inside, the last byte.
+    let small: [(u64, Vec<u8>); 3] = [
+        (5, b"abc".to_vec()),
+        (20 * MIB + 7, common::pattern(22, 10 << 10)),
+        (SIZE - 1, vec![0xA5]),
+    ];
+    for (off, bytes) in &small {
+        want[*off as usize..*off as usize + bytes.len()].copy_from_slice(bytes);
+    }
+    let cost = change_and_check(a, b, name, &want, |p| {
+        let f = open_rw(p);
+        for (off, bytes) in &small {
+            f.write_all_at(bytes, *off).unwrap();
+        }
+    });
+    costs.push(("3 small writes", cost, Some(wire_bound(3 * piece))));
+
+    // (c) Append 1 MiB.
+    let tail = common::pattern(23, MIB as usize);
+    want.extend_from_slice(&tail);
+    let cost = change_and_check(a, b, name, &want, |p| {
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new().append(true).open(p).unwrap(),
+            &tail,
+        )
+        .unwrap()
+    });
+    costs.push(("append 1 MiB", cost, Some(wire_bound(MIB + piece))));
+
+    // (d) Truncate to about half, not on a piece boundary.
+    let half = want.len() as u64 / 2 + 4321;
+    assert!(!half.is_multiple_of(piece));
+    want.truncate(half as usize);
+    let cost = change_and_check(a, b, name, &want, |p| open_rw(p).set_len(half).unwrap());
+    costs.push(("truncate to half", cost, Some(wire_bound(0))));
+
+    // Extend with set_len: the gap reads as zeros.
+    let longer = half + 3 * MIB + 7;
+    want.resize(longer as usize, 0);
+    let cost = change_and_check(a, b, name, &want, |p| open_rw(p).set_len(longer).unwrap());
+    costs.push(("extend by 3 MiB", cost, None));
+
+    // One byte past the end: a hole between.
+    let past = longer + MIB + 3;
+    want.resize(past as usize, 0);
+    want.push(0x5A);
+    let cost = change_and_check(a, b, name, &want, |p| {
+        open_rw(p).write_all_at(&[0x5A], past).unwrap()
+    });
+    costs.push(("1 byte past the end", cost, None));
+
+    // (e) A new sparse file: 100 MiB of zeros but 4 KiB at 50 MiB.
+    let mut sparse = vec![0u8; 100 * MIB as usize];
+    let block = common::pattern(24, 4096);
+    sparse[50 * MIB as usize..50 * MIB as usize + 4096].copy_from_slice(&block);
+    let cost = change_and_check(a, b, "sparse.bin", &sparse, |p| {
+        let f = std::fs::File::create(p).unwrap();
+        f.set_len(100 * MIB).unwrap();
+        f.write_all_at(&block, 50 * MIB).unwrap();
+    });
+    costs.push(("sparse 100 MiB", cost, None));
+
+    let mut over = Vec::new();
+    for (what, cost, bound) in &costs {
+        eprintln!(
+            "BENCH {what}: A write {:.1} ms, commit {:.1} ms; B link {} bytes, engine downloaded {} bytes{}",
+            cost.write.as_secs_f64() * 1e3,
+            cost.commit.as_secs_f64() * 1e3,
+            cost.link,
+            cost.downloaded,
+            bound.map(|b| format!(" (bound {b})")).unwrap_or_default()
+        );
+        if let Some(bound) = bound
+            && cost.link > *bound
+        {
+            over.push(format!("{what}: {} bytes > {bound}", cost.link));
+        }
+    }
+    assert!(
+        over.is_empty(),
+        "B received more than the changes (pieces of {piece} bytes): {over:?}"
+    );
+}

@@ -813,3 +813,120 @@ fn an_unprivileged_write_clears_set_id_bits() {
         fs::remove_file(&f).unwrap();
     }
 }
+
+/// Allocated bytes of the files under `dir` (a sparse delta counts only
+/// what was written).
+fn allocated_under(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let m = e.unwrap().metadata().unwrap();
+        if m.is_file() {
+            total += m.blocks() * 512;
+        }
+    }
+    total
+}
+
+#[test]
+fn large_files_change_in_place_without_a_copy() {
+    let mut node = Node::start();
+    let p = node.path("image.bin");
+    let size = 24usize << 20;
+    let mut model = pattern(7, size);
+    fs::write(&p, &model).unwrap();
+    let check = |model: &[u8], what: &str| {
+        let got = fs::read(&p).unwrap();
+        assert_eq!(got.len(), model.len(), "{what}: length");
+        assert!(got == model, "{what}: bytes differ");
+    };
+    let commits = |node: &Node| node.status()["commits"].as_u64().unwrap();
+
+    // Opened for writing, a write in the middle: no copy while it is open,
+    // and the writer and a reader opened after it read the new bytes.
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let patch = pattern(8, 1 << 20);
+    f.write_all_at(&patch, 10 << 20).unwrap();
+    model[10 << 20..11 << 20].copy_from_slice(&patch);
+    let staged = allocated_under(&node.state.join("staging"));
+    assert!(
+        staged < 4 << 20,
+        "a 1 MiB write into a 24 MiB file staged {staged} bytes, not just the write"
+    );
+    let mut buf = vec![0u8; 2 << 20];
+    f.read_exact_at(&mut buf, 9 << 20).unwrap();
+    assert!(
+        buf == model[9 << 20..11 << 20],
+        "the writer reads its writes over the old bytes"
+    );
+    let r = File::open(&p).unwrap();
+    r.read_exact_at(&mut buf, (10 << 20) - 5).unwrap();
+    assert!(
+        buf == model[(10 << 20) - 5..(12 << 20) - 5],
+        "a reader sees the writes"
+    );
+    drop((f, r));
+    check(&model, "overwrite in the middle");
+
+    // Small unaligned writes at the start, the middle and the last byte.
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    for (off, data) in [
+        (5usize, &b"abc"[..]),
+        ((20 << 20) + 7, &[9u8; 10_000][..]),
+        (size - 1, &b"Z"[..]),
+    ] {
+        f.write_all_at(data, off as u64).unwrap();
+        model[off..off + data.len()].copy_from_slice(data);
+    }
+    drop(f);
+    check(&model, "small unaligned writes");
+
+    // Append 1 MiB.
+    let tail = pattern(9, 1 << 20);
+    OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(&tail)
+        .unwrap();
+    model.extend_from_slice(&tail);
+    check(&model, "append");
+
+    // Cut below a subtree boundary, grow past the old end (a hole of
+    // zeros), then a byte past that: all through one writer.
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    f.set_len((13 << 20) + 333).unwrap();
+    model.truncate((13 << 20) + 333);
+    f.set_len(30 << 20).unwrap();
+    model.resize(30 << 20, 0);
+    f.write_all_at(b"!", 31 << 20).unwrap();
+    model.resize((31 << 20) + 1, 0);
+    model[31 << 20] = b'!';
+    f.read_exact_at(&mut buf, (13 << 20) - 1000).unwrap();
+    assert!(
+        buf == model[(13 << 20) - 1000..(15 << 20) - 1000],
+        "a cut then a hole read as zeros"
+    );
+    drop(f);
+    check(&model, "truncate, extend and a write past the end");
+
+    // A truncate by path, with no writer open.
+    nix::unistd::truncate(&p, 20 << 20).unwrap();
+    model.truncate(20 << 20);
+    check(&model, "truncate by path");
+
+    // Opened for writing and closed unwritten: no new version.
+    let before = commits(&node);
+    drop(OpenOptions::new().write(true).open(&p).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(commits(&node), before, "an unwritten open made a version");
+    check(&model, "open and close");
+
+    // What was committed survives a remount, and nothing is left staged.
+    node.remount();
+    check(&model, "after a remount");
+    assert_eq!(
+        fs::read_dir(node.state.join("staging")).unwrap().count(),
+        0,
+        "staging files left behind"
+    );
+}

@@ -24,6 +24,7 @@ mod common;
 
 mod baseline;
 mod gc;
+mod large;
 mod meta;
 mod net;
 mod plot;
@@ -51,6 +52,8 @@ const ALL: &[&str] = &[
     "partition",
     "syncthing",
     "gc",
+    // Large files change in place (issue 20).
+    "large",
 ];
 
 fn main() {
@@ -114,9 +117,17 @@ fn main() {
         picked = ALL.iter().map(|s| s.to_string()).collect();
     }
     if quick && picked.is_empty() {
-        picked = ["fanout", "churn", "zones", "join", "change", "partition"]
-            .map(String::from)
-            .to_vec();
+        picked = [
+            "fanout",
+            "churn",
+            "zones",
+            "join",
+            "change",
+            "partition",
+            "large",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     let opts = Opts {
         quick,
@@ -156,6 +167,7 @@ fn main() {
             "partition" => meta::partition(&opts),
             "syncthing" => syncthing::syncthing(&opts),
             "gc" => gc::gc(&opts),
+            "large" => large::large(&opts),
             _ => unreachable!("checked above"),
         };
         rep.finish(&out);

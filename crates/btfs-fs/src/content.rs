@@ -10,6 +10,22 @@ use std::{fmt, io, path::Path};
 pub use btfs_core::Wanted;
 use btfs_core::{ContentId, InfoHash};
 
+/// What a new version was made from, when it was written in place over a
+/// version held here: the content it changed and which of its bytes. Lets
+/// the source hash only the pieces that changed.
+#[derive(Debug, Clone, Copy)]
+pub struct Update<'a> {
+    /// The content the writer started from.
+    pub base: ContentId,
+    /// That content's swarm, when it has one.
+    pub base_torrent: Option<InfoHash>,
+    /// Bytes `[0, base_kept)` of the new content equal the base's, except
+    /// in `changed` (a truncation below the base's length lowers it).
+    pub base_kept: u64,
+    /// Ranges `[start, end)` written since, sorted and disjoint.
+    pub changed: &'a [(u64, u64)],
+}
+
 /// Receives the answer of an asynchronous content request.
 pub type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;
 
@@ -19,6 +35,30 @@ pub trait ContentSource: Send + Sync + 'static {
     /// commit (`file` holds the bytes and does not change meanwhile). Returns
     /// the swarm that carries it; `None` for content that needs none.
     fn publish(&self, content: &ContentId, file: &Path, size: u64) -> io::Result<Option<InfoHash>>;
+
+    /// As [`publish`](Self::publish), for content written in place over
+    /// `update.base`: pieces outside `update.changed` and below
+    /// `update.base_kept` may be taken from the base's swarm unhashed.
+    fn publish_update(
+        &self,
+        content: &ContentId,
+        file: &Path,
+        size: u64,
+        update: &Update<'_>,
+    ) -> io::Result<Option<InfoHash>> {
+        let _ = update;
+        self.publish(content, file, size)
+    }
+
+    /// A version held here (`old`, an object at `file`, no longer
+    /// referenced) was superseded by `new`, which is not here. The source
+    /// may take the file (move it away, on this thread) as the start of
+    /// `new`'s fetch, so that only the pieces that differ travel. Returns
+    /// whether it took it; if not, the caller deletes it.
+    fn adopt_seed(&self, file: &Path, old: &Wanted, new: &Wanted) -> bool {
+        let _ = (file, old, new);
+        false
+    }
 
     /// Reads `len` bytes at `offset` of content held elsewhere and answers
     /// through `done`: the bytes (short only at the end of the content), or

@@ -14,8 +14,9 @@ mod error;
 pub mod fs;
 pub mod mount;
 mod objects;
+mod outboard;
 
-pub use content::{ContentSource, Done, Wanted};
+pub use content::{ContentSource, Done, Update, Wanted};
 pub use error::{FsError, SignError, errno};
 pub use fs::{Announced, Applied, BtfsFs, FsConfig, FsHandle, FsStatus, Signer};
 pub use mount::{MountError, MountOptions, check_mountpoint, mount, mounted_at, unmount};

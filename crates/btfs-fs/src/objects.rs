@@ -43,7 +43,8 @@ pub struct ObjectStore {
 }
 
 impl ObjectStore {
-    /// Opens the store under `state_dir`. Leftover staging files stay until
+    /// Opens the store under `state_dir`, finishing the promotions a crash
+    /// interrupted. Leftover staging files stay until
     /// [`take_synced`](Self::take_synced) sorts them.
     pub fn open(state_dir: &Path) -> io::Result<Self> {
         let objects = state_dir.join("objects");
@@ -59,11 +60,15 @@ impl ObjectStore {
                 next = next.max(n.saturating_add(1));
             }
         }
-        Ok(Self {
+        let store = Self {
             objects,
             staging,
             counter: AtomicU64::new(next),
-        })
+        };
+        // Before anything looks at the objects (the unreferenced-object
+        // sweep): a promotion's files are in flux until it is finished.
+        store.redo_promotions()?;
+        Ok(store)
     }
 
     /// Sorts the staging files a previous run left: those with a sync marker
@@ -132,6 +137,118 @@ impl ObjectStore {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Prepares taking object `base` out of the store to become, with the
+    /// writes in `delta` applied, the file of a new version (a
+    /// *promotion*: no copy). Before the object is touched, the delta's
+    /// data and an intent naming everything needed to finish are on disk,
+    /// so that a crash from there on is finished at the next start
+    /// ([`redo_promotions`]) rather than leaving the object torn. Then
+    /// [`PreparedPromotion::take`] moves the object (or `cancel` drops the
+    /// intent).
+    pub(crate) fn prepare_promotion(
+        &self,
+        delta: &Staging,
+        intent: &Promotion,
+    ) -> io::Result<PreparedPromotion> {
+        delta.file.sync_data()?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.staging.join(format!("{n:016x}"));
+        let intent_path = self.staging.join(format!("{n:016x}.{PROMOTE}"));
+        let text = intent.encode(&delta.path, &path);
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&intent_path)?;
+            io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()?;
+        }
+        File::open(&self.staging)?.sync_all()?;
+        Ok(PreparedPromotion {
+            object: self.object_path(&intent.base),
+            path,
+            intent: intent_path,
+        })
+    }
+
+    /// Finishes the promotions a crash interrupted: the base object (or
+    /// the half-written file taken from it) gets the delta's writes again
+    /// and is left as a synced staging file of its inode, which recovery
+    /// then commits. A version is never left torn.
+    fn redo_promotions(&self) -> io::Result<()> {
+        for e in fs::read_dir(&self.staging)? {
+            let intent = e?.path();
+            if intent.extension().and_then(|x| x.to_str()) != Some(PROMOTE) {
+                continue;
+            }
+            match self.redo_promotion(&intent) {
+                Ok(()) => {}
+                Err(e) => tracing::error!(
+                    "could not finish a change interrupted by a crash ({}): {e}",
+                    intent.display()
+                ),
+            }
+            fs::remove_file(&intent)?;
+        }
+        Ok(())
+    }
+
+    fn redo_promotion(&self, intent: &Path) -> io::Result<()> {
+        let p = Promotion::decode(&fs::read_to_string(intent)?)
+            .ok_or_else(|| io::Error::other("unreadable promotion intent"))?;
+        let (delta, target) = (self.staging.join(&p.delta), self.staging.join(&p.target));
+        let complete = if target.exists() {
+            false
+        } else if self.object_path(&p.base).exists() {
+            fs::rename(self.object_path(&p.base), &target)?;
+            false
+        } else if self.object_path(&p.new).exists() {
+            // Installed; its record may not be durable: out of the store
+            // (the unreferenced-object sweep would set it aside), recovery
+            // installs it again.
+            fs::rename(self.object_path(&p.new), &target)?;
+            true
+        } else {
+            return Err(io::Error::other(
+                "neither the old nor the new content is here",
+            ));
+        };
+        if !complete {
+            let file = OpenOptions::new().read(true).write(true).open(&target)?;
+            let src = File::open(&delta)?;
+            file.set_len(p.kept.min(p.len))?;
+            file.set_len(p.len)?;
+            let mut buf = vec![0u8; 1 << 20];
+            for (s, e) in &p.ranges {
+                let mut at = *s;
+                while at < *e {
+                    let n = (e - at).min(buf.len() as u64) as usize;
+                    std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf[..n], at)?;
+                    std::os::unix::fs::FileExt::write_all_at(&file, &buf[..n], at)?;
+                    at += n as u64;
+                }
+            }
+            file.sync_all()?;
+            if hash_file(&target, p.len)? != p.new {
+                tracing::warn!(
+                    "a change finished after a crash does not hash to the content it was to be ({})",
+                    target.display()
+                );
+            }
+        }
+        let _ = fs::remove_file(&delta);
+        let marker = marker_path(&target);
+        fs::write(&marker, format!("{}\n", p.ino))?;
+        File::open(&marker)?.sync_all()?;
+        File::open(&self.staging)?.sync_all()?;
+        tracing::info!(
+            ino = p.ino,
+            "finishing a change of a large file interrupted by a crash"
+        );
+        Ok(())
     }
 
     /// Deletes a staging file that is no longer needed, and its marker.
@@ -319,6 +436,15 @@ impl ObjectStore {
         }
     }
 
+    /// Moves object `c` out of the store to a new name in `staging/` (for
+    /// the caller to hand on or delete; deleted at the next start if left).
+    pub(crate) fn take_out(&self, c: &ContentId) -> io::Result<PathBuf> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.staging.join(format!("{n:016x}"));
+        fs::rename(self.object_path(c), &path)?;
+        Ok(path)
+    }
+
     /// Where [`sweep`](Self::sweep) puts objects that no record references.
     pub fn quarantine_dir(&self) -> PathBuf {
         self.objects.with_file_name("quarantine")
@@ -358,6 +484,132 @@ impl ObjectStore {
 
 /// The extension of a sync marker.
 const SYNC_MARKER: &str = "sync";
+/// Extension of a promotion intent in `staging/`.
+const PROMOTE: &str = "promote";
+
+/// A promotion whose intent is on disk (see
+/// [`ObjectStore::prepare_promotion`]).
+#[derive(Debug)]
+pub(crate) struct PreparedPromotion {
+    object: PathBuf,
+    path: PathBuf,
+    pub(crate) intent: PathBuf,
+}
+
+impl PreparedPromotion {
+    /// Moves the base object out of the store: the returned file is the
+    /// new version's, to be written.
+    pub(crate) fn take(&self) -> io::Result<Staging> {
+        fs::rename(&self.object, &self.path)?;
+        let file = match OpenOptions::new().read(true).write(true).open(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                // Back into the store before the intent may go.
+                fs::rename(&self.path, &self.object)?;
+                return Err(e);
+            }
+        };
+        Ok(Staging {
+            path: self.path.clone(),
+            file: std::sync::Arc::new(file),
+        })
+    }
+
+    /// Gives the promotion up before `take`.
+    pub(crate) fn cancel(self) {
+        let _ = fs::remove_file(&self.intent);
+    }
+}
+
+/// What finishing a promotion needs: the inode, the base and new content,
+/// the new length, how much of the base is kept, and the delta's ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Promotion {
+    pub(crate) ino: u64,
+    pub(crate) base: ContentId,
+    pub(crate) new: ContentId,
+    pub(crate) len: u64,
+    pub(crate) kept: u64,
+    pub(crate) ranges: Vec<(u64, u64)>,
+    /// File names in `staging/` (filled by `encode`'s caller).
+    delta: String,
+    target: String,
+}
+
+impl Promotion {
+    pub(crate) fn new(
+        ino: u64,
+        base: ContentId,
+        new: ContentId,
+        len: u64,
+        kept: u64,
+        ranges: Vec<(u64, u64)>,
+    ) -> Self {
+        Self {
+            ino,
+            base,
+            new,
+            len,
+            kept,
+            ranges,
+            delta: String::new(),
+            target: String::new(),
+        }
+    }
+
+    fn encode(&self, delta: &Path, target: &Path) -> String {
+        let name = |p: &Path| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let mut t = format!(
+            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n",
+            self.ino,
+            self.base.to_hex(),
+            self.new.to_hex(),
+            self.len,
+            self.kept,
+            name(delta),
+            name(target)
+        );
+        for (s, e) in &self.ranges {
+            t.push_str(&format!("{s} {e}\n"));
+        }
+        t
+    }
+
+    fn decode(t: &str) -> Option<Self> {
+        let mut l = t.lines();
+        let ino = l.next()?.parse().ok()?;
+        let base = ContentId::from_hex(l.next()?).ok()?;
+        let new = ContentId::from_hex(l.next()?).ok()?;
+        let len = l.next()?.parse().ok()?;
+        let kept = l.next()?.parse().ok()?;
+        let delta = l.next()?.to_owned();
+        let target = l.next()?.to_owned();
+        // Names of files in staging/ only.
+        if delta.contains('/') || target.contains('/') || delta.is_empty() || target.is_empty() {
+            return None;
+        }
+        let mut ranges = Vec::new();
+        for line in l {
+            let (s, e) = line.split_once(' ')?;
+            ranges.push((s.parse().ok()?, e.parse().ok()?));
+        }
+        Some(Self {
+            ino,
+            base,
+            new,
+            len,
+            kept,
+            ranges,
+            delta,
+            target,
+        })
+    }
+}
 /// The inode of a marker that could not be read: recovered into `rescued/`.
 pub(crate) const NO_INODE: u64 = 0;
 
@@ -423,9 +675,74 @@ fn make_durable(path: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use std::{io::Write, os::unix::fs::FileExt};
 
     use super::*;
+
+    /// A promotion interrupted at each step is finished at the next open:
+    /// the inode's staging file holds the new content, marked for recovery.
+    #[test]
+    fn an_interrupted_promotion_is_finished_at_the_next_start() {
+        // 0: before the base was taken; 1: taken, nothing applied;
+        // 2: half applied; 3: installed as the new object already.
+        for step in 0..4 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ObjectStore::open(dir.path()).unwrap();
+            let base: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            let base_id = ContentId::of(&base);
+            let s = store.new_staging(None).unwrap();
+            fs::write(&s.path, &base).unwrap();
+            store.install(&s.path, &base_id, false).unwrap();
+            // New content: a write at 1000, cut to 200,000, grown to 250,000.
+            let mut new = base.clone();
+            new[1000..1010].fill(7);
+            new.truncate(200_000);
+            new.resize(250_000, 0);
+            let new_id = ContentId::of(&new);
+            let delta = store.new_staging(None).unwrap();
+            delta.file.set_len(250_000).unwrap();
+            delta.file.write_all_at(&[7u8; 10], 1000).unwrap();
+            let intent = Promotion::new(42, base_id, new_id, 250_000, 200_000, vec![(1000, 1010)]);
+            if step == 0 {
+                // The intent is written, the rename did not happen.
+                let prepared = store.prepare_promotion(&delta, &intent).unwrap();
+                assert!(prepared.intent.exists());
+            } else {
+                let taken = store
+                    .prepare_promotion(&delta, &intent)
+                    .unwrap()
+                    .take()
+                    .unwrap();
+                if step >= 2 {
+                    taken.file.write_all_at(&[7u8; 5], 1000).unwrap();
+                    taken.file.set_len(200_000).unwrap();
+                }
+                if step == 3 {
+                    taken.file.write_all_at(&[7u8; 10], 1000).unwrap();
+                    taken.file.set_len(250_000).unwrap();
+                    store.install(&taken.path, &new_id, false).unwrap();
+                }
+            }
+            drop(store);
+            let store = ObjectStore::open(dir.path()).unwrap();
+            let synced = store.take_synced().unwrap();
+            assert_eq!(synced.len(), 1, "step {step}");
+            assert_eq!(synced[0].ino, 42);
+            assert!(
+                fs::read(&synced[0].path).unwrap() == new,
+                "step {step}: the new content"
+            );
+            let left: Vec<_> = fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(
+                left.len(),
+                2,
+                "step {step}: the file and its marker only: {left:?}"
+            );
+        }
+    }
 
     #[test]
     fn staging_commits_into_an_immutable_deduplicated_object() {

@@ -88,6 +88,28 @@ impl ContentSource for Content {
         Ok(Some(self.engine.publish(content, file, size)?))
     }
 
+    fn publish_update(
+        &self,
+        content: &ContentId,
+        file: &Path,
+        size: u64,
+        update: &btfs_fs::Update<'_>,
+    ) -> io::Result<Option<InfoHash>> {
+        let update = btfs_torrent::Update {
+            base: update.base,
+            base_torrent: update.base_torrent,
+            base_kept: update.base_kept,
+            changed: update.changed,
+        };
+        Ok(Some(
+            self.engine.publish_update(content, file, size, &update)?,
+        ))
+    }
+
+    fn adopt_seed(&self, file: &Path, old: &Wanted, new: &Wanted) -> bool {
+        self.engine.adopt_seed(file, old, new)
+    }
+
     fn read(&self, wanted: Wanted, offset: u64, len: u32, done: Done<Vec<u8>>) {
         let engine = self.engine.clone();
         self.tasks.spawn_on(

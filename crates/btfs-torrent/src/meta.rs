@@ -70,17 +70,112 @@ impl Metainfo {
         size: u64,
         threads: usize,
     ) -> Result<Self, TorrentError> {
-        if size == 0 {
-            return Err(TorrentError::Empty);
+        check_size(size)?;
+        Self::build_with(content, file, size, threads, piece_length(size))
+    }
+
+    /// `build` with a given piece length (checked against the bounds).
+    pub(crate) fn build_with(
+        content: &ContentId,
+        file: &Path,
+        size: u64,
+        threads: usize,
+        piece_length: u32,
+    ) -> Result<Self, TorrentError> {
+        check_geometry(size, piece_length)?;
+        let pieces = hash_pieces(file, size, piece_length, threads)?;
+        Self::of_pieces(content, size, piece_length, pieces)
+    }
+
+    /// The torrent of content written in place over `base` (the torrent of
+    /// the content the writer started from, when kept here): bytes
+    /// `[0, base_kept)` of `file` equal the base's except in `changed`
+    /// (ranges `[start, end)`, in any order). Returns it with the number of
+    /// pieces whose hash was taken from `base` instead of hashed.
+    ///
+    /// The base's piece length is kept while it is within the bounds for
+    /// `size` (`sticky_piece_length`): a truncation or an append that moved
+    /// the piece length would move every piece boundary, and then every
+    /// piece would differ. A piece's hash is the base's when, at that piece
+    /// length, the piece lies below `base_kept` and the base's size, is a
+    /// full piece in the new size too, and meets no changed range; every
+    /// other piece is read from `file` (on up to `threads` threads). The
+    /// result is the torrent `file` hashed in full at that piece length
+    /// gives (a property test holds it to that). Without a base, `build`.
+    pub fn build_update(
+        content: &ContentId,
+        file: &Path,
+        size: u64,
+        threads: usize,
+        base: Option<&Metainfo>,
+        base_kept: u64,
+        changed: &[(u64, u64)],
+    ) -> Result<(Self, u64), TorrentError> {
+        let Some(base) = base else {
+            return Ok((Self::build(content, file, size, threads)?, 0));
+        };
+        check_size(size)?;
+        let pl = sticky_piece_length(base.piece_length, size);
+        let n = check_geometry(size, pl)?;
+        let base_hashes = if base.piece_length == pl {
+            base.piece_hashes()?
+        } else {
+            Vec::new()
+        };
+        let p = u64::from(pl);
+        let n_us = usize::try_from(n).map_err(|_| TorrentError::TooManyPieces {
+            pieces: n,
+            max: MAX_PIECES,
+        })?;
+        // Pieces a changed range meets.
+        let mut dirty = vec![false; n_us];
+        for &(start, end) in changed {
+            if start >= end || start >= size {
+                continue;
+            }
+            let (first, last) = (start / p, (end.min(size) - 1) / p);
+            for d in &mut dirty[first as usize..=last as usize] {
+                *d = true;
+            }
         }
-        if size > MAX_SIZE {
-            return Err(TorrentError::LengthOutOfBounds {
-                length: size,
-                max: MAX_SIZE,
+        let kept = base_kept.min(base.size);
+        let mut hashes = vec![[0u8; 20]; n_us];
+        let mut todo = Vec::new();
+        for (i, h) in hashes.iter_mut().enumerate() {
+            let end = (i as u64 + 1) * p;
+            match base_hashes.get(i) {
+                Some(b) if end <= kept && end <= size && !dirty[i] => *h = *b,
+                _ => todo.push(i as u64),
+            }
+        }
+        let reused = n - todo.len() as u64;
+        if reused == 0 {
+            return Ok((Self::build_with(content, file, size, threads, pl)?, 0));
+        }
+        let file = File::open(file)?;
+        let len = file.metadata()?.len();
+        if len != size {
+            return Err(TorrentError::SizeChanged {
+                expected: size,
+                found: len,
             });
         }
-        let piece_length = piece_length(size);
-        let pieces = hash_pieces(file, size, piece_length, threads)?;
+        let fresh = hash_pieces_at(&file, size, pl, &todo, threads)?;
+        for (i, h) in todo.iter().zip(fresh) {
+            hashes[*i as usize] = h;
+        }
+        let meta = Self::of_pieces(content, size, pl, hashes.concat())?;
+        Ok((meta, reused))
+    }
+
+    /// The torrent of `size` bytes of `content` whose pieces hash to
+    /// `pieces` (20 bytes each, in order).
+    fn of_pieces(
+        content: &ContentId,
+        size: u64,
+        piece_length: u32,
+        pieces: Vec<u8>,
+    ) -> Result<Self, TorrentError> {
         let info = TorrentMetaV1Info::<ByteBufOwned> {
             name: Some(content.to_hex().into_bytes().into()),
             pieces: pieces.into(),
@@ -109,6 +204,25 @@ impl Metainfo {
             size,
             content: *content,
         })
+    }
+
+    /// The SHA-1 of every piece, in order, read from the `.torrent`.
+    pub fn piece_hashes(&self) -> Result<Vec<[u8; 20]>, TorrentError> {
+        let t = torrent_from_bytes(&self.bytes).map_err(TorrentError::BadMetainfo)?;
+        let pieces: &[u8] = t.info.data.pieces.as_ref();
+        let expected = self.pieces();
+        let found = (pieces.len() / 20) as u64;
+        if !pieces.len().is_multiple_of(20) || found != expected {
+            return Err(TorrentError::PieceCountMismatch { found, expected });
+        }
+        Ok(pieces
+            .chunks_exact(20)
+            .map(|c| {
+                let mut h = [0u8; 20];
+                h.copy_from_slice(c);
+                h
+            })
+            .collect())
     }
 
     /// Parses a `.torrent` received from another node (or kept here) and
@@ -241,6 +355,34 @@ fn check_geometry(size: u64, piece_length: u32) -> Result<u64, TorrentError> {
     Ok(n)
 }
 
+/// Refuses empty content and content over `MAX_SIZE`.
+fn check_size(size: u64) -> Result<(), TorrentError> {
+    if size == 0 {
+        return Err(TorrentError::Empty);
+    }
+    if size > MAX_SIZE {
+        return Err(TorrentError::LengthOutOfBounds {
+            length: size,
+            max: MAX_SIZE,
+        });
+    }
+    Ok(())
+}
+
+/// The piece length of a new version of `size` bytes made from a version
+/// whose torrent has pieces of `base`: `base` while it is within the bounds
+/// for that size (`check_geometry`), else `piece_length(size)`. A version
+/// changed in place keeps its piece boundaries, so that its unchanged
+/// pieces keep their hashes (here) and their bytes (on the nodes that held
+/// the version before, see `engine::seed`).
+pub fn sticky_piece_length(base: u32, size: u64) -> u32 {
+    if check_geometry(size, base).is_ok() {
+        base
+    } else {
+        piece_length(size)
+    }
+}
+
 /// Checks every field of a received info dictionary that btfs relies on;
 /// returns its content, size and piece length.
 fn check_info<B: AsRef<[u8]>>(
@@ -362,6 +504,63 @@ fn hash_one_piece(file: &File, size: u64) -> Result<Vec<u8>, TorrentError> {
         });
     }
     Ok(sha1(&buf).to_vec())
+}
+
+/// The SHA-1 of pieces `which` (indices, in any order) of `size` bytes at
+/// `piece_length` in `file`, in the order asked, read with `pread` on up to
+/// `threads` threads (contiguous runs of `which` each): for a few pieces of
+/// a large file, where a map of the whole file would be more work than the
+/// reads.
+pub(crate) fn hash_pieces_at(
+    file: &File,
+    size: u64,
+    piece_length: u32,
+    which: &[u64],
+    threads: usize,
+) -> std::io::Result<Vec<[u8; 20]>> {
+    use std::os::unix::fs::FileExt;
+    let pl = u64::from(piece_length);
+    let hash_run = |run: &[u64]| -> std::io::Result<Vec<[u8; 20]>> {
+        let mut buf = vec![0u8; piece_length as usize];
+        let mut out = Vec::with_capacity(run.len());
+        for &p in run {
+            let off = p.saturating_mul(pl);
+            if off >= size {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("piece {p} lies past the end ({size} bytes)"),
+                ));
+            }
+            let this = (size - off).min(pl) as usize;
+            file.read_exact_at(&mut buf[..this], off)?;
+            out.push(sha1(&buf[..this]));
+        }
+        Ok(out)
+    };
+    let threads = threads.max(1).min(which.len());
+    if threads <= 1 {
+        return hash_run(which);
+    }
+    let per = which.len().div_ceil(threads);
+    let hashes = thread::scope(|scope| {
+        let workers: Vec<_> = which
+            .chunks(per)
+            .map(|run| scope.spawn(move || hash_run(run)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("hashing thread panicked")))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    })?;
+    Ok(hashes.concat())
+}
+
+/// The SHA-1 of `data`.
+pub(crate) fn sha1_of(data: &[u8]) -> [u8; 20] {
+    sha1(data)
 }
 
 #[cfg(test)]
@@ -787,6 +986,86 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_piece_length_other_than_the_one_for_the_size_is_accepted() {
+        // A version written in place keeps its base's piece length
+        // (`sticky_piece_length`): other nodes must accept it.
+        let len = 3 << 20;
+        let (f, c, _) = file_of(len);
+        assert_ne!(piece_length(len as u64), MAX_PIECE);
+        let m = Metainfo::build_with(&c, f.path(), len as u64, 2, MAX_PIECE).unwrap();
+        let p = Metainfo::parse(m.bytes.clone(), &m.info_hash).unwrap();
+        assert_eq!((p.piece_length, p.pieces()), (MAX_PIECE, 1));
+        let want = Wanted {
+            path: "f".into(),
+            content: c,
+            torrent: m.info_hash,
+            size: len as u64,
+            author: btfs_core::NodeId([1; 32]),
+        };
+        assert_eq!(
+            Metainfo::parse_wanted(m.bytes.clone(), &want)
+                .unwrap()
+                .piece_length,
+            MAX_PIECE
+        );
+        // Out of bounds, it is not built.
+        assert!(matches!(
+            Metainfo::build_with(&c, f.path(), len as u64, 2, MIN_PIECE / 2),
+            Err(TorrentError::BadPieceLength { .. })
+        ));
+    }
+
+    #[test]
+    fn the_bases_piece_length_is_kept_while_within_the_bounds() {
+        assert_eq!(sticky_piece_length(MAX_PIECE, 10), MAX_PIECE);
+        assert_eq!(sticky_piece_length(MIN_PIECE, 4 << 30), MIN_PIECE);
+        let most = u64::from(MIN_PIECE) * MAX_PIECES;
+        assert_eq!(sticky_piece_length(MIN_PIECE, most), MIN_PIECE);
+        assert_eq!(
+            sticky_piece_length(MIN_PIECE, most + 1),
+            piece_length(most + 1)
+        );
+        for bad in [0, 3 << 19, MIN_PIECE / 2, MAX_PIECE * 2] {
+            assert_eq!(sticky_piece_length(bad, 1 << 30), piece_length(1 << 30));
+        }
+    }
+
+    #[test]
+    fn an_update_hashes_only_the_pieces_it_must() {
+        let p = MIN_PIECE as usize;
+        let (base_file, base_c, base) = file_of(10 * p);
+        let base_m = Metainfo::build(&base_c, base_file.path(), base.len() as u64, 2).unwrap();
+        let mut new = base.clone();
+        new[4 * p + 9] ^= 1;
+        new.extend(vec![5u8; p / 2]);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&new).unwrap();
+        let c = ContentId::of(&new);
+        let changed = [
+            (4 * p as u64 + 9, 4 * p as u64 + 10),
+            (10 * p as u64, 11 * p as u64),
+        ];
+        let (m, reused) = Metainfo::build_update(
+            &c,
+            f.path(),
+            new.len() as u64,
+            2,
+            Some(&base_m),
+            base.len() as u64,
+            &changed,
+        )
+        .unwrap();
+        assert_eq!(reused, 9);
+        let full = Metainfo::build(&c, f.path(), new.len() as u64, 3).unwrap();
+        assert_eq!(m.bytes, full.bytes);
+        assert_eq!(m.info_hash, full.info_hash);
+        // Without a base: the full build.
+        let (m, reused) =
+            Metainfo::build_update(&c, f.path(), new.len() as u64, 2, None, 0, &[]).unwrap();
+        assert_eq!((m.info_hash, reused), (full.info_hash, 0));
+    }
+
     /// What holds of every metainfo `parse` accepts.
     fn assert_invariants(m: &Metainfo, asked: &InfoHash) {
         assert_eq!(m.info_hash, *asked);
@@ -863,7 +1142,91 @@ mod tests {
             ]
         }
 
+        /// A change to a file written in place.
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Bytes at an offset (past the end: the gap reads as zeros).
+            Write { at: u64, len: u64, seed: u8 },
+            /// A cut to a fraction (in 1/256) of the size.
+            Truncate(u8),
+            /// Zeros appended.
+            Extend(u64),
+        }
+
+        fn ops() -> impl Strategy<Value = Vec<Op>> {
+            let p = u64::from(MIN_PIECE);
+            let op = prop_oneof![
+                6 => (0..13 * p, 1..2 * p, any::<u8>())
+                    .prop_map(|(at, len, seed)| Op::Write { at, len, seed }),
+                1 => any::<u8>().prop_map(Op::Truncate),
+                1 => (0..3 * p).prop_map(Op::Extend),
+            ];
+            proptest::collection::vec(op, 0..6)
+        }
+
         proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// `build_update` gives exactly the torrent of the new file
+            /// hashed in full at the piece length it chose (the base's while
+            /// in bounds), whatever was written, cut or appended.
+            #[test]
+            fn an_update_is_the_torrent_of_the_new_bytes(
+                base_len in 1u64..12 * u64::from(MIN_PIECE),
+                base_pl in prop_oneof![Just(MIN_PIECE), Just(MIN_PIECE * 2), Just(MAX_PIECE)],
+                ops in ops(),
+                with_base in prop::bool::weighted(0.9),
+                threads in 1usize..4,
+            ) {
+                let (base_file, base_c, base) = file_of(base_len as usize);
+                let base_m =
+                    Metainfo::build_with(&base_c, base_file.path(), base_len, 2, base_pl).unwrap();
+                let mut data = base.clone();
+                let mut kept = base_len;
+                let mut changed = Vec::new();
+                for op in ops {
+                    match op {
+                        Op::Write { at, len, seed } => {
+                            let end = (at + len) as usize;
+                            if data.len() < end {
+                                data.resize(end, 0);
+                            }
+                            for (i, b) in data[at as usize..end].iter_mut().enumerate() {
+                                *b = seed.wrapping_add((i * 31) as u8);
+                            }
+                            changed.push((at, at + len));
+                        }
+                        Op::Truncate(frac) => {
+                            let to = data.len() * usize::from(frac) / 256;
+                            data.truncate(to);
+                            kept = kept.min(to as u64);
+                        }
+                        Op::Extend(by) => data.resize(data.len() + by as usize, 0),
+                    }
+                }
+                if data.is_empty() {
+                    data.push(1);
+                    changed.push((0, 1));
+                }
+                let size = data.len() as u64;
+                let mut f = tempfile::NamedTempFile::new().unwrap();
+                f.write_all(&data).unwrap();
+                let c = ContentId::of(&data);
+                let base = with_base.then_some(&base_m);
+                let (m, reused) =
+                    Metainfo::build_update(&c, f.path(), size, threads, base, kept, &changed)
+                        .unwrap();
+                let pl = if with_base {
+                    sticky_piece_length(base_pl, size)
+                } else {
+                    piece_length(size)
+                };
+                let full = Metainfo::build_with(&c, f.path(), size, 1, pl).unwrap();
+                prop_assert_eq!(m.piece_length, pl);
+                prop_assert_eq!(&m.bytes, &full.bytes);
+                prop_assert!(reused <= m.pieces());
+                prop_assert!(with_base || reused == 0);
+            }
 
             #[test]
             fn arbitrary_bytes_never_panic(

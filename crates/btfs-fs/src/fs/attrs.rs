@@ -352,7 +352,16 @@ impl<B: Backend> Shared<B> {
             FileKind::Dir => return Err(FsError::IsDir),
             FileKind::Symlink => return Err(FsError::Invalid("not a regular file")),
         }
-        self.with_state(ino, |st| {
+        let cell = self.pin(ino);
+        let done = (|| {
+            let st = &mut *cell.state.lock();
+            if let Some(r) = &st.ranged {
+                r.truncate(size)?;
+                if st.writers == 0 {
+                    self.commit(ino, st, true)?;
+                }
+                return Ok(());
+            }
             if let Some(s) = &st.staging {
                 s.file.set_len(size)?;
                 // Without a writer (a clean private copy kept for readers, or a
@@ -369,15 +378,28 @@ impl<B: Backend> Shared<B> {
             } else {
                 current.record.content
             };
-            let staging = self.objects.new_staging(from.as_ref())?;
-            staging.file.set_len(size)?;
-            st.staging = Some(staging);
             st.base = Some((current.record.version.clone(), current.record.content));
+            match from {
+                // A large file: the cut is a range stage, no copy.
+                Some(c) if self.wants_ranged(&c, false, false) => {
+                    self.make_ranged(&cell, st, c, current.record.torrent)?;
+                    if let Some(r) = &st.ranged {
+                        r.truncate(size)?;
+                    }
+                }
+                _ => {
+                    let staging = self.objects.new_staging(from.as_ref())?;
+                    staging.file.set_len(size)?;
+                    st.staging = Some(staging);
+                }
+            }
             self.commit(ino, st, true)?;
             // Any page cache of the old content is stale now.
             self.inodes.stale_cache.lock().insert(ino);
             Ok(())
-        })
+        })();
+        self.unpin(ino);
+        done
     }
 
     pub(super) fn statfs(&self) -> Result<nix::sys::statvfs::Statvfs> {

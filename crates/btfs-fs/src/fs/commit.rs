@@ -18,10 +18,17 @@ use btfs_store::{Backend, Change, Entry};
 use parking_lot::Mutex;
 use tracing::{debug, error, info, warn};
 
-use super::{Shared, handles::Handle, inodes::OpenInode};
+use super::{
+    Shared,
+    handles::Handle,
+    inodes::{OpenInode, Target},
+    ranged::RangedRest,
+};
 use crate::{
+    content::Update,
     error::Result,
     objects::{Staging, hash_staging},
+    outboard::{Outboard, SUBTREE},
 };
 
 /// Threads that hash and commit closed files.
@@ -183,6 +190,19 @@ impl<B: Backend> Shared<B> {
     /// by every path with the same content.
     pub(super) fn commit(&self, ino: u64, st: &mut OpenInode, shared: bool) -> Result<()> {
         let installed = self.commit_staging(ino, st, shared)?;
+        // A promoted base is the new version now: its intent may go once
+        // the record is durable (until then a crash must finish it, since
+        // the old version's object is gone).
+        if st.promoted.is_some() {
+            self.store.flush()?;
+        }
+        if let Some((intent, delta)) = st.promoted.take() {
+            for p in [intent, delta] {
+                if let Err(e) = self.objects.discard_staging(&p) {
+                    warn!(ino, "could not delete {}: {e}", p.display());
+                }
+            }
+        }
         if st.sync_on_commit {
             self.store.flush()?;
             st.sync_on_commit = false;
@@ -237,9 +257,52 @@ impl<B: Backend> Shared<B> {
                 }
             },
         };
-        let keep_private = shared && st.backing.is_some();
+        // A range-staged file: hashed where it changed, made whole.
+        let (staging, ranged) = match st.ranged.clone() {
+            None => (staging, None),
+            Some(r) => {
+                st.staging = Some(staging);
+                let done = self.commit_ranged(ino, st, &r)?;
+                st.ranged = None;
+                if let Some(cell) = self.inodes.cell(ino) {
+                    *cell.ranged.write() = None;
+                }
+                match done {
+                    Some(rc) => (rc.staging, Some(rc.rest)),
+                    None => {
+                        // Opened for writing, nothing written: no new
+                        // version, but attributes changed meanwhile are.
+                        if let Some(delta) = st.staging.take()
+                            && let Err(e) = self.objects.discard_staging(&delta.path)
+                        {
+                            warn!(
+                                ino,
+                                "could not delete a delta file {}: {e}",
+                                delta.path.display()
+                            );
+                        }
+                        self.write_pending_attrs(ino, st)?;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        // Passthrough readers of the base object (a range-staged writer
+        // left them there) keep it; a private staging file in use as a
+        // backing file must stay private.
+        let keep_private = ranged.is_none() && shared && st.backing.is_some();
         let meta = staging.file.metadata()?;
-        let content = match hash_staging(&staging, meta.len()) {
+        let hashed = match &ranged {
+            Some(rc) => Ok((rc.content, rc.outboard.clone())),
+            None if meta.len() > SUBTREE => {
+                Outboard::of_file(&staging.file, meta.len()).and_then(|o| match o.root() {
+                    Some(c) => Ok((c, Some(o))),
+                    None => Err(io::Error::other("no root for a multi-subtree file")),
+                })
+            }
+            None => hash_staging(&staging, meta.len()).map(|c| (c, None)),
+        };
+        let (content, outboard) = match hashed {
             Ok(c) => c,
             Err(e) => {
                 st.staging = Some(staging);
@@ -252,7 +315,7 @@ impl<B: Backend> Shared<B> {
         let torrent = if unchanged {
             None
         } else {
-            self.publish(ino, &content, &staging.path, meta.len())
+            self.publish(ino, &content, &staging.path, meta.len(), ranged.as_ref())
         };
         let _ns = self.ns.lock();
         let durable = st.sync_on_commit;
@@ -261,13 +324,28 @@ impl<B: Backend> Shared<B> {
         } else {
             self.objects.install(&staging.path, &content, durable)
         };
+        if installed.is_ok() {
+            if let Some(o) = &outboard {
+                self.outboards.put(&content, o);
+            }
+            // Readers served here read the new object from now on.
+            if ranged.is_some()
+                && let Some(cell) = self.inodes.cell(ino)
+                && let Ok(f) = self.objects.open_object(&content)
+            {
+                *cell.current.write() = Some(Arc::new(f));
+            }
+        }
         let installed_from = if keep_private {
             st.staging = Some(staging);
             None
         } else {
             // The file is an object now: a later open must not reuse it as its
-            // backing file (a writer would write into the object).
-            st.backing = None;
+            // backing file (a writer would write into the object). Readers
+            // of a range-staged file's base object keep that one.
+            if !matches!(st.backing, Some((Target::Object(_), _))) || ranged.is_none() {
+                st.backing = None;
+            }
             // Only a durable install leaves the staging name (and its sync
             // marker) behind; otherwise the rename took the name and no
             // marker was ever made (markers come with `sync_on_commit`).
@@ -372,12 +450,33 @@ impl<B: Backend> Shared<B> {
     /// `None` (no content source, empty content, or a failure, logged: the
     /// version stands, and other nodes cannot read it until it is written
     /// again).
-    fn publish(&self, ino: u64, content: &ContentId, file: &Path, size: u64) -> Option<InfoHash> {
+    fn publish(
+        &self,
+        ino: u64,
+        content: &ContentId,
+        file: &Path,
+        size: u64,
+        ranged: Option<&RangedRest>,
+    ) -> Option<InfoHash> {
         let source = self.cfg.content.as_ref()?;
         if size == 0 {
             return None;
         }
-        match source.publish(content, file, size) {
+        let published = match ranged {
+            Some(r) => source.publish_update(
+                content,
+                file,
+                size,
+                &Update {
+                    base: r.base,
+                    base_torrent: r.base_torrent,
+                    base_kept: r.kept,
+                    changed: &r.changed,
+                },
+            ),
+            None => source.publish(content, file, size),
+        };
+        match published {
             Ok(t) => t,
             Err(e) => {
                 error!(ino, content = %content.short(), "could not publish new content for other nodes: {e}");

@@ -230,17 +230,26 @@ impl<B: Backend> Shared<B> {
             if let (false, Some(source)) = (writable, &self.cfg.content) {
                 source.opened(&content);
             }
-            let mut passthrough = st.backing.is_some()
-                || (st.cached == 0
-                    && self.passthrough.load(Ordering::Relaxed)
-                    && (writable
-                        || st.staging.is_some()
-                        || !self.inodes.backed_objects.lock().contains_key(&content)));
             if writable {
                 if st.staging.is_none() {
                     st.base = Some((entry.record.version.clone(), entry.record.content));
+                    if self.wants_ranged(&content, truncate, sync_writes) {
+                        self.make_ranged(&cell, &mut st, content, entry.record.torrent)?;
+                    }
                 }
-                self.ensure_staging(&cell, &mut st, content, truncate)?;
+                if sync_writes {
+                    // Acknowledged writes need a file a restart can commit.
+                    self.materialize(&cell, &mut st)?;
+                }
+                match st.ranged.clone() {
+                    Some(r) => {
+                        if truncate {
+                            r.truncate(0)?;
+                        }
+                        st.uncommitted = true;
+                    }
+                    None => self.ensure_staging(&cell, &mut st, content, truncate)?,
+                }
                 if sync_writes {
                     // Every write is acknowledged as durable: the staging
                     // file must survive a crash from the first one on.
@@ -249,6 +258,19 @@ impl<B: Backend> Shared<B> {
                     self.store.flush()?;
                 }
             }
+            // A range-staged writer is served here (the daemon keeps its
+            // ranges); a passthrough backing of an older version (readers
+            // of it are still open) is not joined by new opens.
+            let ranged_writer = writable && st.ranged.is_some();
+            let stale_backing = matches!(st.backing, Some((Target::Object(c), _)) if c != content);
+            let mut passthrough = !ranged_writer
+                && !stale_backing
+                && (st.backing.is_some()
+                    || (st.cached == 0
+                        && self.passthrough.load(Ordering::Relaxed)
+                        && (writable
+                            || st.staging.is_some()
+                            || !self.inodes.backed_objects.lock().contains_key(&content))));
             if passthrough && st.backing.is_none() {
                 let (file, target) = match &st.staging {
                     Some(s) => (s.file.clone(), Target::Staging),
@@ -286,6 +308,11 @@ impl<B: Backend> Shared<B> {
                 _ => Arc::new(self.objects.open_object(&content)?),
             };
             let cached = backing.is_none();
+            if ranged_writer || stale_backing {
+                // No page cache: passthrough readers of the base may share
+                // the inode (direct-IO opens take no I/O mode).
+                fopen |= FopenFlags::FOPEN_DIRECT_IO;
+            }
             if cached {
                 st.cached += 1;
                 let changed = self.inodes.stale_cache.lock().remove(&ino);
@@ -361,11 +388,13 @@ impl<B: Backend> Shared<B> {
 
     pub(super) fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadFrom> {
         let h = self.handles.get(fh)?;
+        let cell = self.inodes.cell(h.ino);
+        // Range-staged: the writes over the base.
+        if let Some(r) = cell.as_ref().and_then(|c| c.ranged.read().clone()) {
+            return Ok(ReadFrom::Here(r.read(offset, u64::from(size))?));
+        }
         // A reader opened before a writer reads the writer's file from then on.
-        let current = self
-            .inodes
-            .cell(h.ino)
-            .and_then(|c| c.current.read().clone());
+        let current = cell.and_then(|c| c.current.read().clone());
         let file = match (&current, &h.file, &h.remote) {
             (Some(f), _, _) | (None, Some(f), _) => f,
             (None, None, Some(wanted)) => match h.arrived.get() {
@@ -406,7 +435,27 @@ impl<B: Backend> Shared<B> {
         if !h.writable {
             return Err(FsError::BadHandle);
         }
-        let file = h.file.as_ref().ok_or(FsError::BadHandle)?;
+        let cell = self.inodes.cell(h.ino);
+        if let Some(cell) = &cell {
+            {
+                let ranged = cell.ranged.read();
+                if let Some(r) = ranged.as_ref()
+                    && r.write(offset, data)?
+                {
+                    return Ok(data.len() as u32);
+                }
+            }
+            // Too many ranges (or none): a full copy takes the writes.
+            if cell.ranged.read().is_some() {
+                self.materialize(cell, &mut cell.state.lock())?;
+            }
+        }
+        // The inode's file (a range stage turned full copy replaced the one
+        // this handle was opened with).
+        let file = cell
+            .and_then(|c| c.current.read().clone())
+            .or_else(|| h.file.clone())
+            .ok_or(FsError::BadHandle)?;
         file.write_all_at(data, offset)?;
         if h.sync_writes {
             file.sync_data()?;
@@ -426,8 +475,17 @@ impl<B: Backend> Shared<B> {
             i64::try_from(offset).map_err(|_| FsError::Invalid("offset too large"))?,
             i64::try_from(length).map_err(|_| FsError::Invalid("length too large"))?,
         );
-        let file = h.file.as_ref().ok_or(FsError::BadHandle)?;
-        nix::fcntl::fallocate(&**file, flags, off, len).map_err(|e| FsError::Io(e.into()))
+        let cell = self.inodes.cell(h.ino);
+        if let Some(cell) = &cell
+            && cell.ranged.read().is_some()
+        {
+            self.materialize(cell, &mut cell.state.lock())?;
+        }
+        let file = cell
+            .and_then(|c| c.current.read().clone())
+            .or_else(|| h.file.clone())
+            .ok_or(FsError::BadHandle)?;
+        nix::fcntl::fallocate(&*file, flags, off, len).map_err(|e| FsError::Io(e.into()))
     }
 
     /// Flushes a writer's staging data and the metadata store. The version
@@ -442,6 +500,8 @@ impl<B: Backend> Shared<B> {
                 let mut st = cell.state.lock();
                 self.write_pending_attrs(h.ino, &mut st)?;
                 if h.writable {
+                    // A sync marker needs a file a restart can commit.
+                    self.materialize(&cell, &mut st)?;
                     self.sync_staging(h.ino, &mut st, datasync)?;
                 }
             }

@@ -51,6 +51,12 @@ pub(super) struct OpenInode {
     /// Attribute changes made while writers hold the file open, for the
     /// next commit (see [`PendingAttrs`]).
     pub(super) attrs: Option<PendingAttrs>,
+    /// The staging file is a delta over the committed object (see
+    /// [`super::ranged`]); also in `InodeCell::ranged`.
+    pub(super) ranged: Option<Arc<super::ranged::Ranged>>,
+    /// A promotion's intent and delta file (see `ObjectStore::promote`),
+    /// deleted once its version is committed.
+    pub(super) promoted: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +68,10 @@ pub(super) struct InodeCell {
     /// (the staging file, which stays valid after it is installed as the
     /// object). Cached-mode reads use it, so they see the writers' data.
     pub(super) current: RwLock<Option<Arc<File>>>,
+    /// The range-staged writes, for reads and writes (held shared by a
+    /// write while it lands, exclusively while the stage becomes a full
+    /// copy).
+    pub(super) ranged: RwLock<Option<Arc<super::ranged::Ranged>>>,
 }
 
 /// The maps of inodes (lock 3 of the order in [`super`]: each held shortly).
@@ -146,6 +156,16 @@ impl<B: Backend> Shared<B> {
         // private copy (already committed), an unlinked file's data, or writes
         // whose commit failed: those are kept aside, never deleted.
         let orphan = self.inodes.orphans.lock().contains_key(&ino);
+        // Writes kept as ranges are made whole before they are kept aside.
+        if st.ranged.is_some()
+            && st.uncommitted
+            && !orphan
+            && let Err(e) = self.materialize(cell, &mut st)
+        {
+            error!(ino, "could not make a range-staged version whole: {e}");
+        }
+        *cell.ranged.write() = None;
+        st.ranged = None;
         let Some(staging) = st.staging.take() else {
             return;
         };
@@ -170,18 +190,6 @@ impl<B: Backend> Shared<B> {
                 staging.path.display()
             );
         }
-    }
-
-    /// Runs `f` on the state of `ino`, pinning it meanwhile.
-    pub(super) fn with_state<T>(
-        &self,
-        ino: u64,
-        f: impl FnOnce(&mut OpenInode) -> Result<T>,
-    ) -> Result<T> {
-        let cell = self.pin(ino);
-        let r = f(&mut cell.state.lock());
-        self.unpin(ino);
-        r
     }
 
     /// The kernel dropped inode `ino`: an orphan's content may now be deleted.
@@ -226,6 +234,7 @@ impl<B: Backend> Shared<B> {
             if in_use {
                 continue;
             }
+            self.outboards.remove(&c);
             match self.objects.remove(&c) {
                 Ok(()) => deleted += 1,
                 Err(e) => warn!(content = %c.short(), "could not delete unreferenced object: {e}"),

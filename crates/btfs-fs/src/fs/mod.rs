@@ -63,6 +63,7 @@ mod handles;
 mod inodes;
 mod namespace;
 mod ops;
+mod ranged;
 mod replica;
 mod reply;
 mod status;
@@ -129,6 +130,13 @@ struct Shared<B> {
     committer: commit::Committer,
     /// Objects released by store writes, deleted once those writes are durable.
     pending_gc: Mutex<Vec<btfs_core::ContentId>>,
+    /// blake3 outboards of large objects (see [`crate::outboard`]).
+    outboards: crate::outboard::Outboards,
+    /// Objects superseded by a remote version not here yet, offered to the
+    /// content source as the start of that version's fetch right after the
+    /// version is applied (old content -> (old, new)). At most `MAX_SEEDS`.
+    pending_seeds:
+        Mutex<std::collections::HashMap<btfs_core::ContentId, (crate::Wanted, crate::Wanted)>>,
     passthrough: AtomicBool,
     /// Kernel cache invalidations, sent by their own thread once mounted.
     inval_tx: Mutex<Option<SyncSender<replica::Inval>>>,
@@ -181,9 +189,15 @@ impl<B: Backend> BtfsFs<B> {
                 objects.quarantine_dir().display()
             );
         }
+        let outboards = crate::outboard::Outboards::open(&cfg.state_dir)?;
+        if let Err(e) = outboards.sweep(|c| objects.object_path(c).exists()) {
+            warn!("could not sweep the outboards of objects no longer here: {e}");
+        }
         let shared = Arc::new(Shared {
             store,
             objects,
+            outboards,
+            pending_seeds: Mutex::new(std::collections::HashMap::new()),
             cfg,
             ns: Mutex::new(()),
             inodes: inodes::Inodes::default(),

@@ -24,7 +24,16 @@ use fuser::INodeNo;
 use tracing::{debug, warn};
 
 use super::Shared;
-use crate::error::{ErrorChain, Result};
+use crate::{
+    Wanted,
+    error::{ErrorChain, Result},
+};
+
+/// Superseded objects kept as seeds for the versions that replaced them
+/// (until collected): bounds the map, not disk (the source bounds that).
+const MAX_SEEDS: usize = 4096;
+/// Smaller content is fetched whole anyway: no seed.
+const SEED_MIN: u64 = 1 << 20;
 
 /// A new local version, for the mesh to gossip.
 #[derive(Debug, Clone)]
@@ -275,7 +284,90 @@ impl<B: Backend> Shared<B> {
             }
         };
         self.invalidate(inval);
+        self.adopt_seeds();
         Ok(outcome)
+    }
+
+    /// Hands the objects that remote versions superseded (see `note_seed`)
+    /// to the content source now, before the new version is first read:
+    /// once the store no longer needs them (flushed), out of the object
+    /// store under `ns`, then offered outside it (the source may wait on
+    /// its own locks). Declined ones are deleted.
+    fn adopt_seeds(&self) {
+        let seeds: Vec<_> = self.pending_seeds.lock().drain().collect();
+        if seeds.is_empty() {
+            return;
+        }
+        let Some(source) = self.cfg.content.clone() else {
+            return;
+        };
+        if let Err(e) = self.store.flush() {
+            warn!("could not flush the store before reusing superseded content: {e}");
+            return;
+        }
+        for (old, (old_w, new_w)) in seeds {
+            let taken = {
+                let _ns = self.ns.lock();
+                let unused = self.store.refcount(&old).is_ok_and(|n| n == 0)
+                    && !self.inodes.backed_objects.lock().contains_key(&old)
+                    && !self
+                        .inodes
+                        .orphans
+                        .lock()
+                        .values()
+                        .any(|o| o.record.content == Some(old))
+                    && !self.objects.object_path(&new_w.content).exists();
+                if !unused {
+                    continue;
+                }
+                match self.objects.take_out(&old) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        debug!(content = %old.short(), "superseded content not reused: {e}");
+                        continue;
+                    }
+                }
+            };
+            self.outboards.remove(&old);
+            if source.adopt_seed(&taken, &old_w, &new_w) {
+                debug!(path = %new_w.path, "the old version starts the new one's fetch");
+            } else if let Err(e) = std::fs::remove_file(&taken) {
+                warn!(
+                    "could not delete superseded content {}: {e}",
+                    taken.display()
+                );
+            }
+        }
+    }
+
+    /// A remote version replaces a file whose content is here with content
+    /// that is not: the old object is offered to the content source as the
+    /// start of the new one's fetch when it is collected (`MAX_SEEDS`).
+    fn note_seed(&self, path: &RelPath, before: Option<&Entry>, record: &FileRecord) {
+        let Some(before) = before else { return };
+        let (Some(old), Some(new)) = (before.record.content, record.content) else {
+            return;
+        };
+        if old == new
+            || self.cfg.content.is_none()
+            || self.inodes.cell(before.ino).is_some()
+            || record.size < SEED_MIN
+            || !record.is_live()
+            || self.objects.object_path(&new).exists()
+            || !self.objects.object_path(&old).exists()
+        {
+            return;
+        }
+        let (Some(old_w), Some(new_w)) = (
+            Wanted::of(path.to_string(), &before.record),
+            Wanted::of(path.to_string(), record),
+        ) else {
+            return;
+        };
+        let mut seeds = self.pending_seeds.lock();
+        if seeds.len() < MAX_SEEDS {
+            seeds.insert(old, (old_w, new_w));
+        }
     }
 
     fn ino_of_dir(&self, dir: &RelPath) -> Result<u64> {
@@ -348,6 +440,7 @@ impl<B: Backend> Shared<B> {
                     .collect()
             })
             .unwrap_or_default();
+        self.note_seed(path, live_before, &record);
         let mut changes = vec![Change::Put(
             path.clone(),
             Entry {

@@ -7,7 +7,7 @@ use std::{collections::HashSet, fs, io, os::unix::fs::MetadataExt, sync::Arc, ti
 use btfs_core::ContentId;
 use tracing::{info, warn};
 
-use super::Engine;
+use super::{Engine, seed};
 use crate::MemberId;
 
 /// How often the cache is measured against `cache_size`.
@@ -112,8 +112,14 @@ impl Engine {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            if let Some(m) = &marker {
-                let _ = fs::remove_file(m);
+            match &marker {
+                Some(m) => {
+                    let _ = fs::remove_file(m);
+                }
+                // A seed's marker goes with it (`seed`).
+                None => {
+                    let _ = fs::remove_file(seed::marker_path(&self.cfg.dir, &c));
+                }
             }
             total -= bytes;
             if marker.is_some() {

@@ -25,6 +25,7 @@ use super::{
     Engine,
     holders::{ZoneView, dial_order},
     lifecycle::Lifecycle,
+    seed::Seeded,
     with_kept, write_atomic,
 };
 use crate::{
@@ -127,7 +128,7 @@ impl Live {
     }
 
     /// What it is used for, to decide whether it can be retired.
-    fn usage(&self) -> Usage {
+    pub(super) fn usage(&self) -> Usage {
         Usage {
             last_used: *self.last_used.lock(),
             users: self.users.load(Ordering::Acquire),
@@ -403,8 +404,21 @@ impl Engine {
             }
             fs::write(&bitv, bits)?;
         } else {
-            match fs::read(&resume) {
-                Ok(bits) if bits.len() == bytes && data.exists() => {
+            // A seed (a version superseded here, `seed`): its pieces are
+            // found now, and kept as if fetched. Its marker is newer than
+            // any kept bitfield of the content.
+            let seeded = if data.exists() {
+                self.seed_bits(&meta, &data).await
+            } else {
+                Seeded::No
+            };
+            let kept = match seeded {
+                Seeded::No => fs::read(&resume).ok(),
+                Seeded::Bits(bits) => Some(bits),
+                Seeded::Failed => None,
+            };
+            match kept {
+                Some(bits) if bits.len() == bytes && data.exists() => {
                     for (p, h) in have.iter_mut().enumerate() {
                         *h = bits[p / 8] & (0x80 >> (p % 8)) != 0;
                     }
@@ -412,6 +426,9 @@ impl Engine {
                 }
                 _ => {
                     let _ = fs::remove_file(&bitv);
+                    // Kept pieces of a file that is gone (evicted) would be
+                    // joined to the new file's when it is retired.
+                    let _ = fs::remove_file(&resume);
                     // Without a bitfield librqbit would hash the whole file
                     // on librqbit's one thread, stalling every other torrent
                     // meanwhile. Only a crash within a second of the first

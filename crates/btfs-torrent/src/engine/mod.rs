@@ -11,6 +11,8 @@
 //! * `cache`: fetched content kept under `cache_size`; `holders`: what
 //!   members announced they hold, and the order members are dialled in
 //!   (zones: `zone=`);
+//! * `seed`: versions superseded here kept as the start of the new
+//!   version's fetch (only the pieces that differ travel);
 //! * `listen`: peer connections (the SOCKS5 bridge, the BitTorrent
 //!   listener, bridged streams); `status`: what `btfs status` shows;
 //! * `runtime`: librqbit's own runtime.
@@ -52,10 +54,13 @@ mod live;
 mod publish;
 mod read;
 mod runtime;
+mod seed;
 mod status;
 
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod seed_tests;
 #[cfg(test)]
 mod zone_tests;
 
@@ -112,6 +117,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use publish::Update;
 pub use status::{FetchStatus, Status};
 
 use crate::{

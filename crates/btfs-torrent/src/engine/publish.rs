@@ -13,8 +13,24 @@ use std::{
 use btfs_core::{ContentId, InfoHash, Wanted};
 use tracing::{debug, warn};
 
-use super::{Engine, ObjectPath, write_atomic};
+use super::{Engine, ObjectPath, seed, write_atomic};
 use crate::{TorrentError, meta::Metainfo};
+
+/// What a new version was made from, when it was written in place over a
+/// version whose torrent may be kept here (see
+/// [`Engine::publish_update`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Update<'a> {
+    /// The content the writer started from.
+    pub base: ContentId,
+    /// That content's swarm, when it has one.
+    pub base_torrent: Option<InfoHash>,
+    /// Bytes `[0, base_kept)` of the new content equal the base's, except
+    /// in `changed`.
+    pub base_kept: u64,
+    /// Ranges `[start, end)` written since.
+    pub changed: &'a [(u64, u64)],
+}
 
 /// How often `.torrent` files of content no longer here are looked for...
 const SWEEP_EVERY: Duration = Duration::from_secs(600);
@@ -32,6 +48,50 @@ impl Engine {
         size: u64,
     ) -> Result<InfoHash, TorrentError> {
         let meta = Metainfo::build(content, file, size, self.cfg.hash_threads)?;
+        let path = self.torrent_path(&meta.info_hash);
+        if !path.exists() {
+            write_atomic(&path, &meta.bytes)?;
+        }
+        Ok(meta.info_hash)
+    }
+
+    /// As [`publish`](Self::publish), for content written in place over
+    /// `update.base`: when the base's torrent is kept here (and is the
+    /// base's), its piece length is kept and the hashes of the pieces the
+    /// writer did not touch are taken from it (`Metainfo::build_update`),
+    /// so that a small change to a large file hashes little. Otherwise the
+    /// file is hashed in full.
+    pub fn publish_update(
+        &self,
+        content: &ContentId,
+        file: &Path,
+        size: u64,
+        update: &Update<'_>,
+    ) -> Result<InfoHash, TorrentError> {
+        let base = update.base_torrent.and_then(|ih| {
+            let bytes = fs::read(self.torrent_path(&ih)).ok()?;
+            match Metainfo::parse(bytes, &ih) {
+                Ok(m) if m.content == update.base => Some(m),
+                Ok(m) => {
+                    warn!(torrent = %ih, carries = %m.content.short(), base = %update.base.short(), "the base's torrent carries other content: hashing the new version in full");
+                    None
+                }
+                Err(e) => {
+                    warn!(torrent = %ih, "the base's torrent is unusable ({e}): hashing the new version in full");
+                    None
+                }
+            }
+        });
+        let (meta, reused) = Metainfo::build_update(
+            content,
+            file,
+            size,
+            self.cfg.hash_threads,
+            base.as_ref(),
+            update.base_kept,
+            update.changed,
+        )?;
+        debug!(content = %content.short(), pieces = meta.pieces(), reused, "published a version written in place");
         let path = self.torrent_path(&meta.info_hash);
         if !path.exists() {
             write_atomic(&path, &meta.bytes)?;
@@ -87,8 +147,12 @@ impl Engine {
             let live: HashSet<InfoHash> = self.live.lock().keys().copied().collect();
             let this = self.clone();
             let swept = tokio::task::spawn_blocking(move || {
+                // The torrents seeds start from (their pieces are compared
+                // when the seed's torrent comes up) stay while the seeds do.
+                let mut keep = live;
+                keep.extend(seed::sweep_markers(&this.cfg.dir, SWEEP_MIN_AGE)?);
                 let stale =
-                    stale_torrents(&this.cfg.dir, &this.cfg.object_path, &live, SWEEP_MIN_AGE)?;
+                    stale_torrents(&this.cfg.dir, &this.cfg.object_path, &keep, SWEEP_MIN_AGE)?;
                 for ih in &stale {
                     fs::remove_file(this.torrent_path(ih))?;
                     let _ = fs::remove_file(this.resume_path(ih));
