@@ -841,6 +841,24 @@ fn large_files_change_in_place_without_a_copy() {
     };
     let commits = |node: &Node| node.status()["commits"].as_u64().unwrap();
 
+    // A reader that had the file open before a writer sees the writes, as
+    // on a local filesystem. With passthrough the kernel allows no other
+    // kind of open beside it, so that writer gets a full private copy (the
+    // object file itself, detached); without, the daemon serves both.
+    let early = File::open(&p).unwrap();
+    let mut first = vec![0u8; 4096];
+    early.read_exact_at(&mut first, 10 << 20).unwrap();
+    assert!(first == model[10 << 20..(10 << 20) + 4096]);
+    let w = OpenOptions::new().write(true).open(&p).unwrap();
+    w.write_all_at(&[0xAB; 4096], 10 << 20).unwrap();
+    let mut again = vec![0u8; 4096];
+    early.read_exact_at(&mut again, 10 << 20).unwrap();
+    assert_eq!(again, vec![0xAB; 4096], "an earlier reader sees the writes");
+    drop(w);
+    model[10 << 20..(10 << 20) + 4096].fill(0xAB);
+    drop(early);
+    check(&model, "a write while a reader had the file open");
+
     // Opened for writing, a write in the middle: no copy while it is open,
     // and the writer and a reader opened after it read the new bytes.
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();

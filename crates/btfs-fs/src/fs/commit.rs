@@ -18,12 +18,7 @@ use btfs_store::{Backend, Change, Entry};
 use parking_lot::Mutex;
 use tracing::{debug, error, info, warn};
 
-use super::{
-    Shared,
-    handles::Handle,
-    inodes::{OpenInode, Target},
-    ranged::RangedRest,
-};
+use super::{Shared, handles::Handle, inodes::OpenInode, ranged::RangedRest};
 use crate::{
     content::Update,
     error::Result,
@@ -287,9 +282,8 @@ impl<B: Backend> Shared<B> {
                 }
             }
         };
-        // Passthrough readers of the base object (a range-staged writer
-        // left them there) keep it; a private staging file in use as a
-        // backing file must stay private.
+        // A private staging file in use as a backing file must stay private
+        // (a range-staged inode has no passthrough backing).
         let keep_private = ranged.is_none() && shared && st.backing.is_some();
         let meta = staging.file.metadata()?;
         let hashed = match &ranged {
@@ -341,11 +335,8 @@ impl<B: Backend> Shared<B> {
             None
         } else {
             // The file is an object now: a later open must not reuse it as its
-            // backing file (a writer would write into the object). Readers
-            // of a range-staged file's base object keep that one.
-            if !matches!(st.backing, Some((Target::Object(_), _))) || ranged.is_none() {
-                st.backing = None;
-            }
+            // backing file (a writer would write into the object).
+            st.backing = None;
             // Only a durable install leaves the staging name (and its sync
             // marker) behind; otherwise the rename took the name and no
             // marker was ever made (markers come with `sync_on_commit`).

@@ -233,7 +233,9 @@ impl<B: Backend> Shared<B> {
             if writable {
                 if st.staging.is_none() {
                     st.base = Some((entry.record.version.clone(), entry.record.content));
-                    if self.wants_ranged(&content, truncate, sync_writes) {
+                    // Not under passthrough readers: the kernel refuses an
+                    // open without passthrough on an inode that has them.
+                    if st.backing.is_none() && self.wants_ranged(&content, truncate, sync_writes) {
                         self.make_ranged(&cell, &mut st, content, entry.record.torrent)?;
                     }
                 }
@@ -259,12 +261,9 @@ impl<B: Backend> Shared<B> {
                 }
             }
             // A range-staged writer is served here (the daemon keeps its
-            // ranges); a passthrough backing of an older version (readers
-            // of it are still open) is not joined by new opens.
+            // ranges); it counts as cached, so no passthrough open joins it.
             let ranged_writer = writable && st.ranged.is_some();
-            let stale_backing = matches!(st.backing, Some((Target::Object(c), _)) if c != content);
             let mut passthrough = !ranged_writer
-                && !stale_backing
                 && (st.backing.is_some()
                     || (st.cached == 0
                         && self.passthrough.load(Ordering::Relaxed)
@@ -308,9 +307,9 @@ impl<B: Backend> Shared<B> {
                 _ => Arc::new(self.objects.open_object(&content)?),
             };
             let cached = backing.is_none();
-            if ranged_writer || stale_backing {
-                // No page cache: passthrough readers of the base may share
-                // the inode (direct-IO opens take no I/O mode).
+            if ranged_writer {
+                // No page cache of the delta's partial view: every read and
+                // write of this handle comes here.
                 fopen |= FopenFlags::FOPEN_DIRECT_IO;
             }
             if cached {

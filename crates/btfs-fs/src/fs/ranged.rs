@@ -6,8 +6,10 @@
 //! The daemon must see every write to know the ranges, so range-staged
 //! writers are served here (`FOPEN_DIRECT_IO`), not by passthrough: a write
 //! pays a round trip to the daemon, which is the trade for not copying and
-//! rehashing the whole file. Readers already in passthrough on the object
-//! keep reading the old version at full speed until the commit.
+//! rehashing the whole file. The kernel allows no open without passthrough
+//! on an inode that has passthrough opens, so an inode whose readers use
+//! passthrough gets a full copy instead (and readers opened beside a
+//! range-staged writer are served here too: it counts as cached).
 //!
 //! The delta file's length is always the file's length, so its size and
 //! modification time are the file's, as for a full staging file.
