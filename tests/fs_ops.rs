@@ -859,6 +859,17 @@ fn large_files_change_in_place_without_a_copy() {
     drop(early);
     check(&model, "a write while a reader had the file open");
 
+    // That writer's private copy goes when the inode's last handle does:
+    // the kernel sends the release after close(2) returns.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fs::read_dir(node.state.join("staging")).unwrap().count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the private copy of a closed file stays in staging"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // Opened for writing, a write in the middle: no copy while it is open,
     // and the writer and a reader opened after it read the new bytes.
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
