@@ -11,7 +11,7 @@ use super::*;
 
 /// Bytes the node's namespace received on its link (counted by the kernel,
 /// at the host end of its veth).
-fn rx_bytes(node: &NsNode) -> u64 {
+pub(crate) fn rx_bytes(node: &NsNode) -> u64 {
     let (id, i) = node
         .ns
         .strip_prefix("btfs-")

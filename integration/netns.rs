@@ -874,22 +874,6 @@ fn the_readme_first_command_mounts_a_working_node_on_the_defaults() {
     );
 }
 
-/// Bytes namespace `node` received on its link, counted by the kernel at the
-/// host end of its veth (what the host sends into the namespace).
-fn link_received(node: &NsNode) -> u64 {
-    let (id, i) = node
-        .ns
-        .strip_prefix("btfs-")
-        .unwrap()
-        .split_once('-')
-        .unwrap();
-    std::fs::read_to_string(format!("/sys/class/net/btfs-v{id}-{i}/statistics/tx_bytes"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Where the file at `path` first differs from `want`, for a failure message.
 fn first_difference(path: &Path, want: &[u8]) -> String {
     match std::fs::read(path) {
@@ -946,7 +930,7 @@ fn change_and_check(
 ) -> ChangeCost {
     let want_hash = blake3::hash(want);
     let want_len = want.len() as u64;
-    let (link0, dl0) = (link_received(b), b.counter("bytes_downloaded"));
+    let (link0, dl0) = (content::rx_bytes(b), b.counter("bytes_downloaded"));
     let commits = a.counter("commits");
     let started = Instant::now();
     change(&a.mnt.join(name));
@@ -998,7 +982,7 @@ fn change_and_check(
     ChangeCost {
         write,
         commit,
-        link: link_received(b) - link0,
+        link: content::rx_bytes(b) - link0,
         downloaded: b.counter("bytes_downloaded").saturating_sub(dl0),
     }
 }

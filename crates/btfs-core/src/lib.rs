@@ -16,5 +16,5 @@ pub use merge::{
     MAX_VERSIONS, Resolution, Versions, conflict_copy_name, is_conflict_copy, resolve,
 };
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, validate_name};
-pub use record::{FileKind, FileRecord, Owner, Timestamp, Wanted};
+pub use record::{FileKind, FileRecord, Owner, Timestamp, Update, Wanted};
 pub use version::{MAX_COUNTER, MAX_VERSION_ENTRIES, VersionError, VersionVector};

@@ -361,6 +361,22 @@ mod tests {
     }
 }
 
+/// What a new version was made from, when it was written in place over a
+/// version held where it was written: the content it changed and which of
+/// its bytes, so that only the pieces that changed are hashed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Update<'a> {
+    /// The content the writer started from.
+    pub base: ContentId,
+    /// That content's swarm, when it has one.
+    pub base_torrent: Option<InfoHash>,
+    /// Bytes `[0, base_kept)` of the new content equal the base's, except
+    /// in `changed` (a truncation below the base's length lowers it).
+    pub base_kept: u64,
+    /// Ranges `[start, end)` written since, sorted and disjoint.
+    pub changed: &'a [(u64, u64)],
+}
+
 /// What a node needs to get a file's content from the nodes that hold it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {

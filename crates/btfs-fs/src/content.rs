@@ -7,24 +7,8 @@
 
 use std::{fmt, io, path::Path};
 
-pub use btfs_core::Wanted;
 use btfs_core::{ContentId, InfoHash};
-
-/// What a new version was made from, when it was written in place over a
-/// version held here: the content it changed and which of its bytes. Lets
-/// the source hash only the pieces that changed.
-#[derive(Debug, Clone, Copy)]
-pub struct Update<'a> {
-    /// The content the writer started from.
-    pub base: ContentId,
-    /// That content's swarm, when it has one.
-    pub base_torrent: Option<InfoHash>,
-    /// Bytes `[0, base_kept)` of the new content equal the base's, except
-    /// in `changed` (a truncation below the base's length lowers it).
-    pub base_kept: u64,
-    /// Ranges `[start, end)` written since, sorted and disjoint.
-    pub changed: &'a [(u64, u64)],
-}
+pub use btfs_core::{Update, Wanted};
 
 /// Receives the answer of an asynchronous content request.
 pub type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;

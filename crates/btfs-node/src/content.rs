@@ -95,14 +95,8 @@ impl ContentSource for Content {
         size: u64,
         update: &btfs_fs::Update<'_>,
     ) -> io::Result<Option<InfoHash>> {
-        let update = btfs_torrent::Update {
-            base: update.base,
-            base_torrent: update.base_torrent,
-            base_kept: update.base_kept,
-            changed: update.changed,
-        };
         Ok(Some(
-            self.engine.publish_update(content, file, size, &update)?,
+            self.engine.publish_update(content, file, size, update)?,
         ))
     }
 

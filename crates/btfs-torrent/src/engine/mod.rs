@@ -117,7 +117,6 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use publish::Update;
 pub use status::{FetchStatus, Status};
 
 use crate::{

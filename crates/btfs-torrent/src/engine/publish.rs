@@ -10,27 +10,11 @@ use std::{
     time::Duration,
 };
 
-use btfs_core::{ContentId, InfoHash, Wanted};
+use btfs_core::{ContentId, InfoHash, Update, Wanted};
 use tracing::{debug, warn};
 
 use super::{Engine, ObjectPath, seed, write_atomic};
 use crate::{TorrentError, meta::Metainfo};
-
-/// What a new version was made from, when it was written in place over a
-/// version whose torrent may be kept here (see
-/// [`Engine::publish_update`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Update<'a> {
-    /// The content the writer started from.
-    pub base: ContentId,
-    /// That content's swarm, when it has one.
-    pub base_torrent: Option<InfoHash>,
-    /// Bytes `[0, base_kept)` of the new content equal the base's, except
-    /// in `changed`.
-    pub base_kept: u64,
-    /// Ranges `[start, end)` written since.
-    pub changed: &'a [(u64, u64)],
-}
 
 /// How often `.torrent` files of content no longer here are looked for...
 const SWEEP_EVERY: Duration = Duration::from_secs(600);

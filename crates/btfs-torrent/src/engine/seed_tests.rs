@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use super::{live, seed, *};
 use crate::meta::{MIN_PIECE, Metainfo};
+use btfs_core::Update;
 
 /// One member: the other engine.
 struct Pair {
