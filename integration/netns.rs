@@ -21,8 +21,16 @@ use common::{btfs, btfs_bin, require_fuse, run_ok, wait_exit};
 
 /// Content over BitTorrent between these nodes.
 mod content;
+/// Version history and restore across nodes.
+mod history;
 /// A member gone bad, and what the others do about it.
 mod hostile;
+/// Metrics scraped while two nodes move content.
+mod metrics;
+/// Pinned paths complete on a node and survive cache pressure.
+mod pins;
+/// Options changed live with `mount -o remount`.
+mod remount;
 /// Members that start together find each other.
 mod startup;
 

@@ -131,13 +131,14 @@ pub(crate) fn socket_path(mountpoint: &Path) -> PathBuf {
     run_dir().join(format!("{}.sock", &h.to_hex()[..16]))
 }
 
-/// Answers requests until the task is dropped. `status` renders the reply.
-pub(crate) async fn serve(
-    listener: UnixListener,
-    status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
-    torrent: RequestFn,
-    generate: RequestFn,
-) {
+/// The requests a daemon answers, by their first word: `status`,
+/// `torrent PATH`, `generate ...`, and whatever other layers register.
+/// Each gets the rest of the line (empty if none) and the caller.
+pub(crate) type Handlers = std::collections::HashMap<&'static str, RequestFn>;
+
+/// Answers requests until the task is dropped.
+pub(crate) async fn serve(listener: UnixListener, handlers: Handlers) {
+    let handlers = Arc::new(handlers);
     let permits = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -151,9 +152,7 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let status = status.clone();
-        let torrent = torrent.clone();
-        let generate = generate.clone();
+        let handlers = handlers.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let caller = match Caller::of(&stream) {
@@ -169,11 +168,10 @@ pub(crate) async fn serve(
                 let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
                 reader.read_line(&mut line).await?;
                 let line = line.trim_end_matches('\n');
-                let reply = match line.split_once(' ') {
-                    _ if line == "status" => status(),
-                    Some(("torrent", path)) => torrent(path.to_owned(), caller).await,
-                    Some(("generate", args)) => generate(args.to_owned(), caller).await,
-                    _ => serde_json::json!({ "error": format!("unknown request {line:?}") }),
+                let (verb, args) = line.split_once(' ').unwrap_or((line, ""));
+                let reply = match handlers.get(verb) {
+                    Some(h) => h(args.to_owned(), caller).await,
+                    None => serde_json::json!({ "error": format!("unknown request {line:?}") }),
                 };
                 let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
                 out.push(b'\n');
@@ -229,7 +227,7 @@ pub(crate) fn query_torrent(file: &Path) -> Result<Vec<u8>> {
     hex::decode(hex).context("the daemon sent a malformed torrent")
 }
 
-fn query(canonical: &Path, request: &str, timeout: Duration) -> Result<serde_json::Value> {
+pub(crate) fn query(canonical: &Path, request: &str, timeout: Duration) -> Result<serde_json::Value> {
     let sock = socket_path(canonical);
     let mut stream = UnixStream::connect(&sock).map_err(|e| {
         anyhow::anyhow!(

@@ -428,12 +428,19 @@ fn mount_and_listen(
         .set_notifier(session.notifier())
         .context("starting the kernel-invalidation thread")?;
     let handle = node.handle();
+    let mut handlers = control::Handlers::new();
     let status_of = handle.clone();
-    let status = move || match status_of.status() {
-        Ok(s) => serde_json::to_value(s)
-            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
-        Err(e) => serde_json::json!({ "error": e.to_string() }),
-    };
+    handlers.insert(
+        "status",
+        Arc::new(move |_: String, _: control::Caller| {
+            let v = match status_of.status() {
+                Ok(s) => serde_json::to_value(s)
+                    .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            };
+            Box::pin(async move { v })
+        }),
+    );
     let generate_on = handle.clone();
     let generate: control::RequestFn = Arc::new(move |args: String, caller: control::Caller| {
         let handle = generate_on.clone();
@@ -460,11 +467,8 @@ fn mount_and_listen(
             }
         })
     });
-    let control = rt.spawn(control::serve(
-        listener,
-        Arc::new(status),
-        torrent,
-        generate,
-    ));
+    handlers.insert("torrent", torrent);
+    handlers.insert("generate", generate);
+    let control = rt.spawn(control::serve(listener, handlers));
     Ok((session, sock, control))
 }

@@ -25,7 +25,7 @@ use std::io;
 use btfs_core::{ContentId, InfoHash};
 
 pub use bridge::{BoxIo, Cidr, CidrError, PeerIo, QuickAck, RelayFuture};
-pub use engine::{Engine, EngineConfig, FetchStatus, Network, ObjectPath, Status};
+pub use engine::{Engine, EngineConfig, FetchStatus, Keep, Network, ObjectPath, Status};
 /// A mesh member, as the [`Network`] names it: its libp2p peer id (shown
 /// in base58, as libp2p shows it).
 pub use libp2p_identity::PeerId as MemberId;

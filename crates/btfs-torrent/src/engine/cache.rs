@@ -22,6 +22,18 @@ impl Engine {
         }
     }
 
+    /// Adds a predicate naming content the cache must keep (pinned, or
+    /// inside the history window). It is asked off the runtime, during an
+    /// eviction pass, for the candidates only; it must not call the engine.
+    pub fn add_keep(&self, keep: super::Keep) {
+        self.keep.lock().push(keep);
+    }
+
+    /// Whether a [`add_keep`](Self::add_keep) predicate claims `c`.
+    fn kept(&self, c: &ContentId) -> bool {
+        self.keep.lock().iter().any(|k| k(c))
+    }
+
     /// Keeps fetched content (objects fetched here, and partial content)
     /// under `limit` bytes: least recently used first, only content that a
     /// connected member holds, never content in use.
@@ -104,7 +116,7 @@ impl Engine {
             if total <= limit {
                 break;
             }
-            if !held || in_use.contains(&c) {
+            if !held || in_use.contains(&c) || self.kept(&c) {
                 continue;
             }
             match fs::remove_file(&file) {

@@ -240,8 +240,15 @@ pub struct Engine {
     /// Torrents fetched whole for this node's zone (`listen`), at most
     /// `MAX_ZONE_FETCHES`.
     zone_fetches: Mutex<HashSet<InfoHash>>,
+    /// Content the cache must never evict, whatever `cache_size` says
+    /// (pinned paths, history still inside its window): each predicate is
+    /// asked in turn (see [`Engine::add_keep`]).
+    keep: Mutex<Vec<Keep>>,
     cancel: CancellationToken,
 }
+
+/// Says whether content must stay: see [`Engine::add_keep`].
+pub type Keep = Box<dyn Fn(&ContentId) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -369,6 +376,7 @@ impl Engine {
             limits: Limits::default(),
             socks_refused: AtomicU64::new(0),
             zone_fetches: Mutex::new(HashSet::new()),
+            keep: Mutex::new(Vec::new()),
             cancel: CancellationToken::new(),
             cfg,
         });
