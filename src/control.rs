@@ -197,6 +197,27 @@ pub(crate) fn query_generate(mountpoint: &Path, args: &str) -> Result<u64> {
         .context("the daemon sent a generate reply without a count")
 }
 
+/// A remount waits this long for the daemon: it reads the files named and
+/// the mesh applies the change (bounded there by `MESH_CHANGE_TIMEOUT`).
+const REMOUNT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `mount -o remount,OPTIONS MOUNTPOINT` (mount.btfs runs `btfs mount
+/// NAME MOUNTPOINT -o remount,...`): asks the daemon serving `mountpoint`
+/// to change `options` live. It refuses, changing nothing, when one of them
+/// cannot change live or a file named cannot be read.
+pub(crate) fn remount(mountpoint: &Path, options: &str) -> Result<serde_json::Value> {
+    let canonical = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("{} is not accessible", mountpoint.display()))?;
+    if options.contains('\n') {
+        bail!("mount options with a newline cannot be sent");
+    }
+    query(
+        &canonical,
+        &format!("reconfigure {options}"),
+        REMOUNT_TIMEOUT,
+    )
+}
+
 /// Asks the daemon serving `mountpoint` for its status.
 pub(crate) fn query_status(mountpoint: &Path) -> Result<serde_json::Value> {
     let canonical = std::fs::canonicalize(mountpoint)
@@ -227,7 +248,11 @@ pub(crate) fn query_torrent(file: &Path) -> Result<Vec<u8>> {
     hex::decode(hex).context("the daemon sent a malformed torrent")
 }
 
-pub(crate) fn query(canonical: &Path, request: &str, timeout: Duration) -> Result<serde_json::Value> {
+pub(crate) fn query(
+    canonical: &Path,
+    request: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
     let sock = socket_path(canonical);
     let mut stream = UnixStream::connect(&sock).map_err(|e| {
         anyhow::anyhow!(

@@ -346,6 +346,7 @@ fn node_config(plan: &MountPlan, keypair: libp2p_identity::Keypair, open_files: 
         passthrough: o.passthrough,
         ttl: o.ttl,
         tombstone_retention: o.tombstone_retention,
+        history: o.history,
         bt_listen: bt_listen(plan),
         bt_allow: o.bt_allow.clone(),
         wire_direct: o.bt_wire_direct,
@@ -380,7 +381,19 @@ fn start(plan: &MountPlan) -> Result<Started> {
         .thread_name("btfs-rt")
         .enable_all()
         .build()?;
+    // `metrics=`: bound before anything starts, so that a taken address
+    // fails the mount at once.
+    let metrics = match plan.opts.metrics {
+        Some(addr) => {
+            let _guard = rt.enter();
+            Some(btfs_node::btfs_metrics::server::Endpoint::bind(addr)?)
+        }
+        None => None,
+    };
     let (node, fs) = rt.block_on(Node::start(node_config(plan, keypair, open_files)))?;
+    if let Some(endpoint) = metrics {
+        rt.spawn(endpoint.serve(node.handle().metrics().shared()));
+    }
     match mount_and_listen(plan, &rt, &node, fs) {
         Ok((session, sock, control)) => Ok((session, sock, rt, node, control)),
         Err(e) => {
@@ -388,6 +401,44 @@ fn start(plan: &MountPlan) -> Result<Started> {
             Err(e)
         }
     }
+}
+
+/// `reconfigure OPTIONS` (`mount -o remount,OPTIONS`): root or the mount's
+/// owner changes the live options (`options::LIVE`); a change to any other
+/// is refused with one line naming them all, and nothing changes. `opts`
+/// are the options in force, kept current here.
+fn reconfigure(handle: btfs_node::NodeHandle, opts: MountOpts) -> control::RequestFn {
+    let current = Arc::new(tokio::sync::Mutex::new(opts));
+    Arc::new(move |args: String, caller: control::Caller| {
+        let (handle, current) = (handle.clone(), current.clone());
+        Box::pin(async move {
+            let owner = nix::unistd::geteuid().as_raw();
+            if caller.uid != 0 && caller.uid != owner {
+                return serde_json::json!({ "error": "only root or the mount's owner may remount it" });
+            }
+            let mut cur = current.lock().await;
+            let r = match cur.remount(&args) {
+                Ok(r) => r,
+                Err(e) => return serde_json::json!({ "error": crate::describe(&e) }),
+            };
+            if !r.refused.is_empty() {
+                return serde_json::json!({ "error": format!(
+                    "cannot change live: {} (unmount and mount again)",
+                    r.refused.join(", ")
+                ) });
+            }
+            match handle.reconfigure(r.request()).await {
+                Ok(done) => {
+                    info!(options = %args, "remounted");
+                    *cur = r.opts;
+                    serde_json::json!({ "reconfigured": done })
+                }
+                Err(e) => {
+                    serde_json::json!({ "error": format!("remount: {}", btfs_node::error_chain(&e)) })
+                }
+            }
+        })
+    })
 }
 
 /// Mounts the node's filesystem and opens its control socket.
@@ -457,6 +508,38 @@ fn mount_and_listen(
             }
         })
     });
+    // `btfs pin`/`unpin PATH`: the caller must be able to read the path.
+    for verb in ["pin", "unpin"] {
+        let on = handle.clone();
+        let f: control::RequestFn = Arc::new(move |path: String, caller: control::Caller| {
+            let handle = on.clone();
+            Box::pin(async move {
+                let may = move |mode, uid, gid, want| caller.may(mode, uid, gid, want);
+                let r = if verb == "pin" {
+                    handle.pin(path, may).await.map(|s| serde_json::json!(s))
+                } else {
+                    handle
+                        .unpin(path, may)
+                        .await
+                        .map(|()| serde_json::json!({}))
+                };
+                r.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+            })
+        });
+        handlers.insert(verb, f);
+    }
+    let pins_of = handle.clone();
+    handlers.insert(
+        "pins",
+        Arc::new(move |_: String, _: control::Caller| {
+            let v = serde_json::json!(pins_of.pins());
+            Box::pin(async move { v })
+        }),
+    );
+    handlers.insert(
+        "reconfigure",
+        reconfigure(handle.clone(), plan.opts.clone()),
+    );
     let torrent: control::RequestFn = Arc::new(move |path: String, caller: control::Caller| {
         let handle = handle.clone();
         Box::pin(async move {
@@ -467,6 +550,7 @@ fn mount_and_listen(
             }
         })
     });
+    crate::history::handlers(&node.handle(), &mut handlers);
     handlers.insert("torrent", torrent);
     handlers.insert("generate", generate);
     let control = rt.spawn(control::serve(listener, handlers));

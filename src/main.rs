@@ -2,8 +2,13 @@
 
 mod control;
 mod daemon;
+mod history;
 mod keys;
+mod man;
 mod options;
+mod pins;
+mod status;
+mod watch;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -36,9 +41,13 @@ Mount options (-o, comma-separated):
   passthrough=on|off  kernel passthrough for file data (default on; needs root, Linux 6.9+)
   ttl=SECONDS       kernel attribute/entry cache lifetime (default 1)
   tombstone_retention=DURATION  how long deletes are remembered (default and minimum 24h; e.g. 7d)
+  history=DURATION  keep superseded and deleted versions this long, for btfs log/restore (default off; e.g. 7d)
+  metrics=IP:PORT   serve Prometheus/OpenMetrics text at http://IP:PORT/metrics (default off; loopback only
+                    unless metrics_public=on is also given)
   allow_other | noallow_other   let every user use the mount (default allow_other)
   ro, nosuid, nodev, noexec, sync, dirsync   as for any filesystem
-  _netdev, nofail, defaults, noauto, x-*, comment=...   accepted and ignored (for mount(8)/systemd)";
+  _netdev, nofail, defaults, noauto, x-*, comment=...   accepted and ignored (for mount(8)/systemd)
+  remount           mount -o remount,OPTS MNT: change members=, peers=, peers_file=, up_rate=, down_rate=, cache_size=, prefetch=, read_timeout= live";
 
 /// A FUSE filesystem replicated across a private swarm.
 #[derive(Debug, Parser)]
@@ -100,148 +109,72 @@ enum Command {
         #[arg(long, default_value = "generated")]
         under: String,
     },
+    /// Pin files or directories (recursive): their content, and every
+    /// later version's, is fetched to this node in full and never evicted
+    /// by cache_size=. `btfs status` lists the pins.
+    Pin {
+        /// Files or directories in btfs mounts, which the caller may read.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Unpin paths pinned with `btfs pin`: their content is cached like any
+    /// other again.
+    Unpin {
+        /// Paths given to `btfs pin` (they may be gone since).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// List the versions of PATH this node knows, newest first: the current
+    /// one and those kept by the history= mount option (also of deleted
+    /// paths), with when, who, size, content hash, and where they are held.
+    Log {
+        /// A file in a btfs mount (it may have been deleted).
+        path: PathBuf,
+        /// One JSON array instead of text.
+        #[arg(long, env = "BTFS_JSON")]
+        json: bool,
+    },
+    /// Bring back a version of PATH (by default the one before the current
+    /// content, or the last before a delete) as a new version, which
+    /// replicates like any write. Content not held here is fetched from a
+    /// member that still keeps it.
+    Restore {
+        /// A file in a btfs mount (it may have been deleted).
+        path: PathBuf,
+        /// The version current at this time: 2026-12-03T18:00:00Z (UTC) or a
+        /// duration ago (90m, 2d).
+        #[arg(long, conflicts_with = "version", value_name = "TIME")]
+        at: Option<String>,
+        /// The version whose content hash starts with these hex digits (at
+        /// least 6; see btfs log).
+        #[arg(long, value_name = "HASH")]
+        version: Option<String>,
+        /// Restore to this path instead (it must not exist).
+        #[arg(long, value_name = "NEWPATH")]
+        to: Option<PathBuf>,
+    },
     /// Show what the daemon serving MOUNTPOINT is doing.
     Status {
         mountpoint: PathBuf,
         /// One JSON object instead of text.
         #[arg(long, env = "BTFS_JSON")]
         json: bool,
+        /// Redraw live until Ctrl-C, with progress bars for fetches; without
+        /// a terminal, print a snapshot every interval (with --json, one
+        /// object a line).
+        #[arg(short, long)]
+        watch: bool,
+        /// Time between two snapshots of --watch (e.g. 500ms, 2s; default 1s).
+        #[arg(long, requires = "watch", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        interval: Option<std::time::Duration>,
     },
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
-/// `[#######.........]  43%`
-fn progress_bar(done: u64, total: u64, width: usize) -> String {
-    let frac = if total == 0 {
-        1.0
-    } else {
-        (done as f64 / total as f64).min(1.0)
-    };
-    let filled = (frac * width as f64).round() as usize;
-    format!(
-        "[{}{}] {:>3}%",
-        "#".repeat(filled),
-        ".".repeat(width - filled),
-        (frac * 100.0).floor() as u64
-    )
-}
-
-fn print_status(v: &NodeStatus) {
-    let (i, f, r, bt) = (&v.info, &v.fs, &v.records, &v.bittorrent);
-    println!("btfs {} on {}", i.name, i.mountpoint.display());
-    println!("  node         {}", v.node_id);
-    println!("  zone         {}", i.zone.as_deref().unwrap_or("-"));
-    println!("  peer id      {} (for members=)", v.peer_id);
-    println!("  state        {}", i.state_dir.display());
-    println!(
-        "  key          {} (fingerprint {})",
-        i.key_file.display(),
-        i.key_fingerprint
-    );
-    println!(
-        "  files        {} ({}), {} directories, {} symlinks, {} tombstones",
-        f.tree.files,
-        human_bytes(f.tree.bytes),
-        f.tree.dirs,
-        f.tree.symlinks,
-        f.tree.tombstones
-    );
-    println!(
-        "  open         {} handles on {} files",
-        f.open_handles, f.open_files
-    );
-    println!(
-        "  commits      {} ({} failed)",
-        f.commits, f.commit_failures
-    );
-    println!(
-        "  passthrough  {}",
-        if f.passthrough { "on" } else { "off" }
-    );
-    let listen = if v.mesh.listen.is_empty() {
-        "-".to_owned()
-    } else {
-        v.mesh.listen.join(", ")
-    };
-    println!("  mesh         listening on {listen}");
-    let mdns = &v.mesh.mdns;
-    let mdns_line = if !mdns.enabled {
-        "off".to_owned()
-    } else if mdns.running {
-        format!(
-            "running on {} ({} found, {} restarts)",
-            mdns.interfaces.join(", "),
-            mdns.discovered,
-            mdns.restarts
-        )
-    } else {
-        format!(
-            "not running on any interface yet ({} restarts; see the log)",
-            mdns.restarts
-        )
-    };
-    println!("  mdns         {mdns_line}");
-    println!(
-        "  records      {} published, {} received by gossip, {} by sync ({} sync rounds), {} conflicts merged, {} refused",
-        r.records_published,
-        r.records_received,
-        r.records_synced,
-        r.sync_rounds,
-        r.records_merged,
-        r.records_refused
-    );
-    let peers = &v.mesh.peers;
-    let connected = peers.iter().filter(|p| p.connected).count();
-    println!(
-        "  peers        {connected} connected, {} known",
-        peers.len()
-    );
-    for p in peers {
-        let zone = p
-            .zone
-            .as_deref()
-            .map_or_else(String::new, |z| format!(" zone {z}"));
-        println!(
-            "    {} {} {}{zone} (last seen {} s ago)",
-            if p.connected { "*" } else { " " },
-            p.id,
-            p.addresses.first().map_or("-", String::as_str),
-            p.last_seen_secs
-        );
-    }
-    println!(
-        "  bittorrent   {} (members over the mesh), {} live torrents, {} holdings known, {} down, {} up",
-        bt.bittorrent_listen.as_deref().unwrap_or("-"),
-        bt.live_torrents,
-        bt.known_holdings,
-        human_bytes(bt.bytes_downloaded),
-        human_bytes(bt.bytes_uploaded)
-    );
-    for f in &bt.fetches {
-        println!(
-            "    {} {} {}/{}{}",
-            progress_bar(f.have, f.size, 24),
-            f.path,
-            human_bytes(f.have),
-            human_bytes(f.size),
-            if f.full { " (whole file)" } else { "" }
-        );
-    }
-    println!("  daemon       pid {}, version {}", i.pid, i.version);
+    /// Write the manual pages btfs.1 and mount.btfs.8 into DIR (for
+    /// mount-helpers/install.sh).
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
+    /// Print the completion script for SHELL (for mount-helpers/install.sh).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -261,7 +194,13 @@ fn run(cli: Cli) -> Result<()> {
             options,
             foreground,
         } => {
-            let opts = options::MountOpts::parse(&options.join(","))?;
+            let joined = options.join(",");
+            if options::is_remount(&joined) {
+                // `mount -o remount` through mount.btfs: the daemon changes
+                // what can change live.
+                return control::remount(&mountpoint, &joined).map(drop);
+            }
+            let opts = options::MountOpts::parse(&joined)?;
             let plan = daemon::prepare(&name, &mountpoint, opts)?;
             daemon::run(plan, foreground)
         }
@@ -297,14 +236,37 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Status { mountpoint, json } => {
+        Command::Log { path, json } => history::log(&path, json),
+        Command::Restore {
+            path,
+            at,
+            version,
+            to,
+        } => history::restore(&path, at.as_deref(), version, to.as_deref()),
+        Command::Pin { paths } => pins::run(&paths, true),
+        Command::Unpin { paths } => pins::run(&paths, false),
+        Command::Manpages { dir } => man::write_pages(&dir),
+        Command::Completions { shell } => man::write_completions(shell),
+        Command::Status {
+            mountpoint,
+            json,
+            watch: true,
+            interval,
+        } => watch::run(
+            &mountpoint,
+            interval.unwrap_or(watch::DEFAULT_INTERVAL),
+            json,
+        ),
+        Command::Status {
+            mountpoint, json, ..
+        } => {
             let v = control::query_status(&mountpoint)?;
             if json {
                 println!("{v}");
             } else {
                 let status: NodeStatus = serde_json::from_value(v)
                     .context("the daemon sent a status this btfs cannot read")?;
-                print_status(&status);
+                print!("{}", status::render(&status));
             }
             Ok(())
         }

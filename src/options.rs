@@ -22,6 +22,7 @@ const VALUED: &[&str] = &[
     "passthrough",
     "ttl",
     "tombstone_retention",
+    "history",
     "bt_listen",
     "bt_allow",
     "bt_wire",
@@ -33,6 +34,8 @@ const VALUED: &[&str] = &[
     "cache_size",
     "max_torrents",
     "zone",
+    "metrics",
+    "metrics_public",
 ];
 
 /// Options that only mount(8), systemd or the kernel care about.
@@ -96,6 +99,10 @@ pub(crate) struct MountOpts {
     /// `tombstone_retention=DURATION` (`36h`, `7d`…): how long a delete is
     /// remembered so that it can win against older copies; 24 h at least.
     pub tombstone_retention: Duration,
+    /// `history=DURATION|off` (`7d`, `12h`…): how long superseded and
+    /// deleted versions keep their content (`btfs log`, `btfs restore`).
+    /// `None` (default): not kept.
+    pub history: Option<Duration>,
     /// `bt_listen=IP:PORT`: the BitTorrent listener for standard clients
     /// from `bt_allow` networks. `None`: the mesh's IP, the mesh's port + 1
     /// (or any port when the mesh's is 0).
@@ -135,6 +142,10 @@ pub(crate) struct MountOpts {
     /// zones about once between them. `None`: no zone, every member is
     /// fetched from alike.
     pub zone: Option<Zone>,
+    /// `metrics=IP:PORT`: serve OpenMetrics text at `/metrics` (`None`:
+    /// off). A non-loopback address needs `metrics_public=on` as well.
+    pub metrics: Option<SocketAddr>,
+    pub metrics_public: bool,
 }
 
 /// Sizes and rates: `k`, `M`, `G`, `T` are powers of 1024 (`500M`,
@@ -239,6 +250,7 @@ impl Default for MountOpts {
             allow_other: true,
             flags: MsFlags::empty(),
             tombstone_retention: MIN_TOMBSTONE_RETENTION,
+            history: None,
             bt_listen: None,
             bt_allow: Vec::new(),
             bt_wire_direct: true,
@@ -250,6 +262,8 @@ impl Default for MountOpts {
             cache_size: None,
             max_torrents: None,
             zone: None,
+            metrics: None,
+            metrics_public: false,
         }
     }
 }
@@ -276,6 +290,7 @@ impl MountOpts {
             "ttl_secs": self.ttl.as_secs_f64(),
             "allow_other": self.allow_other,
             "tombstone_retention_secs": self.tombstone_retention.as_secs(),
+            "history_secs": self.history.map(|h| h.as_secs()),
             "bt_wire": if self.bt_wire_direct { "direct" } else { "mesh" },
             "bt_congestion": self.bt_congestion.to_string(),
             "bt_allow": self.bt_allow.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
@@ -286,6 +301,7 @@ impl MountOpts {
             "cache_size": self.cache_size,
             "max_torrents": self.max_torrents,
             "zone": self.zone.as_ref().map(Zone::as_str),
+            "metrics": self.metrics.map(|a| a.to_string()),
         })
     }
 
@@ -296,7 +312,16 @@ impl MountOpts {
 
     /// Parses a comma-separated option string (several `-o` are joined).
     pub(crate) fn parse(s: &str) -> Result<Self> {
-        let mut o = Self::default();
+        Ok(Self::default().parse_onto(s)?.0)
+    }
+
+    /// The options of `s` set over `self`; also returns the name of each
+    /// option `s` gives, in order (ignored ones included).
+    fn parse_onto(self, s: &str) -> Result<(Self, Vec<String>)> {
+        let mut o = self;
+        let mut given = Vec::new();
+        // A `peers=` replaces the list it is set over (several in `s` add up).
+        let mut peers_replaced = false;
         // `prefetch=GLOB,GLOB`: the globs after the first are bare options.
         let mut in_prefetch = false;
         for opt in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
@@ -324,6 +349,7 @@ impl MountOpts {
                 continue;
             }
             in_prefetch = false;
+            given.push(name.to_owned());
             match (name, value) {
                 ("bt_listen", Some(v)) => o.bt_listen = Some(socket_addr(name, v)?),
                 ("bt_allow", Some(v)) => o.bt_allow = parse_allow(v)?,
@@ -371,10 +397,16 @@ impl MountOpts {
                             .map_err(|e| anyhow::anyhow!("mount option zone={v}: {e}"))?,
                     )
                 }
+                ("metrics", Some(v)) => o.metrics = Some(socket_addr(name, v)?),
+                ("metrics_public", Some(v)) => o.metrics_public = on_off(name, v)?,
                 ("key", Some(v)) => o.key = Some(PathBuf::from(v)),
                 ("state", Some(v)) => o.state = Some(PathBuf::from(v)),
                 ("listen", Some(v)) => o.listen = Some(socket_addr(name, v)?),
                 ("peers", Some(v)) => {
+                    if !peers_replaced {
+                        o.peers.clear();
+                        peers_replaced = true;
+                    }
                     for p in v.split('/').filter(|p| !p.is_empty()) {
                         o.peers.push(socket_addr(name, p)?);
                     }
@@ -411,6 +443,14 @@ impl MountOpts {
                             )
                         })?
                 }
+                ("history", Some("off" | "none" | "0")) => o.history = None,
+                ("history", Some(v)) => {
+                    o.history = Some(parse_duration(v).filter(|d| *d >= Duration::from_secs(1)).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "mount option history={v}: expected a duration (e.g. 12h, 7d) or off"
+                        )
+                    })?)
+                }
                 ("allow_other", None) => o.allow_other = true,
                 ("noallow_other", None) => o.allow_other = false,
                 ("ro", None) => o.flags |= MsFlags::MS_RDONLY,
@@ -428,7 +468,166 @@ impl MountOpts {
                 _ => bail!("unknown mount option {opt:?} (see `btfs mount --help`)"),
             }
         }
-        Ok(o)
+        // Metrics tell who the members are and what moves: the network sees
+        // them only when asked for in so many words.
+        if let Some(a) = o.metrics
+            && !a.ip().is_loopback()
+            && !o.metrics_public
+        {
+            bail!(
+                "mount option metrics={a}: not a loopback address; add metrics_public=on to serve metrics to the network"
+            );
+        }
+        Ok((o, given))
+    }
+}
+
+/// Options `mount -o remount` changes on a running node.
+pub(crate) const LIVE: &[&str] = &[
+    "members",
+    "peers",
+    "peers_file",
+    "up_rate",
+    "down_rate",
+    "cache_size",
+    "prefetch",
+    "read_timeout",
+];
+
+/// What mount(8) passes back on a remount besides the caller's options:
+/// the kernel's options of the FUSE mount and the VFS flags (none of them
+/// the daemon's to change; `ro`/`rw` are looked at on their own).
+const REMOUNT_PASSED: &[&str] = &[
+    "remount",
+    "user_id",
+    "group_id",
+    "default_permissions",
+    "rootmode",
+    "fd",
+    "blksize",
+    "max_read",
+    "nosuid",
+    "nodev",
+    "noexec",
+    "sync",
+    "dirsync",
+    "lazytime",
+    "nolazytime",
+    "mand",
+    "nomand",
+];
+
+/// Whether an option string asks for a remount (`mount -o remount,...`).
+pub(crate) fn is_remount(s: &str) -> bool {
+    s.split(',').any(|o| o.trim() == "remount")
+}
+
+/// `mount -o remount,OPTIONS` against the options in force.
+#[derive(Debug)]
+pub(crate) struct Remount {
+    /// The options in force once it is applied.
+    pub opts: MountOpts,
+    /// The live options it gives (see [`LIVE`]).
+    pub live: Vec<&'static str>,
+    /// Options it changes that cannot change live.
+    pub refused: Vec<String>,
+}
+
+impl MountOpts {
+    /// The value of option `name` as it compares between two sets of
+    /// options (`None`: not an option that holds a value here).
+    fn value_of(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "key" => format!("{:?}", self.key),
+            "state" => format!("{:?}", self.state),
+            "listen" => format!("{:?}", self.listen),
+            "mdns" => format!("{:?}", self.mdns),
+            "threads" => format!("{:?}", self.threads),
+            "passthrough" => format!("{:?}", self.passthrough),
+            "ttl" => format!("{:?}", self.ttl),
+            "allow_other" | "noallow_other" => format!("{:?}", self.allow_other),
+            "ro" | "rw" => format!("{:?}", self.flags.contains(MsFlags::MS_RDONLY)),
+            "tombstone_retention" => format!("{:?}", self.tombstone_retention),
+            "history" => format!("{:?}", self.history),
+            "bt_listen" => format!("{:?}", self.bt_listen),
+            "bt_allow" => format!("{:?}", self.bt_allow),
+            "bt_wire" => format!("{:?}", self.bt_wire_direct),
+            "bt_congestion" => format!("{:?}", self.bt_congestion),
+            "max_torrents" => format!("{:?}", self.max_torrents),
+            "zone" => format!("{:?}", self.zone),
+            "metrics" => format!("{:?}", self.metrics),
+            "metrics_public" => format!("{:?}", self.metrics_public),
+            _ => return None,
+        })
+    }
+
+    /// Reads `mount -o remount,OPTIONS` (as mount(8) passes it, the
+    /// kernel's options included) over the options in force. An option
+    /// given with its current value is no change; one that cannot change
+    /// live and differs is named in [`Remount::refused`].
+    pub(crate) fn remount(&self, s: &str) -> Result<Remount> {
+        let mut kept = Vec::new();
+        let mut refused: Vec<String> = Vec::new();
+        let ro = self.flags.contains(MsFlags::MS_RDONLY);
+        for opt in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            let name = opt.split_once('=').map_or(opt, |(n, _)| n);
+            match name {
+                "ro" if !ro => refused.push("ro".into()),
+                "rw" if ro => refused.push("rw".into()),
+                "ro" | "rw" => {}
+                n if REMOUNT_PASSED.contains(&n) => {}
+                _ => kept.push(opt),
+            }
+        }
+        let (opts, given) = self.clone().parse_onto(&kept.join(","))?;
+        let mut live = Vec::new();
+        for name in &given {
+            if let Some(l) = LIVE.iter().find(|l| **l == name.as_str()) {
+                if !live.contains(l) {
+                    live.push(*l);
+                }
+                continue;
+            }
+            if IGNORED.contains(&name.as_str()) || name.starts_with("x-") || name == "comment" {
+                continue;
+            }
+            let changed = match (self.value_of(name), opts.value_of(name)) {
+                (Some(a), Some(b)) => a != b,
+                // An option this table does not know: refused unless the
+                // whole set is unchanged.
+                _ => format!("{self:?}") != format!("{opts:?}"),
+            };
+            if changed && !refused.contains(name) {
+                refused.push(name.clone());
+            }
+        }
+        Ok(Remount {
+            opts,
+            live,
+            refused,
+        })
+    }
+}
+
+impl Remount {
+    /// What the node is asked to change.
+    pub(crate) fn request(&self) -> btfs_node::Reconfigure {
+        let o = &self.opts;
+        let given = |n: &str| self.live.contains(&n);
+        btfs_node::Reconfigure {
+            members: if given("members") {
+                o.members.clone()
+            } else {
+                None
+            },
+            bootstrap: (given("peers") || given("peers_file"))
+                .then(|| (o.peers.clone(), o.peers_file.clone())),
+            rates: (given("up_rate") || given("down_rate")).then_some((o.up_rate, o.down_rate)),
+            cache_size: given("cache_size").then_some(o.cache_size),
+            prefetch: given("prefetch").then(|| o.prefetch.clone()),
+            read_timeout: given("read_timeout").then_some(o.read_timeout),
+            options: Some(o.effective()),
+        }
     }
 }
 
@@ -486,6 +685,13 @@ mod tests {
         let l = MountOpts::parse("listen=10.0.0.1:4001,passthrough=off").unwrap();
         assert_eq!(l.listen, Some("10.0.0.1:4001".parse().unwrap()));
         assert!(!l.passthrough);
+        assert_eq!(MountOpts::parse("").unwrap().history, None);
+        assert_eq!(
+            MountOpts::parse("history=7d").unwrap().history,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(MountOpts::parse("history=off").unwrap().history, None);
+        assert!(MountOpts::parse("history=soon").is_err());
         let r = MountOpts::parse("tombstone_retention=7d").unwrap();
         assert_eq!(r.tombstone_retention, Duration::from_secs(7 * 86_400));
         assert_eq!(parse_duration("90m"), Some(Duration::from_secs(5400)));
@@ -580,6 +786,22 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_off_by_default_and_loopback_unless_made_public() {
+        assert_eq!(MountOpts::default().metrics, None);
+        let o = MountOpts::parse("metrics=127.0.0.1:9100").unwrap();
+        assert_eq!(o.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(o.effective()["metrics"], "127.0.0.1:9100");
+        assert!(MountOpts::parse("metrics=[::1]:9100").is_ok());
+        let e = MountOpts::parse("metrics=10.0.0.1:9100")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics_public=on"), "{e}");
+        let o = MountOpts::parse("metrics=0.0.0.0:9100,metrics_public=on").unwrap();
+        assert_eq!(o.metrics, Some("0.0.0.0:9100".parse().unwrap()));
+        assert!(MountOpts::parse("metrics=localhost").is_err());
+    }
+
+    #[test]
     fn a_zone_is_a_short_portable_name_and_none_by_default() {
         assert_eq!(MountOpts::default().zone, None);
         assert_eq!(
@@ -595,6 +817,35 @@ mod tests {
             assert_eq!(o.zone.as_ref().map(Zone::as_str), Some(name));
             assert_eq!(o.effective()["zone"], name);
         }
+    }
+
+    /// What mount(8) passes on `mount -o remount,up_rate=1M /mnt` (seen
+    /// with util-linux 2.38): the kernel's options, then the caller's.
+    #[test]
+    fn a_remount_changes_live_options_and_names_the_others() {
+        let cur = MountOpts::parse("listen=127.0.0.1:0,members=/a,peers=10.0.0.1:1").unwrap();
+        let passed =
+            "rw,nosuid,nodev,relatime,remount,user_id=0,group_id=0,default_permissions,allow_other";
+        let r = cur
+            .remount(&format!(
+                "{passed},up_rate=1M,cache_size=10M,peers=10.0.0.2:2"
+            ))
+            .unwrap();
+        assert!(r.refused.is_empty(), "{:?}", r.refused);
+        assert_eq!(r.live, ["up_rate", "cache_size", "peers"]);
+        assert_eq!(r.opts.up_rate.map(|r| r.get()), Some(1 << 20));
+        assert_eq!(r.opts.peers, ["10.0.0.2:2".parse().unwrap()]);
+        assert_eq!(r.opts.members, cur.members);
+        let req = r.request();
+        assert_eq!(req.cache_size, Some(Some(10 << 20)));
+        assert!(req.members.is_none() && req.read_timeout.is_none());
+        // The current value is no change; others are named, once each.
+        let r = cur
+            .remount("remount,listen=127.0.0.1:0,listen=10.0.0.1:5,state=/x,zone=dc2,ro,threads=4")
+            .unwrap();
+        assert_eq!(r.refused, ["ro", "listen", "state", "zone"]);
+        assert!(cur.remount("remount,frobnicate").is_err());
+        assert!(is_remount("rw,remount,up_rate=1M") && !is_remount("rw,remounted"));
     }
 
     /// The README's first command mounts without `listen=`: the default must

@@ -156,6 +156,15 @@ impl EventLoop {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::SetMembers(members, reply) => {
+                let _ = reply.send(self.set_members(members));
+            }
+            Command::SetBootstrap(addrs, reply) => {
+                let added = self.peers.set_bootstrap(&addrs, Instant::now());
+                info!(addresses = addrs.len(), added, "bootstrap peers replaced");
+                self.redial();
+                let _ = reply.send(added);
+            }
             Command::Mdns(reply) => {
                 let mut status = MdnsStatus::default();
                 if let (Some(sup), Some(m)) = (&self.mdns, self.swarm.behaviour_mut().mdns.as_mut())
@@ -172,6 +181,44 @@ impl EventLoop {
                 let _ = reply.send(status);
             }
         }
+    }
+
+    /// Admits only `members` (`None`: every key holder) from now on. The
+    /// allow list, when the mesh started with one, follows; a connected
+    /// peer no longer admitted is disconnected and forgotten either way
+    /// (a mesh started open has no allow list: its new connections are
+    /// checked as they come up). Returns the peers cut off.
+    fn set_members(&mut self, members: Option<HashSet<PeerId>>) -> Vec<PeerId> {
+        let old = std::mem::replace(&mut self.members, members);
+        if let Some(list) = self.swarm.behaviour_mut().members.as_mut() {
+            match &self.members {
+                Some(new) => {
+                    for p in new {
+                        list.allow_peer(*p);
+                    }
+                    for p in old.iter().flatten().filter(|p| !new.contains(p)) {
+                        list.disallow_peer(*p);
+                    }
+                }
+                // An allow list cannot say "every key holder": the
+                // peers it lists stay the only ones that may connect.
+                None => warn!(
+                    "members= cannot be lifted on a mesh started with a list: the last list stays"
+                ),
+            }
+        }
+        let cut: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
+            .copied()
+            .filter(|p| !self.admitted(p))
+            .collect();
+        for p in &cut {
+            warn!(peer = %p, "no longer a member: disconnecting it");
+            let _ = self.swarm.disconnect_peer_id(*p);
+            self.peers.forget(p);
+        }
+        cut
     }
 
     /// Feeds the mDNS supervisor what the node sees, and does what it says.
@@ -272,6 +319,13 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
+                if !self.admitted(&peer_id) {
+                    // Only after a live `members=` change on a mesh started
+                    // open (an allow list denies such a connection first).
+                    debug!(peer = %peer_id, "not a member: closing its connection");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
                 let remote = endpoint.get_remote_address().clone();
                 self.peers.connected(
                     peer_id,

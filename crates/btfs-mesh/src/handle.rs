@@ -2,7 +2,7 @@
 //! sends the event loop [`Command`]s with oneshot replies, the
 //! [`MeshEvent`]s the loop sends back, and what status queries return.
 
-use std::net::IpAddr;
+use std::{collections::HashSet, net::IpAddr};
 
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,10 @@ pub(crate) enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Mdns(oneshot::Sender<MdnsStatus>),
+    /// New members (`None`: every key holder); answers the peers cut off.
+    SetMembers(Option<HashSet<PeerId>>, oneshot::Sender<Vec<PeerId>>),
+    /// New bootstrap addresses; answers how many are new.
+    SetBootstrap(Vec<Multiaddr>, oneshot::Sender<usize>),
 }
 
 impl std::fmt::Debug for Command {
@@ -108,6 +112,8 @@ impl std::fmt::Debug for Command {
             Command::Peers(..) => "Peers",
             Command::ListenAddrs(..) => "ListenAddrs",
             Command::Mdns(..) => "Mdns",
+            Command::SetMembers(..) => "SetMembers",
+            Command::SetBootstrap(..) => "SetBootstrap",
         })
     }
 }
@@ -192,6 +198,23 @@ impl Mesh {
     /// Whether mDNS runs, and on which interfaces.
     pub async fn mdns_status(&self) -> Result<MdnsStatus, MeshError> {
         self.call(Command::Mdns).await
+    }
+
+    /// Admits only `members` from now on (`None`: every holder of the
+    /// key), as `mount -o remount,members=` asks: a connected peer that is
+    /// no longer admitted is disconnected at once and forgotten, and its
+    /// gossip is refused. Returns the peers cut off.
+    pub async fn set_members(
+        &self,
+        members: Option<HashSet<PeerId>>,
+    ) -> Result<Vec<PeerId>, MeshError> {
+        self.call(|tx| Command::SetMembers(members, tx)).await
+    }
+
+    /// Replaces the bootstrap addresses (`peers=`, `peers_file=`): new ones
+    /// are dialled at once. Returns how many are new.
+    pub async fn set_bootstrap(&self, addrs: Vec<Multiaddr>) -> Result<usize, MeshError> {
+        self.call(|tx| Command::SetBootstrap(addrs, tx)).await
     }
 
     /// Opens a byte stream to a connected member (encrypted by the mesh's

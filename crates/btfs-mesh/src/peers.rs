@@ -197,6 +197,37 @@ impl Peers {
         }
     }
 
+    /// Forgets `peer` (no longer a member): it is neither dialled nor
+    /// shown any more.
+    pub(crate) fn forget(&mut self, peer: &PeerId) {
+        self.known.remove(peer);
+    }
+
+    /// Replaces the bootstrap addresses (`mount -o remount,peers=`): an
+    /// address kept keeps its backoff, a new one is due at `now`. Returns
+    /// how many are new.
+    pub(crate) fn set_bootstrap(&mut self, addrs: &[Multiaddr], now: Instant) -> usize {
+        let mut old: Vec<Bootstrap> = std::mem::take(&mut self.bootstrap);
+        let mut added = 0;
+        for a in addrs {
+            if self.bootstrap.iter().any(|b| b.addr == *a) {
+                continue;
+            }
+            match old.iter().position(|b| b.addr == *a) {
+                Some(i) => self.bootstrap.push(old.swap_remove(i)),
+                None => {
+                    added += 1;
+                    self.bootstrap.push(Bootstrap {
+                        addr: a.clone(),
+                        backoff: DialBackoff::new(),
+                        next_dial: now,
+                    });
+                }
+            }
+        }
+        added
+    }
+
     /// `peer` was heard from.
     pub(crate) fn heard_from(&mut self, peer: &PeerId, now: Instant) {
         if let Some(k) = self.known.get_mut(peer) {
@@ -378,6 +409,23 @@ mod tests {
         peers.connected(peer, &addr(4410), true, 1, t0);
         assert!(peers.set_zone(&peer, dc1), "told again");
         assert!(peers.set_zone(&peer, None), "moved out of every zone");
+    }
+
+    #[test]
+    fn new_bootstrap_addresses_are_due_at_once_and_kept_ones_keep_their_backoff() {
+        let t0 = Instant::now();
+        let mut peers = Peers::new(&[addr(1)], t0);
+        let local = PeerId::random();
+        assert_eq!(peers.due(t0, local).len(), 1);
+        assert_eq!(peers.set_bootstrap(&[addr(1), addr(2), addr(2)], t0), 1);
+        // addr(1) waits for its backoff; addr(2) is dialled now.
+        assert_eq!(peers.due(t0, local).len(), 1);
+        assert_eq!(peers.set_bootstrap(&[addr(2)], t0), 0);
+        assert_eq!(peers.bootstrap.len(), 1);
+        let p = PeerId::random();
+        peers.learn(p, Some(addr(3)), t0);
+        peers.forget(&p);
+        assert!(peers.info(t0).is_empty());
     }
 
     #[test]

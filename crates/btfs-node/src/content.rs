@@ -10,6 +10,8 @@ use btfs_torrent::Engine;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use crate::pins::Pins;
+
 /// Which files are fetched in full as soon as their record arrives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prefetch {
@@ -54,7 +56,11 @@ pub struct Content {
     engine: Arc<Engine>,
     rt: tokio::runtime::Handle,
     tasks: TaskTracker,
-    prefetch: Prefetch,
+    /// `prefetch=`, which `mount -o remount` may change (see
+    /// [`Content::set_prefetch`]).
+    prefetch: parking_lot::RwLock<Prefetch>,
+    /// Pinned paths: what arrives under them is fetched whatever `prefetch`.
+    pins: Arc<Pins>,
 }
 
 impl Content {
@@ -63,19 +69,30 @@ impl Content {
         rt: tokio::runtime::Handle,
         tasks: TaskTracker,
         prefetch: Prefetch,
+        pins: Arc<Pins>,
     ) -> Self {
         Self {
             engine,
             rt,
             tasks,
-            prefetch,
+            prefetch: parking_lot::RwLock::new(prefetch),
+            pins,
         }
     }
 
-    /// A record arrived from another node: prefetch its content if the
-    /// policy says so.
+    /// `prefetch=` from now on: records that arrive after this follow it.
+    pub(crate) fn set_prefetch(&self, p: Prefetch) {
+        *self.prefetch.write() = p;
+    }
+
+    /// A record arrived from another node: fetch its content whole if it
+    /// is under a pin (the pins' own paced fetches), else prefetch it if
+    /// the policy says so.
     pub(crate) fn arrived(&self, path: &RelPath, r: &FileRecord) {
-        if self.prefetch.matches(path)
+        if self.pins.arrived(path, r) {
+            return;
+        }
+        if self.prefetch.read().matches(path)
             && let Some(wanted) = Wanted::of(path.to_string(), r)
         {
             self.engine.prefetch(wanted);

@@ -67,6 +67,8 @@ pub enum NodeError {
     Fs(#[source] btfs_fs::FsError),
     #[error("recovering the versions synced before a crash")]
     Recover(#[source] btfs_fs::FsError),
+    #[error("pinned paths")]
+    Pins(#[source] crate::pins::PinError),
 }
 
 /// The listen address as the mesh takes it.

@@ -17,9 +17,13 @@
 mod content;
 mod error;
 mod generate;
+mod history;
 mod holdings;
 mod loops;
 mod membership;
+mod metrics;
+mod pins;
+mod reconfigure;
 mod replicate;
 mod rpc;
 mod status;
@@ -48,10 +52,14 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
+pub use btfs_metrics;
 pub use content::{Content, Prefetch};
 pub use error::NodeError;
 pub use generate::{Generate, GenerateError, MAX_GENERATE_DIRS, MAX_GENERATE_FILES};
+pub use history::{LogEntry, Pick, Restored};
 pub use membership::Membership;
+pub use pins::{MAX_PINS, PinError, PinStatus};
+pub use reconfigure::{Reconfigure, ReconfigureError, Reconfigured};
 pub use replicate::Counters;
 pub use status::{MeshView, NodeInfo, NodeStatus, RecordCounts};
 pub use transport::{NetEvent, Reply, Transport};
@@ -95,6 +103,9 @@ pub struct NodeConfig {
     pub passthrough: bool,
     pub ttl: Duration,
     pub tombstone_retention: Duration,
+    /// `history=`: how long superseded and deleted versions keep their
+    /// content (`None`: not kept).
+    pub history: Option<Duration>,
     /// The BitTorrent listener, and who besides members may use it.
     pub bt_listen: SocketAddr,
     pub bt_allow: Vec<Cidr>,
@@ -176,6 +187,7 @@ impl Node {
             path: state.clone(),
             source,
         })?;
+        let (pins, pin_queue) = pins::Pins::open(state).map_err(NodeError::Pins)?;
 
         // The mesh: who is admitted, where to listen and whom to dial.
         let mut bootstrap: Vec<String> = cfg
@@ -259,9 +271,11 @@ impl Node {
             tokio::runtime::Handle::current(),
             tasks.clone(),
             cfg.prefetch.clone(),
+            pins.clone(),
         ));
         let (announce_tx, announce_rx) = mpsc::channel::<Announced>(ANNOUNCE_CAP);
         let announce_gauge = announce_tx.downgrade();
+        let fs_metrics = Arc::new(btfs_metrics::FsMetrics::default());
         let fs_cfg = FsConfig {
             announce: Some(announce_tx),
             signer: Some(signer(cfg.cluster.clone(), cfg.keypair.clone())),
@@ -270,6 +284,8 @@ impl Node {
             passthrough: cfg.passthrough,
             ttl: cfg.ttl,
             state_dir: state.clone(),
+            history: cfg.history.is_some(),
+            metrics: Some(fs_metrics.clone()),
         };
         let started = BtfsFs::new(store, objects, fs_cfg).map_err(NodeError::Fs);
         let fs = match started {
@@ -281,16 +297,22 @@ impl Node {
             }
         };
         let handle = fs.handle();
+        if cfg.history.is_some() {
+            // History's content stays inside its window, whatever
+            // cache_size says: it may be the only copy left.
+            let store = handle.store().clone();
+            engine.add_keep(Box::new(move |c| store.history_has(c)));
+        }
 
         // The tasks that connect them.
         let rep = Arc::new(Replicator::new(
             mesh.clone(),
             handle.clone(),
             cfg.cluster.clone(),
-            membership,
+            membership.clone(),
             counters.clone(),
             connected,
-            Some(content),
+            Some(content.clone()),
             tasks.clone(),
             cancel.clone(),
         ));
@@ -319,8 +341,24 @@ impl Node {
             cancel.clone(),
         ));
         loops.spawn(periodic_sync(rep, cancel.clone()));
+        engine.add_keep(pins.keep());
+        loops.spawn(pins::pin_loop(
+            pins.clone(),
+            handle.clone(),
+            engine.clone(),
+            pin_queue,
+            cancel.clone(),
+        ));
         let (view_tx, view) = watch::channel(MeshView::default());
         loops.spawn(mesh_view(mesh.clone(), view_tx, cancel.clone()));
+        let live = Arc::new(reconfigure::Live {
+            mesh: mesh.clone(),
+            membership,
+            content,
+            engine: engine.clone(),
+            options: parking_lot::RwLock::new(cfg.info.options.clone()),
+            applying: tokio::sync::Mutex::new(()),
+        });
         loops.spawn(MeshNet::serve(
             mesh,
             engine.clone(),
@@ -330,6 +368,7 @@ impl Node {
         loops.spawn(collect(
             handle.clone(),
             cfg.tombstone_retention,
+            cfg.history,
             cancel.clone(),
         ));
 
@@ -343,6 +382,9 @@ impl Node {
                 counters,
                 view,
                 announce: announce_gauge,
+                fs_metrics,
+                pins,
+                live,
             },
             loops,
             tasks,
@@ -422,6 +464,12 @@ pub struct NodeHandle {
     /// The announce queue, for its depth (weak: it does not keep the
     /// queue open).
     announce: mpsc::WeakSender<Announced>,
+    /// FUSE operation latency (`metrics=`, see [`metrics`]).
+    fs_metrics: Arc<btfs_metrics::FsMetrics>,
+    /// Pinned paths (`btfs pin`).
+    pins: Arc<pins::Pins>,
+    /// What `mount -o remount` changes (see [`NodeHandle::reconfigure`]).
+    live: Arc<reconfigure::Live>,
 }
 
 impl NodeHandle {
@@ -434,10 +482,20 @@ impl NodeHandle {
             .unwrap_or_else(|e| Err(GenerateError::Task(e.to_string())))
     }
 
+    /// Changes the settings `mount -o remount` may change, without
+    /// unmounting: the files named are read and checked first, and a
+    /// refused change leaves everything as it was (see `reconfigure`).
+    pub async fn reconfigure(&self, req: Reconfigure) -> Result<Reconfigured, ReconfigureError> {
+        self.live.reconfigure(req).await
+    }
+
     /// What `btfs status` shows.
     pub fn status(&self) -> Result<NodeStatus, btfs_fs::FsError> {
         Ok(NodeStatus {
-            info: self.info.clone(),
+            info: NodeInfo {
+                options: self.live.options.read().clone(),
+                ..self.info.clone()
+            },
             node_id: self.id.to_hex(),
             peer_id: self.peer_id.to_string(),
             fs: self.fs.status()?,
@@ -450,7 +508,41 @@ impl NodeHandle {
                 ..RecordCounts::from(&*self.counters)
             },
             bittorrent: self.engine.status(),
+            pins: self.pins.list(),
         })
+    }
+
+    /// Pins `path` (`btfs pin`): its content, and every later version's, is
+    /// fetched in full and never evicted. The caller must be able to read
+    /// it (`may` as for [`torrent`](Self::torrent)). Returns what is under
+    /// it now.
+    pub async fn pin(
+        &self,
+        path: String,
+        may: impl Fn(u32, u32, u32, u32) -> bool + Send + 'static,
+    ) -> Result<PinStatus, PinError> {
+        let (pins, fs) = (self.pins.clone(), self.fs.clone());
+        tokio::task::spawn_blocking(move || pins.pin(&fs, &path, may))
+            .await
+            .unwrap_or_else(|e| Err(PinError::Task(e.to_string())))
+    }
+
+    /// Unpins `path` (`btfs unpin`): its content becomes a cache entry like
+    /// any other.
+    pub async fn unpin(
+        &self,
+        path: String,
+        may: impl Fn(u32, u32, u32, u32) -> bool + Send + 'static,
+    ) -> Result<(), PinError> {
+        let (pins, fs) = (self.pins.clone(), self.fs.clone());
+        tokio::task::spawn_blocking(move || pins.unpin(&fs, &path, may))
+            .await
+            .unwrap_or_else(|e| Err(PinError::Task(e.to_string())))
+    }
+
+    /// The pinned paths and how much of each is held here.
+    pub fn pins(&self) -> Vec<PinStatus> {
+        self.pins.list()
     }
 
     /// The `.torrent` of the file at `path` (`btfs torrent`), if `may`

@@ -32,6 +32,9 @@ const PEERS_REFRESH: Duration = Duration::from_millis(250);
 const TOMBSTONE_INTERVAL: Duration = Duration::from_secs(600);
 /// How often released objects are deleted (after the store is flushed).
 const GC_INTERVAL: Duration = Duration::from_secs(1);
+/// Bounds of how often history past its window is collected.
+const HISTORY_MIN_INTERVAL: Duration = Duration::from_secs(1);
+const HISTORY_MAX_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The mesh's gossip validator: every record of a batch checked (shape,
 /// signature, membership), holdings bounded; refusals counted.
@@ -238,17 +241,39 @@ pub(crate) async fn mesh_view(mesh: Mesh, tx: watch::Sender<MeshView>, cancel: C
 
 /// Deletes released objects every `GC_INTERVAL`, and forgets expired
 /// tombstones every `TOMBSTONE_INTERVAL`.
+/// How often history past its window is looked for: a tenth of the
+/// window, between [`HISTORY_MIN_INTERVAL`] and [`HISTORY_MAX_INTERVAL`]
+/// (each look reads every history item).
+fn history_interval(window: Option<Duration>) -> Duration {
+    window
+        .map_or(HISTORY_MAX_INTERVAL, |w| w / 10)
+        .clamp(HISTORY_MIN_INTERVAL, HISTORY_MAX_INTERVAL)
+}
+
 pub(crate) async fn collect<B: Backend>(
     fs: FsHandle<B>,
     retention: Duration,
+    history: Option<Duration>,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(GC_INTERVAL);
     let mut tombstones = tokio::time::interval(TOMBSTONE_INTERVAL);
+    let mut past_window = tokio::time::interval(history_interval(history));
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            _ = past_window.tick() => {
+                // What it releases goes at the next garbage collection.
+                let h = fs.clone();
+                match tokio::task::spawn_blocking(move || h.collect_history(history)).await {
+                    Ok(Ok(n)) if n > 0 => debug!(released = n, "history past its window forgotten"),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!("history collection failed: {e}"),
+                    Err(e) => warn!("history collection task failed: {e}"),
+                }
+                continue;
+            }
             _ = tombstones.tick() => {
                 let h = fs.clone();
                 match tokio::task::spawn_blocking(move || h.collect_tombstones(retention)).await {

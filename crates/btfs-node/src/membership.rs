@@ -6,6 +6,7 @@ use std::{collections::HashSet, net::SocketAddr, path::Path, sync::Arc};
 use btfs_core::NodeId;
 use btfs_sync::SignedRecord;
 use libp2p_identity::{PeerId, PublicKey, ed25519};
+use parking_lot::RwLock;
 
 use crate::NodeError;
 
@@ -49,7 +50,7 @@ pub(crate) fn read_peers_file(path: &Path) -> Result<Vec<String>, NodeError> {
 }
 
 /// Admitted members and former ones.
-type MemberSets = (HashSet<PeerId>, HashSet<PeerId>);
+pub(crate) type MemberSets = (HashSet<PeerId>, HashSet<PeerId>);
 
 /// Peers from `members=`: one peer id a line, admitted; `removed PEER_ID`
 /// for a former member, refused, whose id may still stand in the version
@@ -90,30 +91,46 @@ pub(crate) fn peer_of(node: &NodeId) -> Option<PeerId> {
         .map(|k| PublicKey::from(k).to_peer_id())
 }
 
+/// The member sets in force (`None`: every key holder).
+type Current = Option<Arc<MemberSets>>;
+
 /// Who may author records: everyone holding the key, or the `members=` list;
 /// and whose ids may stand in a record's version vector: those, and the
-/// members marked `removed`.
+/// members marked `removed`. Clones share one list, which `mount -o
+/// remount,members=` replaces ([`Membership::replace`]): every check after
+/// that (gossip, anti-entropy) uses the new one.
 #[derive(Debug, Clone, Default)]
-pub struct Membership(Option<Arc<MemberSets>>);
+pub struct Membership(Arc<RwLock<Current>>);
 
 impl Membership {
     /// Everyone who holds the key.
     pub fn open() -> Self {
-        Self(None)
+        Self(Arc::new(RwLock::new(None)))
     }
 
     /// Only `members`; `former` may still stand in version vectors.
     pub fn listed(members: HashSet<PeerId>, former: HashSet<PeerId>) -> Self {
-        Self(Some(Arc::new((members, former))))
+        Self(Arc::new(RwLock::new(Some(Arc::new((members, former))))))
+    }
+
+    /// Replaces the list for every clone (a list read from a `members=`
+    /// file, or every key holder).
+    pub(crate) fn replace(&self, sets: Option<MemberSets>) {
+        *self.0.write() = sets.map(Arc::new);
+    }
+
+    /// The list in force (cheap: the sets are shared).
+    fn current(&self) -> Current {
+        self.0.read().clone()
     }
 
     /// The admitted members, when the list is closed.
     pub(crate) fn members(&self) -> Option<HashSet<PeerId>> {
-        self.0.as_ref().map(|m| m.0.clone())
+        self.current().map(|m| m.0.clone())
     }
 
     fn admits(&self, n: &NodeId) -> bool {
-        match (&self.0, peer_of(n)) {
+        match (&self.current(), peer_of(n)) {
             (None, _) => true,
             (Some(m), Some(p)) => m.0.contains(&p),
             (Some(_), None) => false,
@@ -121,7 +138,7 @@ impl Membership {
     }
 
     fn knows(&self, n: &NodeId) -> bool {
-        match (&self.0, peer_of(n)) {
+        match (&self.current(), peer_of(n)) {
             (None, _) => true,
             (Some(m), Some(p)) => m.0.contains(&p) || m.1.contains(&p),
             (Some(_), None) => false,
@@ -160,6 +177,13 @@ mod tests {
         assert!(!m.admits(&ids[2].1) && !m.knows(&ids[2].1));
         let open = Membership::open();
         assert!(open.admits(&ids[2].1) && open.knows(&ids[2].1));
+        // A replaced list holds for every clone at once.
+        let clone = m.clone();
+        m.replace(Some((HashSet::from([ids[1].0]), HashSet::from([ids[0].0]))));
+        assert!(!clone.admits(&ids[0].1) && clone.knows(&ids[0].1));
+        assert!(clone.admits(&ids[1].1));
+        m.replace(None);
+        assert!(clone.admits(&ids[2].1));
 
         std::fs::write(&file, format!("{0}\nremoved {0}\n", ids[0].0)).unwrap();
         let err = read_members(&file).unwrap_err().to_string();

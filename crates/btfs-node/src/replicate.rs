@@ -56,6 +56,9 @@ pub struct Counters {
     pub merged: AtomicU64,
     /// Completed anti-entropy rounds.
     pub syncs: AtomicU64,
+    /// When the last one completed, in milliseconds since the Unix epoch
+    /// (0: none yet): metrics show the time since (`btfs_antientropy_lag`).
+    pub last_sync_ms: AtomicU64,
     /// Peer wires this node opened straight to a member.
     pub wires_direct: AtomicU64,
     /// Peer wires this node opened as streams inside the mesh.
@@ -261,6 +264,9 @@ impl<T: Transport, B: Backend> Replicator<T, B> {
             match me.cancel.run_until_cancelled(me.pull(peer)).await {
                 Some(Ok(round)) => {
                     me.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    me.counters
+                        .last_sync_ms
+                        .store(crate::metrics::unix_ms(), Ordering::Relaxed);
                     me.syncing.lock().remove(&peer);
                     if round.more {
                         // A big log (a join): the next round goes on at once,

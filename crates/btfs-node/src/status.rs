@@ -88,6 +88,9 @@ pub struct NodeStatus {
     pub records: RecordCounts,
     #[serde(flatten)]
     pub bittorrent: btfs_torrent::Status,
+    /// Pinned paths (`btfs pin`), with how much of each is held here.
+    #[serde(default)]
+    pub pins: Vec<crate::PinStatus>,
 }
 
 #[cfg(test)]
@@ -115,6 +118,8 @@ mod tests {
                 commits: 3,
                 commit_failures: 0,
                 pending_gc: 4,
+                history_versions: 6,
+                history_bytes: 7,
                 tree: btfs_store::Stats {
                     files: 5,
                     ..Default::default()
@@ -135,6 +140,7 @@ mod tests {
                 ..Default::default()
             },
             bittorrent: btfs_torrent::Status::default(),
+            pins: Vec::new(),
         };
         let v = serde_json::to_value(&status).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -188,6 +194,9 @@ mod tests {
             "bridges_idle_closed",
             "socks_refused",
             "fetches",
+            "pins",
+            "history_versions",
+            "history_bytes",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);

@@ -5,7 +5,7 @@
 //! |-------------------------|-----------------------------------------|
 //! | `i` ino (8 bytes BE)    | path of the entry with that inode       |
 //! | `l` seq (8 bytes BE)    | path of the entry with that log number  |
-//! | `r` content id          | live files referencing it (8 bytes BE)  |
+//! | `r` content id          | live files and history items referencing it (8 bytes BE) |
 //!
 //! Big-endian numbers make key order numeric order: the log is a range scan.
 
@@ -127,6 +127,8 @@ pub(crate) struct Rebuilt {
     pub(crate) duplicates: Vec<(RelPath, Entry)>,
     /// Index keys written or removed because they disagreed.
     pub(crate) repaired: u64,
+    /// What the version history holds.
+    pub(crate) history: crate::history::Held,
 }
 
 /// Rebuilds the inode, log and reference indexes and the counters from one
@@ -176,6 +178,9 @@ pub(crate) fn rebuild<B: Backend>(backend: &B) -> Result<Rebuilt> {
         }
         Ok(())
     })?;
+
+    // History items keep their content as entries do.
+    out.history = crate::history::scan(backend, &mut refs)?;
 
     // Keys that no entry accounts for: left by a crash between an entry's
     // write and its old keys' removal.

@@ -560,3 +560,82 @@ fn the_log_is_read_up_to_the_last_entry_written() {
     assert_eq!(log.len(), 1, "{log:?}");
     assert!(store.log_since(1, 10).unwrap().is_empty());
 }
+
+#[test]
+fn history_keeps_superseded_and_deleted_content_until_collected_and_a_rebuild_counts_it() {
+    let backend = TestBackend::default();
+    let store = Store::open(backend.clone()).unwrap();
+    let f = RelPath::parse("f").unwrap();
+    let put = |store: &Store<TestBackend>, byte: u8, ino: u64| {
+        let mut r = FileRecord::new_file(OWNER, NODE, now());
+        r.content = Some(ContentId::of(&[byte]));
+        r.size = u64::from(byte) + 1;
+        let e = with_versions(Entry::new(ino, r), true);
+        store.write(vec![Change::Put(f.clone(), e)]).unwrap()
+    };
+    let ino = store.alloc_ino().unwrap();
+    // Off: a superseded version is released at once, and not listed.
+    put(&store, 1, ino);
+    assert_eq!(put(&store, 2, ino), vec![ContentId::of(&[1])]);
+    assert!(store.history_of(&f).unwrap().is_empty());
+
+    store.set_history(true);
+    assert!(put(&store, 3, ino).is_empty(), "kept by history");
+    assert_eq!(store.refcount(&ContentId::of(&[2])).unwrap(), 1);
+    // A metadata-only change (same content) is not a version of history.
+    let e = store.get(&f).unwrap().unwrap();
+    let mut chmod = e.clone();
+    chmod.record.mode = 0o600;
+    store.write(vec![Change::Put(f.clone(), chmod)]).unwrap();
+    let e = store.get(&f).unwrap().unwrap();
+    let tomb = Entry::new(NO_INO, e.record.tombstone(NODE, now()));
+    assert!(
+        store
+            .write(vec![Change::Put(f.clone(), tomb)])
+            .unwrap()
+            .is_empty()
+    );
+    let log = store.history_of(&f).unwrap();
+    let contents: Vec<_> = log.iter().map(|i| i.record.content).collect();
+    assert_eq!(
+        contents,
+        vec![Some(ContentId::of(&[3])), Some(ContentId::of(&[2]))],
+        "newest first"
+    );
+    assert_eq!(
+        store.history_stats().unwrap(),
+        HistoryStats {
+            versions: 2,
+            bytes: 3 + 4
+        }
+    );
+    assert!(store.history_has(&ContentId::of(&[2])));
+    assert!(!store.history_has(&ContentId::of(&[1])));
+
+    // A crash (no close): the rebuild counts history's references.
+    drop(store);
+    let store = Store::open(backend.clone()).unwrap();
+    assert_eq!(store.refcount(&ContentId::of(&[2])).unwrap(), 1);
+    assert_eq!(store.refcount(&ContentId::of(&[3])).unwrap(), 1);
+    assert_eq!(store.history_stats().unwrap().versions, 2);
+
+    // Collected before the window: nothing; after it: both released.
+    let past = Timestamp { secs: 1, nanos: 0 };
+    assert!(store.collect_history(past).unwrap().is_empty());
+    let future = Timestamp {
+        secs: Timestamp::now().secs + 10,
+        nanos: 0,
+    };
+    let mut released = store.collect_history(future).unwrap();
+    released.sort();
+    let mut want = vec![ContentId::of(&[2]), ContentId::of(&[3])];
+    want.sort();
+    assert_eq!(released, want);
+    assert!(store.history_of(&f).unwrap().is_empty());
+    assert_eq!(store.history_stats().unwrap(), HistoryStats::default());
+    assert!(!store.history_has(&ContentId::of(&[2])));
+    store.close().unwrap();
+    drop(store);
+    let store = Store::open(backend).unwrap();
+    assert_eq!(store.history_stats().unwrap(), HistoryStats::default());
+}

@@ -44,6 +44,7 @@
 //! | `e` parent `\0` name              | entry of `parent/name`     |
 //! | `i` ino, `l` seq, `r` content     | indexes (see `index.rs`)   |
 //! | `m` name                          | node-local metadata        |
+//! | `h` path `\0` time content        | a superseded version (`history`) |
 //!
 //! Children of a directory are therefore one prefix scan, in name order.
 //!
@@ -63,16 +64,18 @@
 
 mod backend;
 mod error;
+mod history;
 mod index;
 
 use std::sync::{
     Mutex, MutexGuard,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 pub use backend::{Backend, MemBackend, SledBackend};
 use btfs_core::{ContentId, FileKind, FileRecord, RelPath};
 pub use error::StoreError;
+pub use history::{HistoryItem, HistoryStats, MAX_LOG};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -219,6 +222,8 @@ struct State {
     stats: Stats,
     /// The clean-shutdown marker is on disk: the next write removes it first.
     marked_clean: bool,
+    /// What the version history holds (read at open).
+    history: history::Held,
 }
 
 /// The metadata store over a backend.
@@ -231,6 +236,8 @@ pub struct Store<B> {
     /// yet (a write under way) is never read as "changed again".
     published: AtomicU64,
     index_id: u64,
+    /// `history=` is on: superseded versions are kept (see `history.rs`).
+    history_on: AtomicBool,
 }
 
 fn entry_key(path: &RelPath) -> Vec<u8> {
@@ -320,6 +327,7 @@ impl Store<MemBackend> {
             }),
             published: AtomicU64::new(0),
             index_id: fresh_index_id(),
+            history_on: AtomicBool::new(false),
         }
     }
 }
@@ -363,6 +371,7 @@ impl<B: Backend> Store<B> {
                     seq_end: stored_seq,
                     stats: closed.stats,
                     marked_clean: false,
+                    history: history::scan(&backend, &mut Vec::new())?,
                 };
                 (state, Vec::new())
             }
@@ -386,6 +395,7 @@ impl<B: Backend> Store<B> {
                     seq_end: seq,
                     stats: r.stats,
                     marked_clean: false,
+                    history: r.history,
                 };
                 (state, r.duplicates)
             }
@@ -395,6 +405,7 @@ impl<B: Backend> Store<B> {
             published: AtomicU64::new(state.seq),
             state: Mutex::new(state),
             index_id,
+            history_on: AtomicBool::new(false),
         };
         for (path, mut e) in duplicates {
             let fresh = store.alloc_ino()?;
@@ -645,6 +656,14 @@ impl<B: Backend> Store<B> {
             .as_ref()
             .filter(|o| index::has_indexed_ino(o))
             .map(|o| o.ino);
+        // Before the entry: the old version's history item (its content
+        // reference first, as for any entry).
+        if self.history_on()
+            && let Some(o) = &old
+            && let Some(c) = history::superseded(o, new.as_ref())
+        {
+            self.keep_history(st, path, o, c)?;
+        }
         if let Some(e) = new.as_mut() {
             let same = old
                 .as_ref()

@@ -25,7 +25,10 @@ use std::io;
 use btfs_core::{ContentId, InfoHash};
 
 pub use bridge::{BoxIo, Cidr, CidrError, PeerIo, QuickAck, RelayFuture};
-pub use engine::{Engine, EngineConfig, FetchStatus, Keep, Network, ObjectPath, Status};
+pub use engine::{
+    Engine, EngineConfig, FetchStatus, Keep, MAX_TRAFFIC_PEERS, Network, OTHER_PEERS, ObjectPath,
+    PeerTraffic, Status,
+};
 /// A mesh member, as the [`Network`] names it: its libp2p peer id (shown
 /// in base58, as libp2p shows it).
 pub use libp2p_identity::PeerId as MemberId;

@@ -25,8 +25,12 @@ use std::{
     hash::Hash,
     io,
     net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
     os::fd::{AsRawFd, RawFd},
-    sync::{Arc, atomic::AtomicU64},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -36,6 +40,70 @@ use crate::{
     MemberId,
     bridge::{PeerIo, QuickAck},
 };
+
+/// The engine's settings that `mount -o remount` changes while it runs
+/// (the rest of `EngineConfig` is fixed at start): read where they are
+/// used, so that a change applies to the next read, fetch or cache pass.
+/// The rate limits themselves live in librqbit's session (set there too).
+#[derive(Debug)]
+pub(crate) struct LiveSettings {
+    read_timeout_ms: AtomicU64,
+    /// `down_rate=` in bytes/s; 0: none.
+    down_rate: AtomicU32,
+    /// `cache_size=`: the cache keeper follows it.
+    cache_size: tokio::sync::watch::Sender<Option<u64>>,
+}
+
+impl LiveSettings {
+    pub(crate) fn new(
+        read_timeout: Duration,
+        down_rate: Option<NonZeroU32>,
+        cache_size: Option<u64>,
+    ) -> Self {
+        Self {
+            read_timeout_ms: AtomicU64::new(duration_ms(read_timeout)),
+            down_rate: AtomicU32::new(down_rate.map_or(0, NonZeroU32::get)),
+            cache_size: tokio::sync::watch::Sender::new(cache_size),
+        }
+    }
+
+    pub(crate) fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_read_timeout(&self, d: Duration) {
+        self.read_timeout_ms
+            .store(duration_ms(d), Ordering::Relaxed);
+    }
+
+    pub(crate) fn down_rate(&self) -> Option<NonZeroU32> {
+        NonZeroU32::new(self.down_rate.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_down_rate(&self, r: Option<NonZeroU32>) {
+        self.down_rate
+            .store(r.map_or(0, NonZeroU32::get), Ordering::Relaxed);
+    }
+
+    pub(crate) fn cache_size(&self) -> Option<u64> {
+        *self.cache_size.borrow()
+    }
+
+    pub(crate) fn set_cache_size(&self, limit: Option<u64>) {
+        self.cache_size.send_replace(limit);
+    }
+
+    /// Follows `cache_size` (the keeper waits on it while it is unset).
+    pub(crate) fn watch_cache_size(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
+        self.cache_size.subscribe()
+    }
+}
+
+/// A duration in whole milliseconds, at least 1 (a zero read timeout would
+/// fail every read).
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
 
 /// Torrents live at once unless `EngineConfig::max_live` says otherwise.
 /// Each costs librqbit an open file, piece state and a 100 ms stats loop

@@ -60,6 +60,7 @@ use tracing::warn;
 mod attrs;
 mod commit;
 mod handles;
+mod history;
 mod inodes;
 mod namespace;
 mod ops;
@@ -95,6 +96,12 @@ pub struct FsConfig {
     /// Where content held by other nodes comes from (`None`: nowhere, reads
     /// of such content fail with EIO).
     pub content: Option<Arc<dyn ContentSource>>,
+    /// `history=`: superseded and deleted versions keep their content (the
+    /// window is the caller's, see [`FsHandle::collect_history`]).
+    pub history: bool,
+    /// FUSE operation latency, by operation (`metrics=`; `None`: not
+    /// timed).
+    pub metrics: Option<Arc<btfs_metrics::FsMetrics>>,
 }
 
 /// Signs a record at a path as this node.
@@ -181,6 +188,7 @@ impl<B: Backend> BtfsFs<B> {
                 Entry::new(ROOT_INO, record),
             )])?;
         }
+        store.set_history(cfg.history);
         let swept = objects.sweep(|c| store.refcount(c).map(|n| n > 0).unwrap_or(true))?;
         if swept > 0 {
             warn!(

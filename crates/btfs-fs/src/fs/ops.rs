@@ -37,10 +37,12 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        let _op = self.shared.time("forget");
         self.shared.forget(ino.0);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _op = self.shared.time("lookup");
         match self.shared.lookup(parent.0, name) {
             Ok(attr) => reply.entry(&self.shared.cfg.ttl, &attr, Generation(0)),
             Err(e) => reply.error(fail("lookup", &e)),
@@ -48,6 +50,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _op = self.shared.time("getattr");
         match self.shared.getattr(ino.0) {
             Ok(attr) => reply.attr(&self.shared.cfg.ttl, &attr),
             Err(e) => reply.error(fail("getattr", &e)),
@@ -72,6 +75,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _op = self.shared.time("setattr");
         let changes = AttrChanges {
             caller_uid: req.uid(),
             mode,
@@ -89,6 +93,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _op = self.shared.time("readlink");
         match self.shared.entry_of(ino.0) {
             Ok((_, e)) => match &e.record.target {
                 Some(t) => reply.data(t.as_bytes()),
@@ -108,6 +113,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _op = self.shared.time("mknod");
         if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
             let e = FsError::Unsupported("device nodes, FIFOs and sockets");
             return reply.error(fail("mknod", &e));
@@ -130,6 +136,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _op = self.shared.time("mkdir");
         self.create_and_reply("mkdir", parent, name, reply, |dir, node, now| {
             FileRecord::new_dir(
                 Shared::<B>::owner_in(req, dir, mode, umask, true),
@@ -140,6 +147,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.shared.time("unlink");
         match self.shared.remove_entry(parent.0, name, false) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("unlink", &e)),
@@ -147,6 +155,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _op = self.shared.time("rmdir");
         match self.shared.remove_entry(parent.0, name, true) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rmdir", &e)),
@@ -161,6 +170,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _op = self.shared.time("symlink");
         match symlink_target(target) {
             Ok(t) => {
                 self.create_and_reply("symlink", parent, link_name, reply, |dir, node, now| {
@@ -183,6 +193,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = self.shared.time("rename");
         match self
             .shared
             .rename(parent.0, name, newparent.0, newname, flags)
@@ -200,10 +211,12 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _op = self.shared.time("link");
         reply.error(fail("link", &FsError::Unsupported("hard links")));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _op = self.shared.time("open");
         self.open_and_reply(req, ino, flags, reply);
     }
 
@@ -217,6 +230,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _op = self.shared.time("create");
         let s = &self.shared;
         let created = s.create_entry(parent.0, name, |dir| {
             FileRecord::new_file(
@@ -239,7 +253,8 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.read_and_reply(fh, offset, size, reply);
+        let op = self.shared.time("read");
+        self.read_and_reply(fh, offset, size, reply, op);
     }
 
     fn write(
@@ -254,6 +269,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _op = self.shared.time("write");
         match self.shared.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail("write", &e)),
@@ -272,6 +288,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _op = self.shared.time("flush");
         reply.error(Errno::ENOSYS);
     }
 
@@ -285,6 +302,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.shared.time("release");
         match self.shared.release(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("release", &e)),
@@ -299,6 +317,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.shared.time("fsync");
         match self.shared.fsync(Some(fh.0), datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsync", &e)),
@@ -306,6 +325,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _op = self.shared.time("opendir");
         match self.shared.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(fail("opendir", &e)),
@@ -320,6 +340,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         offset: u64,
         reply: ReplyDirectory,
     ) {
+        let _op = self.shared.time("readdir");
         self.readdir_reply(fh, offset, reply);
     }
 
@@ -331,6 +352,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
+        let _op = self.shared.time("readdirplus");
         self.readdirplus_reply(fh, offset, reply);
     }
 
@@ -342,6 +364,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _op = self.shared.time("releasedir");
         self.shared.handles.remove_dir(fh.0);
         reply.ok();
     }
@@ -354,6 +377,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _op = self.shared.time("fsyncdir");
         match self.shared.fsync(None, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsyncdir", &e)),
@@ -361,6 +385,7 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _op = self.shared.time("statfs");
         match self.shared.statfs() {
             Ok(st) => reply.statfs(
                 st.blocks(),
@@ -386,9 +411,18 @@ impl<B: Backend> fuser::Filesystem for BtfsFs<B> {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _op = self.shared.time("fallocate");
         match self.shared.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fallocate", &e)),
         }
+    }
+}
+
+impl<B> Shared<B> {
+    /// Times one FUSE operation for metrics (`FsConfig::metrics`), until
+    /// the result is dropped.
+    pub(super) fn time(&self, op: &'static str) -> Option<btfs_metrics::OpTimer> {
+        self.cfg.metrics.as_ref().map(|m| m.time(op))
     }
 }

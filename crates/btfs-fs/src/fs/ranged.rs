@@ -619,7 +619,12 @@ impl<B: Backend> Shared<B> {
     ) -> Result<Option<(Staging, std::path::PathBuf)>> {
         // Cheap checks first, then the intent on disk (outside `ns`: it
         // syncs), then the checks again and the move under `ns`.
-        if st.backing.is_some() || self.objects.object_path(&content).exists() {
+        // History keeps the old version's object: it is copied, never
+        // turned into the new one.
+        if st.backing.is_some()
+            || self.objects.object_path(&content).exists()
+            || self.store.history_on()
+        {
             return Ok(None);
         }
         let intent = Promotion::new(ino, r.base, content, len, map.kept(), map.ranges());

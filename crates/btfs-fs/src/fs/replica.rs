@@ -745,6 +745,8 @@ mod tests {
             announce: None,
             signer: None,
             content: None,
+            history: false,
+            metrics: None,
         };
         let objects = ObjectStore::open(dir.path()).unwrap();
         let fs = BtfsFs::new(Arc::new(Store::in_memory()), objects, cfg).unwrap();

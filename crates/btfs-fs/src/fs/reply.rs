@@ -177,16 +177,28 @@ impl<B: Backend> BtfsFs<B> {
     }
 
     /// Reads here, or hands the reply to the content source.
-    pub(super) fn read_and_reply(&self, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
+    /// `op` times it (metrics) until the answer, also when the content
+    /// source answers later.
+    pub(super) fn read_and_reply(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+        op: Option<btfs_metrics::OpTimer>,
+    ) {
         match self.shared.read(fh.0, offset, size) {
             Ok(ReadFrom::Here(data)) => reply.data(&data),
             Ok(ReadFrom::Remote(source, wanted)) => source.read(
                 wanted,
                 offset,
                 size,
-                Box::new(move |r| match r {
-                    Ok(data) => reply.data(&data),
-                    Err(e) => reply.error(errno(&FsError::Io(e))),
+                Box::new(move |r| {
+                    match r {
+                        Ok(data) => reply.data(&data),
+                        Err(e) => reply.error(errno(&FsError::Io(e))),
+                    }
+                    drop(op);
                 }),
             ),
             Err(e) => reply.error(fail("read", &e)),

@@ -72,6 +72,8 @@ impl TestNode {
                 announce: Some(announce),
                 signer: Some(crate::signer(CLUSTER.into(), keypair.clone())),
                 content: None,
+                history: false,
+                metrics: None,
             },
         )
         .unwrap();

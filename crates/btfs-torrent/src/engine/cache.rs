@@ -2,7 +2,10 @@
 //! `cache_size` by evicting the least recently used content that another
 //! connected member holds.
 
-use std::{collections::HashSet, fs, io, os::unix::fs::MetadataExt, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet, fs, io, num::NonZeroU32, os::unix::fs::MetadataExt, sync::Arc,
+    time::Duration,
+};
 
 use btfs_core::ContentId;
 use tracing::{info, warn};
@@ -34,16 +37,56 @@ impl Engine {
         self.keep.lock().iter().any(|k| k(c))
     }
 
+    /// `cache_size=` from now on (`mount -o remount`): the keeper's next
+    /// pass, at once, measures against it; `None` keeps everything.
+    pub fn set_cache_size(&self, limit: Option<u64>) {
+        self.settings.set_cache_size(limit);
+    }
+
+    /// `read_timeout=` from now on: reads and fetches that start after
+    /// this wait that long (those already waiting keep their deadline).
+    pub fn set_read_timeout(&self, d: Duration) {
+        self.settings.set_read_timeout(d);
+    }
+
+    /// `up_rate=` / `down_rate=` from now on (`None`: unlimited), for
+    /// every torrent, live or not: librqbit's session limiters are shared.
+    pub fn set_rates(&self, up: Option<NonZeroU32>, down: Option<NonZeroU32>) {
+        self.session.ratelimits.set_upload_bps(up);
+        self.session.ratelimits.set_download_bps(down);
+        self.settings.set_down_rate(down);
+    }
+
     /// Keeps fetched content (objects fetched here, and partial content)
-    /// under `limit` bytes: least recently used first, only content that a
-    /// connected member holds, never content in use.
-    pub(super) async fn keep_cache(self: Arc<Self>, limit: u64) {
+    /// under `cache_size` bytes: least recently used first, only content
+    /// that a connected member holds, never content in use. Follows the
+    /// live value: it waits while none is set, and measures against a new
+    /// one at once.
+    pub(super) async fn keep_cache(self: Arc<Self>) {
         let mut tick = tokio::time::interval(CACHE_EVERY);
+        let mut limits = self.settings.watch_cache_size();
         let mut warned = false;
         loop {
+            let current = *limits.borrow_and_update();
+            let Some(limit) = current else {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    changed = limits.changed() => if changed.is_err() { return },
+                }
+                tick.reset_immediately();
+                continue;
+            };
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tick.tick() => {}
+                changed = limits.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    warned = false;
+                    tick.reset_immediately();
+                    continue;
+                }
             }
             let this = self.clone();
             let members: HashSet<MemberId> = self.net.members().into_iter().collect();
@@ -134,11 +177,16 @@ impl Engine {
                 }
             }
             total -= bytes;
+            self.metrics.evictions.inc();
+            self.metrics.evicted_bytes.inc_by(bytes);
             if marker.is_some() {
                 dropped.push(c);
             }
             info!(content = %c.short(), bytes, "evicted from the cache (another member holds it)");
         }
+        self.metrics
+            .cache_bytes
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
         if !dropped.is_empty() {
             self.net.announce(Vec::new(), dropped);
         }

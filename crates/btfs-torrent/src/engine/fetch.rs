@@ -58,6 +58,7 @@ impl Engine {
         if object.exists() {
             return Ok(());
         }
+        let started = Instant::now();
         let meta = self.metainfo(&want).await?;
         let mut dial = Dial::Zone;
         loop {
@@ -86,7 +87,14 @@ impl Engine {
                     drop(in_use);
                     self.restart(&live).await;
                 }
-                r => return r,
+                r => {
+                    if r.is_ok() && object.exists() {
+                        self.metrics
+                            .whole_file
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    return r;
+                }
             }
         }
     }
@@ -215,7 +223,7 @@ impl Engine {
         self.select(live, HashSet::from([0usize])).await?;
         let _steer = self.steer(live).await;
         // No deadline on the whole file, only on progress.
-        let stall = self.cfg.read_timeout;
+        let stall = self.settings.read_timeout();
         let mut last = (Instant::now(), 0u64);
         loop {
             tokio::select! {

@@ -199,6 +199,17 @@ impl Engine {
         }
     }
 
+    /// The members known to hold `c` in full (announced holdings; a
+    /// version's author holds it without announcing), for `btfs log`.
+    pub fn holders_of(&self, c: &ContentId) -> Vec<MemberId> {
+        self.holders.lock().of(c).to_vec()
+    }
+
+    /// The member (peer id) that node `node` runs as, if it is known.
+    pub fn member_of(&self, node: &btfs_core::NodeId) -> Option<MemberId> {
+        self.net.member_of(node)
+    }
+
     /// A member announced content it now holds in full (`held`) or no
     /// longer holds (`dropped`).
     pub fn note_holdings(&self, member: &MemberId, held: &[ContentId], dropped: &[ContentId]) {

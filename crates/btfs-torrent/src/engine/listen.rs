@@ -106,6 +106,7 @@ impl Engine {
         {
             return;
         }
+        let _counted = self.count_traffic(&local, &from);
         match limits::relay_until_idle(&mut *io, &mut local, BRIDGE_IDLE).await {
             Relayed::Ended(Ok((up, down))) => {
                 debug!(%from, torrent = %ih, up, down, "peer connection closed")
@@ -309,6 +310,7 @@ impl Engine {
                         return debug!(%member, "outgoing peer connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
                     }
                 }
+                let _counted = this.count_member_traffic(&conn, member);
                 if let Relayed::Idle =
                     limits::relay_until_idle(&mut *remote, &mut conn, BRIDGE_IDLE).await
                 {

@@ -56,6 +56,7 @@ mod read;
 mod runtime;
 mod seed;
 mod status;
+mod traffic;
 
 #[cfg(test)]
 mod bounds_tests;
@@ -118,6 +119,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use status::{FetchStatus, Status};
+pub use traffic::{MAX_TRAFFIC_PEERS, OTHER_PEERS, PeerTraffic};
 
 use crate::{
     MemberId, TorrentError,
@@ -244,6 +246,13 @@ pub struct Engine {
     /// (pinned paths, history still inside its window): each predicate is
     /// asked in turn (see [`Engine::add_keep`]).
     keep: Mutex<Vec<Keep>>,
+    /// Bytes moved per peer (`traffic`), and what metrics count of the
+    /// engine alone.
+    traffic: traffic::Traffic,
+    metrics: btfs_metrics::EngineMetrics,
+    /// `read_timeout`, `down_rate` and `cache_size` as they are now
+    /// (`mount -o remount` changes them; see `cache.rs`).
+    settings: crate::limits::LiveSettings,
     cancel: CancellationToken,
 }
 
@@ -377,6 +386,13 @@ impl Engine {
             socks_refused: AtomicU64::new(0),
             zone_fetches: Mutex::new(HashSet::new()),
             keep: Mutex::new(Vec::new()),
+            traffic: traffic::Traffic::default(),
+            metrics: btfs_metrics::EngineMetrics::default(),
+            settings: crate::limits::LiveSettings::new(
+                cfg.read_timeout,
+                cfg.down_rate,
+                cfg.cache_size,
+            ),
             cancel: CancellationToken::new(),
             cfg,
         });
@@ -385,9 +401,8 @@ impl Engine {
         tokio::spawn(engine.clone().reap());
         tokio::spawn(engine.clone().sweep());
         tokio::spawn(engine.clone().keep_haves());
-        if let Some(limit) = engine.cfg.cache_size {
-            tokio::spawn(engine.clone().keep_cache(limit));
-        }
+        // Always started: `cache_size` may be set by a remount.
+        tokio::spawn(engine.clone().keep_cache());
         let prefetch_rx = Arc::new(tokio::sync::Mutex::new(prefetch_rx));
         for _ in 0..engine.cfg.prefetch_parallel.max(1) {
             tokio::spawn(engine.clone().prefetcher(prefetch_rx.clone()));

@@ -60,14 +60,22 @@ impl Engine {
     /// Reads `len` bytes at `offset` of content held elsewhere, fetching only
     /// the pieces needed, within the read deadline.
     pub async fn read(self: Arc<Self>, want: Wanted, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        let deadline = self.cfg.read_timeout;
+        let deadline = self.settings.read_timeout();
+        let started = Instant::now();
         match tokio::time::timeout(deadline, self.read_inner(&want, offset, len)).await {
-            Ok(Ok(data)) => Ok(data),
+            Ok(Ok(data)) => {
+                self.metrics
+                    .first_byte
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(data)
+            }
             Ok(Err(e)) => {
+                self.metrics.read_errors.inc();
                 warn!(path = %want.path, offset, "read failed: {e}");
                 Err(e.into())
             }
             Err(_) => {
+                self.metrics.read_timeouts.inc();
                 warn!(path = %want.path, offset, "read timed out after {deadline:?}: no reachable member sent the bytes");
                 Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out"))
             }
@@ -168,7 +176,7 @@ impl Engine {
     /// How long a read waits with nothing received over a live connection
     /// before it counts as stalled (`STALL_QUIET`, longer under `down_rate=`).
     fn stall_quiet(&self) -> Duration {
-        let limited = self.cfg.down_rate.map_or(Duration::ZERO, |r| {
+        let limited = self.settings.down_rate().map_or(Duration::ZERO, |r| {
             Duration::from_millis(STALL_BLOCKS * (16 << 10) * 1000 / u64::from(r.get()))
         });
         STALL_QUIET.max(limited)
@@ -176,7 +184,7 @@ impl Engine {
 
     /// How long a read waits on its zone (`ZONE_PATIENCE`).
     fn zone_patience(&self) -> Duration {
-        ZONE_PATIENCE.min(self.cfg.read_timeout / 2)
+        ZONE_PATIENCE.min(self.settings.read_timeout() / 2)
     }
 }
 

@@ -141,7 +141,7 @@ impl Engine {
         if held.len() != old.size {
             return Ok(Err(Declined::WrongSize));
         }
-        if let Some(limit) = self.cfg.cache_size {
+        if let Some(limit) = self.settings.cache_size() {
             let used = partial_bytes(&self.cfg.dir.join("partial"))?;
             if used.saturating_add(held.blocks() * 512) > limit {
                 return Ok(Err(Declined::CacheFull));
