@@ -114,4 +114,18 @@ fn metrics_bytes_per_peer_and_fetch_latency_move_with_a_transfer() {
             >= 1.0
     );
     assert_eq!(sample(&b1, "btfs_peers_connected"), 1.0);
+    // libp2p's own metrics share the endpoint: the mesh connection and its
+    // gossip are counted, and the text has one end.
+    let established: f64 = b1
+        .lines()
+        .filter(|l| l.starts_with("libp2p_swarm_connections_established_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(established >= 1.0, "no libp2p connection counted:\n{b1}");
+    assert!(
+        b1.lines().any(|l| l.starts_with("libp2p_gossipsub_")),
+        "no gossipsub metrics"
+    );
+    assert_eq!(b1.matches("# EOF").count(), 1);
+    assert!(b1.trim_end().ends_with("# EOF"));
 }

@@ -33,6 +33,9 @@ use crate::{
 /// The state of a running mesh; see the module documentation.
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
+    /// libp2p's own metrics (connections, gossipsub, identify, ping), in
+    /// the mesh's registry (see `Mesh::metrics`).
+    metrics: libp2p::metrics::Metrics,
     topics: Vec<(Topic, gossipsub::IdentTopic)>,
     validate: Validator,
     members: Option<HashSet<PeerId>>,
@@ -61,11 +64,13 @@ impl EventLoop {
         presence: Presence,
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<MeshEvent>,
+        metrics: libp2p::metrics::Metrics,
     ) -> Self {
         let (responses_tx, responses) = mpsc::channel(RESPONSE_CAP);
         let now = Instant::now();
         Self {
             swarm,
+            metrics,
             topics,
             validate: cfg.validate.clone(),
             members: cfg.members.clone(),
@@ -311,6 +316,7 @@ impl EventLoop {
     }
 
     async fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        libp2p::metrics::Recorder::record(&self.metrics, &event);
         match event {
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "mesh listening"),
             SwarmEvent::ConnectionEstablished {
@@ -373,6 +379,13 @@ impl EventLoop {
     }
 
     async fn behaviour_event(&mut self, event: BehaviourEvent) {
+        use libp2p::metrics::Recorder;
+        match &event {
+            BehaviourEvent::Gossipsub(e) => self.metrics.record(e),
+            BehaviourEvent::Identify(e) => self.metrics.record(e),
+            BehaviourEvent::Ping(e) => self.metrics.record(e),
+            _ => {}
+        }
         match event {
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
                 if topic == self.presence.topic().hash() =>

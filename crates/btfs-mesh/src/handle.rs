@@ -2,7 +2,7 @@
 //! sends the event loop [`Command`]s with oneshot replies, the
 //! [`MeshEvent`]s the loop sends back, and what status queries return.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
@@ -122,9 +122,19 @@ impl std::fmt::Debug for Command {
 #[derive(Clone)]
 pub struct Mesh {
     local: PeerId,
+    /// libp2p's own metrics, recorded by the event loop.
+    metrics: Arc<libp2p::metrics::Registry>,
     commands: mpsc::Sender<Command>,
     streams: libp2p_stream::Control,
     stream_protocol: StreamProtocol,
+}
+
+impl Mesh {
+    /// libp2p's own metrics (connections and swarm events,
+    /// gossipsub, identify, ping), for the node's `GET /metrics`.
+    pub fn metrics(&self) -> &Arc<libp2p::metrics::Registry> {
+        &self.metrics
+    }
 }
 
 impl std::fmt::Debug for Mesh {
@@ -142,9 +152,11 @@ impl Mesh {
         commands: mpsc::Sender<Command>,
         streams: libp2p_stream::Control,
         stream_protocol: StreamProtocol,
+        metrics: Arc<libp2p::metrics::Registry>,
     ) -> Self {
         Self {
             local,
+            metrics,
             commands,
             streams,
             stream_protocol,

@@ -44,6 +44,8 @@ pub use error::MeshError;
 pub use handle::{MdnsStatus, Mesh, MeshEvent, PeerInfo, Responder};
 pub use zone::{MAX_ZONE_LEN, Zone, ZoneError};
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 use tracing::info;
 
@@ -94,10 +96,12 @@ pub fn start_in_zone(
     info!(peer = %local, psk = %cfg.psk.fingerprint(), cluster = %cfg.cluster, zone = ?zone.as_ref().map(Zone::as_str), "mesh starting");
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAP);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAP);
-    let event_loop = EventLoop::new(swarm, &cfg, topics, presence, cmd_rx, ev_tx);
+    let mut registry = libp2p::metrics::Registry::default();
+    let metrics = libp2p::metrics::Metrics::new(&mut registry);
+    let event_loop = EventLoop::new(swarm, &cfg, topics, presence, cmd_rx, ev_tx, metrics);
     let task = tokio::spawn(event_loop.run());
     Ok((
-        Mesh::new(local, cmd_tx, streams, stream_protocol),
+        Mesh::new(local, cmd_tx, streams, stream_protocol, Arc::new(registry)),
         ev_rx,
         task,
     ))

@@ -20,7 +20,7 @@ pub mod server;
 
 use std::{sync::Arc, time::Instant};
 
-pub use prometheus_client;
+pub use prometheus_client::{self, registry::Registry};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -29,7 +29,7 @@ use prometheus_client::{
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
-    registry::{Registry, Unit},
+    registry::Unit,
 };
 
 /// The buckets of FUSE operation latency: 10 µs to about 42 s, ×4 a
@@ -194,13 +194,20 @@ impl EngineMetrics {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub registry: Registry,
+    /// Registries that other layers fill as they go (libp2p's own, built
+    /// with the mesh): shown after `registry`.
+    pub extra: Vec<Arc<Registry>>,
 }
 
 impl Metrics {
-    /// The registry as OpenMetrics text.
+    /// The registries as one OpenMetrics text (one `# EOF`, at the end).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)?;
+        for r in &self.extra {
+            prometheus_client::encoding::text::encode_registry(&mut out, r)?;
+        }
+        prometheus_client::encoding::text::encode_eof(&mut out)?;
         Ok(out)
     }
 

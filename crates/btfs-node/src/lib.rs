@@ -228,6 +228,7 @@ impl Node {
         };
         let (mesh, mesh_events, mesh_task) =
             btfs_mesh::start_in_zone(mesh_cfg, cfg.zone.clone()).map_err(NodeError::Mesh)?;
+        let mesh_metrics = mesh.metrics().clone();
 
         // The engine, over the mesh.
         let (tasks, cancel) = (TaskTracker::new(), CancellationToken::new());
@@ -383,6 +384,7 @@ impl Node {
                 view,
                 announce: announce_gauge,
                 fs_metrics,
+                mesh_metrics,
                 pins,
                 live,
             },
@@ -466,6 +468,8 @@ pub struct NodeHandle {
     announce: mpsc::WeakSender<Announced>,
     /// FUSE operation latency (`metrics=`, see [`metrics`]).
     fs_metrics: Arc<btfs_metrics::FsMetrics>,
+    /// libp2p's own metrics, recorded by the mesh.
+    mesh_metrics: Arc<btfs_metrics::Registry>,
     /// Pinned paths (`btfs pin`).
     pins: Arc<pins::Pins>,
     /// What `mount -o remount` changes (see [`NodeHandle::reconfigure`]).

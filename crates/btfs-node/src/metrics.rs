@@ -42,6 +42,7 @@ impl NodeHandle {
         self.engine.metrics().register(&mut m.registry);
         m.registry
             .register_collector(Box::new(NodeCollector { node: self.clone() }));
+        m.extra.push(self.mesh_metrics.clone());
         m
     }
 }
