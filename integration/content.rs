@@ -38,7 +38,7 @@ fn wait_listed(path: &Path, size: u64) {
     );
 }
 
-fn same_bytes(path: &Path, want: &[u8]) -> bool {
+pub(crate) fn same_bytes(path: &Path, want: &[u8]) -> bool {
     let mut got = Vec::with_capacity(want.len());
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut got))
@@ -84,7 +84,7 @@ fn a_read_on_another_node_fetches_only_the_pieces_it_touches() {
 }
 
 /// Where a node keeps the object of `data` once it holds it in full.
-fn object_of(node: &NsNode, data: &[u8]) -> PathBuf {
+pub(crate) fn object_of(node: &NsNode, data: &[u8]) -> PathBuf {
     let hex = blake3::hash(data).to_hex().to_string();
     node.dir
         .path()

@@ -5,16 +5,7 @@
 use std::time::Duration;
 
 use super::*;
-
-fn ok(args: &[&str]) -> String {
-    let out = btfs(args);
-    assert!(
-        out.status.success(),
-        "btfs {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
+use common::btfs_ok as ok;
 
 fn read(path: &Path) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
@@ -92,13 +83,7 @@ fn a_restore_whose_content_no_member_kept_fails_with_a_reason_and_changes_nothin
     eventually(Duration::from_secs(20), "the overwrite on B", || {
         std::fs::metadata(b.mnt.join("f")).map(|m| m.len()).ok() == Some(v2.len() as u64)
     });
-    let hex = blake3::hash(&v1).to_hex();
-    let object = a
-        .dir
-        .path()
-        .join("state/objects")
-        .join(&hex[..2])
-        .join(hex.as_str());
+    let object = super::content::object_of(a, &v1);
     eventually(
         Duration::from_secs(20),
         "A collected the old version",

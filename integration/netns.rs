@@ -812,6 +812,8 @@ fn the_readme_first_command_mounts_a_working_node_on_the_defaults() {
             "ttl_secs": 1.0,
             "allow_other": true,
             "tombstone_retention_secs": 86_400,
+            "history_secs": null,
+            "metrics": null,
             "bt_wire": "direct",
             "bt_congestion": "cubic",
             "bt_allow": [],

@@ -2,27 +2,11 @@
 //! that pins it, follows new files without a read, survives `cache_size`
 //! pressure that evicts unpinned content, and is let go by `btfs unpin`.
 
-use std::{io::Read, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use super::*;
-
-/// Where a node keeps the object of `data` once it holds it in full.
-fn object_of(node: &NsNode, data: &[u8]) -> PathBuf {
-    let hex = blake3::hash(data).to_hex().to_string();
-    node.dir
-        .path()
-        .join("state/objects")
-        .join(&hex[..2])
-        .join(hex)
-}
-
-fn same_bytes(path: &Path, want: &[u8]) -> bool {
-    let mut got = Vec::with_capacity(want.len());
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut got))
-        .map(|_| got == want)
-        .unwrap_or(false)
-}
+use common::{btfs_err, btfs_ok};
+use content::{object_of, same_bytes};
 
 fn wait_listed(path: &Path, size: u64) {
     eventually(
@@ -30,24 +14,6 @@ fn wait_listed(path: &Path, size: u64) {
         "the file listed with its size",
         || std::fs::metadata(path).map(|m| m.len()).ok() == Some(size),
     );
-}
-
-/// `btfs ARGS` that must succeed; its stdout.
-fn btfs_ok(args: &[&str]) -> String {
-    let out = btfs(args);
-    assert!(
-        out.status.success(),
-        "btfs {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `btfs ARGS` that must fail; its stderr.
-fn btfs_err(args: &[&str]) -> String {
-    let out = btfs(args);
-    assert!(!out.status.success(), "btfs {args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The pins `btfs status --json` lists: (path, files, files held).

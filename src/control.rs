@@ -225,13 +225,21 @@ pub(crate) fn query_status(mountpoint: &Path) -> Result<serde_json::Value> {
     query(&canonical, "status", CLIENT_TIMEOUT)
 }
 
-/// The `.torrent` of a file in a btfs mount.
-pub(crate) fn query_torrent(file: &Path) -> Result<Vec<u8>> {
-    let canonical = std::fs::canonicalize(file)
-        .with_context(|| format!("{} is not accessible", file.display()))?;
+/// Where `path` is: the root of the btfs mount it lies in and the path
+/// relative to that root (empty for the root itself). With `gone_ok` the
+/// path may no longer exist (a deleted file's history, an unpin): its
+/// deepest existing ancestor is made canonical and the missing names are
+/// appended as given.
+pub(crate) fn locate(path: &Path, gone_ok: bool) -> Result<(PathBuf, String)> {
+    let canonical = match std::fs::canonicalize(path) {
+        Ok(c) => c,
+        Err(e) if !gone_ok || e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("{} is not accessible", path.display()));
+        }
+        Err(_) => canonical_gone(path)?,
+    };
     let (root, rel) = canonical
         .ancestors()
-        .skip(1)
         .find(|a| socket_path(a).exists())
         .and_then(|root| Some((root, canonical.strip_prefix(root).ok()?)))
         .ok_or_else(|| anyhow::anyhow!("{} is not in a btfs mount", canonical.display()))?;
@@ -239,8 +247,43 @@ pub(crate) fn query_torrent(file: &Path) -> Result<Vec<u8>> {
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", rel.display()))?;
     if rel.contains('\n') {
-        bail!("{rel:?}: a path with a newline cannot be asked for");
+        bail!("{rel:?}: a path with a newline cannot be sent to the daemon");
     }
+    Ok((root.to_owned(), rel.to_owned()))
+}
+
+/// `path` made absolute and canonical although it does not exist.
+fn canonical_gone(path: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(path)
+        .with_context(|| format!("{} is not accessible", path.display()))?;
+    let mut missing = Vec::new();
+    let mut at = absolute.as_path();
+    loop {
+        match std::fs::canonicalize(at) {
+            Ok(mut c) => {
+                for name in missing.iter().rev() {
+                    c.push(name);
+                }
+                return Ok(c);
+            }
+            Err(_) => match (at.parent(), at.components().next_back()) {
+                (Some(parent), Some(std::path::Component::Normal(name))) => {
+                    missing.push(name.to_owned());
+                    at = parent;
+                }
+                _ => bail!("{} is not accessible", path.display()),
+            },
+        }
+    }
+}
+
+/// The `.torrent` of a file in a btfs mount.
+pub(crate) fn query_torrent(file: &Path) -> Result<Vec<u8>> {
+    let (root, rel) = locate(file, false)?;
+    if rel.is_empty() {
+        bail!("{} is a btfs mount, not a file in it", root.display());
+    }
+    let root = root.as_path();
     let v = query(root, &format!("torrent {rel}"), SLOW_CLIENT_TIMEOUT)?;
     let hex = v["torrent"]
         .as_str()

@@ -3,7 +3,7 @@
 //! and the daemon's request handlers.
 
 use std::{
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -31,60 +31,12 @@ struct RestoreRequest {
     to: Option<String>,
 }
 
-/// `path` (which may no longer exist) as the mount it lies in and the path
-/// relative to that mount. The deepest existing ancestor is made canonical
-/// and the rest appended as given (no `..` allowed there).
+/// `path` (which may no longer exist) as its mount and the path relative
+/// to it; the mount itself is refused.
 fn in_mount(path: &Path) -> Result<(PathBuf, String)> {
-    let abs = if path.is_absolute() {
-        path.to_owned()
-    } else {
-        std::env::current_dir()?.join(path)
-    };
-    let mut rest: Vec<std::ffi::OsString> = Vec::new();
-    let mut existing = abs.as_path();
-    let canonical = loop {
-        match std::fs::canonicalize(existing) {
-            Ok(c) => break c,
-            Err(_) => {
-                let name = existing
-                    .file_name()
-                    .ok_or_else(|| anyhow::anyhow!("{} is not in a btfs mount", abs.display()))?;
-                rest.push(name.to_owned());
-                existing = existing
-                    .parent()
-                    .ok_or_else(|| anyhow::anyhow!("{} is not in a btfs mount", abs.display()))?;
-            }
-        }
-    };
-    let mut full = canonical;
-    for part in rest.iter().rev() {
-        if Path::new(part)
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_)))
-        {
-            bail!(
-                "{}: `..` below a missing directory cannot be resolved",
-                abs.display()
-            );
-        }
-        full.push(part);
-    }
-    let root = full
-        .ancestors()
-        .find(|a| control::socket_path(a).exists())
-        .ok_or_else(|| anyhow::anyhow!("{} is not in a btfs mount", full.display()))?
-        .to_owned();
-    let rel = full
-        .strip_prefix(&root)
-        .context("resolving the path in its mount")?
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", full.display()))?
-        .to_owned();
+    let (root, rel) = control::locate(path, true)?;
     if rel.is_empty() {
-        bail!("{} is the mount itself, not a file in it", full.display());
-    }
-    if rel.contains('\n') {
-        bail!("{rel:?}: a path with a newline cannot be asked for");
+        bail!("{} is the mount itself, not a file in it", root.display());
     }
     Ok((root, rel))
 }

@@ -3,7 +3,7 @@
 //! which checks that the caller may read it.
 
 use std::{
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -40,7 +40,7 @@ pub(crate) fn run(paths: &[PathBuf], pin: bool) -> Result<()> {
 }
 
 fn one(path: &Path, pin: bool) -> Result<String> {
-    let (root, rel) = resolve(path, pin)?;
+    let (root, rel) = control::locate(path, !pin)?;
     let shown = path.display();
     if pin {
         let v = control::query(&root, &format!("pin {rel}"), PIN_TIMEOUT)?;
@@ -63,56 +63,5 @@ fn one(path: &Path, pin: bool) -> Result<String> {
     } else {
         control::query(&root, &format!("unpin {rel}"), PIN_TIMEOUT)?;
         Ok(format!("unpinned {shown}"))
-    }
-}
-
-/// The mount root of `path` and the path relative to it (empty for the
-/// root). A pin's path must exist; an unpin's may be gone (its deepest
-/// existing directory is resolved, the rest appended).
-fn resolve(path: &Path, must_exist: bool) -> Result<(PathBuf, String)> {
-    let canonical = match std::fs::canonicalize(path) {
-        Ok(c) => c,
-        Err(e) if must_exist || e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("{} is not accessible", path.display()));
-        }
-        Err(_) => resolve_gone(path)?,
-    };
-    let (root, rel) = canonical
-        .ancestors()
-        .find(|a| control::socket_path(a).exists())
-        .and_then(|root| Some((root, canonical.strip_prefix(root).ok()?)))
-        .ok_or_else(|| anyhow::anyhow!("{} is not in a btfs mount", canonical.display()))?;
-    let rel = rel
-        .to_str()
-        .ok_or_else(|| anyhow::anyhow!("{} is not valid UTF-8", rel.display()))?;
-    if rel.contains('\n') {
-        bail!("{rel:?}: a path with a newline cannot be pinned");
-    }
-    Ok((root.to_owned(), rel.to_owned()))
-}
-
-/// `path` made absolute and canonical although it does not exist: its
-/// deepest existing ancestor canonicalized, the missing names appended.
-fn resolve_gone(path: &Path) -> Result<PathBuf> {
-    let absolute = std::path::absolute(path)
-        .with_context(|| format!("{} is not accessible", path.display()))?;
-    let mut missing = Vec::new();
-    let mut at = absolute.as_path();
-    loop {
-        match std::fs::canonicalize(at) {
-            Ok(mut c) => {
-                for name in missing.iter().rev() {
-                    c.push(name);
-                }
-                return Ok(c);
-            }
-            Err(_) => match (at.parent(), at.components().next_back()) {
-                (Some(parent), Some(Component::Normal(name))) => {
-                    missing.push(name.to_owned());
-                    at = parent;
-                }
-                _ => bail!("{} is not accessible", path.display()),
-            },
-        }
     }
 }

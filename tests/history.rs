@@ -7,27 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Node, btfs};
-
-fn ok(args: &[&str]) -> String {
-    let out = btfs(args);
-    assert!(
-        out.status.success(),
-        "btfs {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = btfs(args);
-    assert!(!out.status.success(), "btfs {args:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{Node, btfs, btfs_err as fails, btfs_ok as ok};
 
 fn log_json(node: &Node, rel: &str) -> Vec<serde_json::Value> {
     let out = ok(&["log", node.path(rel).to_str().unwrap(), "--json"]);

@@ -56,6 +56,29 @@ pub fn btfs(args: &[&str]) -> Output {
         .expect("run btfs")
 }
 
+/// `btfs ARGS` that must succeed: its standard output, then its standard
+/// error (commands report what they did there).
+pub fn btfs_ok(args: &[&str]) -> String {
+    let out = btfs(args);
+    assert!(
+        out.status.success(),
+        "btfs {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `btfs ARGS` that must fail: its standard error.
+pub fn btfs_err(args: &[&str]) -> String {
+    let out = btfs(args);
+    assert!(!out.status.success(), "btfs {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// One node: a state directory and a mountpoint, mounted while alive.
 pub struct Node {
     pub name: String,

@@ -423,12 +423,13 @@ pub(crate) async fn relay_until_idle(
 }
 
 /// Bytes a TCP socket's peer acknowledged and bytes it received.
-fn loopback_moved(fd: RawFd) -> Option<(u64, u64)> {
+pub(crate) fn loopback_moved(fd: RawFd) -> Option<(u64, u64)> {
     use nix::libc;
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).ok()?;
-    // SAFETY: `fd` is the socket of a `QuickAck` the caller borrows for as
-    // long as it calls this; `info` has room for `len` bytes.
+    // SAFETY: `fd` is an open socket the caller borrows for as long as it
+    // calls this (a `QuickAck`'s, or a connection's kept by `traffic`);
+    // `info` has room for `len` bytes.
     let r = unsafe {
         libc::getsockopt(
             fd,

@@ -122,29 +122,8 @@ impl Traffic {
 /// Bytes a connection moved, from librqbit's loopback socket: what it
 /// sent us went up to the peer, what we sent it came down from the peer.
 fn moved(socket: &OwnedFd) -> Option<(u64, u64)> {
-    use nix::libc;
-    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).ok()?;
-    // SAFETY: `socket` is an open descriptor owned here; `info` has room
-    // for `len` bytes.
-    let r = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    // Kernels before 4.1 have neither counter.
-    let need = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-    if r != 0 || usize::try_from(len).map_or(true, |l| l < need) {
-        return None;
-    }
-    // SAFETY: zeroed, then partly filled in by the kernel; every field is
-    // an integer.
-    let info = unsafe { info.assume_init() };
-    Some((info.tcpi_bytes_received, info.tcpi_bytes_acked))
+    let (acked, received) = crate::limits::loopback_moved(socket.as_raw_fd())?;
+    Some((received, acked))
 }
 
 impl Engine {
