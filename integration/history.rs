@@ -98,3 +98,50 @@ fn a_restore_whose_content_no_member_kept_fails_with_a_reason_and_changes_nothin
     );
     assert_eq!(read(&b.mnt.join("f")).unwrap(), v2);
 }
+
+#[test]
+fn cache_pressure_never_evicts_the_only_copy_of_a_version_inside_the_history_window() {
+    // A keeps no history: once it overwrites f, B's copy of the old version
+    // is the only one left, and B's cache is far smaller than what it reads.
+    let (_keys, _net, nodes) = cluster_with(&["", ",history=1h,cache_size=4M"]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let f1 = common::pattern(41, 3 << 20);
+    std::fs::write(a.mnt.join("f"), &f1).unwrap();
+    eventually(Duration::from_secs(20), "f listed on B", || {
+        std::fs::metadata(b.mnt.join("f")).map(|m| m.len()).ok() == Some(f1.len() as u64)
+    });
+    assert_eq!(read(&b.mnt.join("f")).unwrap(), f1, "B fetched f");
+    let v2 = b"the second version".to_vec();
+    std::fs::write(a.mnt.join("f"), &v2).unwrap();
+    eventually(Duration::from_secs(20), "the overwrite on B", || {
+        read(&b.mnt.join("f")).as_deref() == Some(&v2[..])
+    });
+    let kept = super::content::object_of(b, &f1);
+    assert!(kept.exists(), "B's history keeps its copy of f1");
+
+    // Other content, read on B, fills its cache past cache_size.
+    let others: Vec<Vec<u8>> = (0..3).map(|i| common::pattern(50 + i, 3 << 20)).collect();
+    for (i, data) in others.iter().enumerate() {
+        std::fs::write(a.mnt.join(format!("o{i}")), data).unwrap();
+    }
+    for (i, data) in others.iter().enumerate() {
+        let p = b.mnt.join(format!("o{i}"));
+        eventually(Duration::from_secs(20), "o listed on B", || {
+            std::fs::metadata(&p).map(|m| m.len()).ok() == Some(data.len() as u64)
+        });
+        assert_eq!(read(&p).unwrap(), *data);
+    }
+    // The cache is measured every few seconds: unpinned, unkept content
+    // goes; the old version of f stays.
+    eventually(Duration::from_secs(60), "B evicted what it may", || {
+        others
+            .iter()
+            .filter(|d| super::content::object_of(b, d).exists())
+            .count()
+            <= 1
+    });
+    assert!(kept.exists(), "cache_size evicted the only copy of f1");
+    let out = ok(&["restore", b.mnt.join("f").to_str().unwrap()]);
+    assert!(!out.contains("fetched from members"), "{out}");
+    assert_eq!(read(&b.mnt.join("f")).unwrap(), f1);
+}

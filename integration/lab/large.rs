@@ -67,10 +67,16 @@ const FULL_COMMIT: Duration = Duration::from_secs(1);
 /// hang or seconds lost, not a fall-back to whole-file work: the byte
 /// bounds (strict) catch that here, the full run judges the times.
 const QUICK_RATIO: f64 = 10.0;
-/// The rewrite's quick bound is wider: native writes 256 MiB into the page
-/// cache in about 30 ms, while btfs also hashes all of it (blake3 and SHA-1)
-/// before the commit counts, about 7 times that on an idle 2-core box.
-const QUICK_REWRITE_RATIO: f64 = 25.0;
+/// The quick subset judges the rewrite by its rate instead: native writes
+/// 256 MiB into the page cache in 40 to 60 ms, while every byte of A's
+/// rewrite goes through the daemon (a range-staged writer is served
+/// directly) and is hashed before the commit counts. Measured on this
+/// 2-core VM: 1.2 to 1.6 s plus 0.15 s of commit (25 to 40 times native,
+/// the same for the build before issue 21), so a ratio against native
+/// is mostly the noise of a 50 ms copy. This floor (5 s for 256 MiB) still
+/// catches a hang or a fall-back to whole-file work of seconds; the full
+/// run judges the ratio.
+const QUICK_REWRITE_MIB_S: f64 = 50.0;
 const QUICK_COMMIT: Duration = Duration::from_secs(5);
 /// The native time a ratio is taken against is at least this: below it,
 /// starting the command (`dd`, `truncate`, `sh`) is most of what is timed
@@ -283,8 +289,12 @@ fn p(path: &Path) -> String {
 struct Bounds {
     /// A's open-write-close over native.
     ratio: f64,
-    /// A's open-write-close-commit over native, for the rewrite.
-    rewrite: f64,
+    /// A's open-write-close-commit over native, for the rewrite (full
+    /// run); the quick subset judges its rate instead.
+    rewrite: Option<f64>,
+    /// Least rate of A's open-write-close-commit of the rewrite, MiB/s
+    /// (quick subset).
+    rewrite_rate: Option<f64>,
     commit: Duration,
     /// The least native time a ratio is taken against.
     floor: Duration,
@@ -312,7 +322,8 @@ pub(crate) fn large(o: &Opts) -> Report {
     let mut bounds = if o.quick {
         Bounds {
             ratio: QUICK_RATIO,
-            rewrite: QUICK_REWRITE_RATIO,
+            rewrite: None,
+            rewrite_rate: Some(QUICK_REWRITE_MIB_S),
             commit: QUICK_COMMIT,
             floor: QUICK_NATIVE_FLOOR,
             whole: 0.0,
@@ -320,7 +331,8 @@ pub(crate) fn large(o: &Opts) -> Report {
     } else {
         Bounds {
             ratio: FULL_RATIO,
-            rewrite: FULL_REWRITE_RATIO,
+            rewrite: Some(FULL_REWRITE_RATIO),
+            rewrite_rate: None,
             commit: FULL_COMMIT,
             floor: FULL_NATIVE_FLOOR,
             whole: 0.0,
@@ -664,11 +676,20 @@ fn record(rep: &mut Report, op: &Op, out: &Outcome, s: u64, bounds: &Bounds) {
         );
     }
     if op.rewrite {
-        rep.at_most(
-            format!("{}: A open-write-close-commit / native", op.name),
-            floored,
-            bounds.rewrite,
-        );
+        if let Some(bound) = bounds.rewrite {
+            rep.at_most(
+                format!("{}: A open-write-close-commit / native", op.name),
+                floored,
+                bound,
+            );
+        }
+        if let Some(least) = bounds.rewrite_rate {
+            rep.at_least(
+                format!("{}: A open-write-close-commit rate (MiB/s)", op.name),
+                out.size as f64 / f64::from(1 << 20) / a_time.as_secs_f64(),
+                least,
+            );
+        }
     } else {
         rep.at_most(
             format!("{}: A open-write-close / native", op.name),

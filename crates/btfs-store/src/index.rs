@@ -127,8 +127,6 @@ pub(crate) struct Rebuilt {
     pub(crate) duplicates: Vec<(RelPath, Entry)>,
     /// Index keys written or removed because they disagreed.
     pub(crate) repaired: u64,
-    /// What the version history holds.
-    pub(crate) history: crate::history::Held,
 }
 
 /// Rebuilds the inode, log and reference indexes and the counters from one
@@ -137,14 +135,14 @@ pub(crate) struct Rebuilt {
 /// Memory is bounded by a few words per entry, not by the entries: the
 /// inode numbers seen (for duplicates), the log numbers and the content
 /// references (sorted, then matched against the `r` keys in order).
-pub(crate) fn rebuild<B: Backend>(backend: &B) -> Result<Rebuilt> {
+/// `refs` are references counted besides the entries' (history items').
+pub(crate) fn rebuild<B: Backend>(backend: &B, mut refs: Vec<ContentId>) -> Result<Rebuilt> {
     let mut out = Rebuilt {
         max_ino: ROOT_INO,
         ..Rebuilt::default()
     };
     let mut inos: HashSet<u64> = HashSet::new();
     let mut seqs: Vec<u64> = Vec::new();
-    let mut refs: Vec<ContentId> = Vec::new();
     let mut repaired = 0u64;
     // Sets a key unless it already holds the value: a rebuild over indexes
     // that are mostly right writes little.
@@ -178,9 +176,6 @@ pub(crate) fn rebuild<B: Backend>(backend: &B) -> Result<Rebuilt> {
         }
         Ok(())
     })?;
-
-    // History items keep their content as entries do.
-    out.history = crate::history::scan(backend, &mut refs)?;
 
     // Keys that no entry accounts for: left by a crash between an entry's
     // write and its old keys' removal.

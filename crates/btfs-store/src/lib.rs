@@ -379,7 +379,10 @@ impl<B: Backend> Store<B> {
                 // A marker of another layout would vouch for what it does not know.
                 backend.set(meta_key(META_CLEAN), None)?;
                 let started = std::time::Instant::now();
-                let r = index::rebuild(&backend)?;
+                // History items keep their content as entries do.
+                let mut history_refs = Vec::new();
+                let history = history::scan(&backend, &mut history_refs)?;
+                let r = index::rebuild(&backend, history_refs)?;
                 info!(
                     entries = r.stats.files + r.stats.dirs + r.stats.symlinks + r.stats.tombstones,
                     repaired = r.repaired,
@@ -395,7 +398,7 @@ impl<B: Backend> Store<B> {
                     seq_end: seq,
                     stats: r.stats,
                     marked_clean: false,
-                    history: r.history,
+                    history,
                 };
                 (state, r.duplicates)
             }
